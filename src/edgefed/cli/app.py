@@ -1,0 +1,45 @@
+"""The `edgefed` command: wires the command modules together, nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from edgefed import __version__
+from edgefed.cli import base, evaluate, quant
+from edgefed.cli.output import configure_logging
+
+app = typer.Typer(
+    name="edgefed",
+    help="Fine-tune one small LLM across devices that never share their data: each trains a "
+    "QLoRA adapter, shares only the adapter, and mixes its peers' adapters by trust.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold tokens and keys
+    add_completion=False,
+)
+app.add_typer(base.app, name="base")
+app.add_typer(quant.app, name="quant")
+app.command("evaluate")(evaluate.evaluate)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgefed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log details to stderr.")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    configure_logging(verbose)
+
+
+def main() -> None:
+    app()

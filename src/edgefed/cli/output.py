@@ -1,0 +1,56 @@
+"""How every command talks to the terminal: one-line errors, JSON documents, rich tables.
+
+Data goes to stdout (a table, or exactly one JSON document with --json); progress, warnings
+and errors go to stderr, so `edgefed ... --json | jq` always works.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from edgefed.errors import EdgefedError
+
+stdout = Console()
+stderr = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_USER_ERROR = 2
+
+
+def user_errors(command: F) -> F:
+    """Turn an EdgefedError into one line on stderr and exit code 2; let bugs show tracebacks."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except EdgefedError as exc:
+            stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(document: Any) -> None:
+    """Write exactly one JSON document to stdout."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def configure_logging(verbose: bool) -> None:
+    """Library logs to stderr: warnings by default, everything with --verbose."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:  # chatty third-party loggers that say nothing a user can act on
+        for name in ("transformers", "bitsandbytes", "gguf", "httpx"):
+            logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,49 @@
+"""The one error tree of edgefed.
+
+    EdgefedError                 anything the user can fix; the CLI prints one line, exit code 2
+    ├── InputFileError           a path that is missing, unreadable or of the wrong kind
+    ├── ModelFormatError         a file that claims to be a model or adapter but is malformed
+    ├── UnsupportedModelError    a well-formed model or adapter that edgefed cannot handle
+    ├── AdapterMismatchError     an adapter that does not fit the base it is used with
+    ├── DataError                text that yields nothing to work on (empty, too short)
+    └── RuntimeBackendError      llama.cpp refused an operation on valid-looking input
+
+Every message names the thing at fault and says how to fix it. Errors from the libraries we
+call (gguf, safetensors, llama.cpp) are translated once, where we call them, and chained with
+`from exc` so that `--debug` still shows the original.
+"""
+
+from __future__ import annotations
+
+
+class EdgefedError(Exception):
+    """Base of every error a user can act on."""
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}: {fix}" if fix else problem)
+
+
+class InputFileError(EdgefedError):
+    """A path given by the user is missing, unreadable, or not what the command needs."""
+
+
+class ModelFormatError(EdgefedError):
+    """A model or adapter file is malformed: wrong magic, truncated, inconsistent."""
+
+
+class UnsupportedModelError(EdgefedError):
+    """A valid model or adapter of a kind edgefed does not support (architecture, DoRA, ...)."""
+
+
+class AdapterMismatchError(EdgefedError):
+    """An adapter whose tensors do not fit the base model it is applied to."""
+
+
+class DataError(EdgefedError):
+    """Text that leaves nothing to evaluate or train on."""
+
+
+class RuntimeBackendError(EdgefedError):
+    """llama.cpp failed on input that passed our own checks."""

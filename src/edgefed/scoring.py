@@ -1,0 +1,43 @@
+"""The scoring rule shared by every perplexity in edgefed (llama.cpp and PyTorch alike).
+
+A text of n tokens is cut into windows of at most `window` tokens that start every `stride`
+tokens. Each token is predicted exactly once: in the first window every token after the first
+is scored; in each later window only the tokens not scored before, so each of them sees at
+least `window - stride` tokens of context. The last window ends at the text, never padded.
+Both runtimes use this one function, so their perplexities are comparable token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens [start, end) go through the model; predictions from `first_scored` on count.
+
+    `first_scored` indexes within the window: the logits at window positions
+    first_scored .. (end - start - 2) predict tokens start + first_scored + 1 .. end - 1.
+    """
+
+    start: int
+    end: int
+    first_scored: int
+
+    @property
+    def n_scored(self) -> int:
+        return self.end - self.start - 1 - self.first_scored
+
+
+def windows(n_tokens: int, window: int, stride: int) -> Iterator[Window]:
+    """The windows that score tokens 1..n_tokens-1 once each (see the module docstring)."""
+    if window < 2 or not 0 < stride < window:
+        raise ValueError(f"need window >= 2 and 0 < stride < window, got {window}, {stride}")
+    scored_until = 1  # token 0 has no context and is never scored
+    start = 0
+    while scored_until < n_tokens:
+        end = min(start + window, n_tokens)
+        yield Window(start, end, scored_until - start - 1)
+        scored_until = end
+        start = end - window + stride  # the next window scores `stride` new tokens

@@ -1,0 +1,170 @@
+"""Fixtures: tiny random Llama / Qwen2 models built in code, with the embedded base's tokenizer.
+
+Nothing is downloaded. The tokenizer is rebuilt by transformers from the embedded GGUF (so the
+tests exercise a real 49k-token byte-level BPE), and every test runs with EDGEFED_HOME in a
+temporary folder so that no test touches the user's real state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgefed.quant.gguf_file import embedded_base_path
+
+TINY_DIMS = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "initializer_range": 0.15,
+}
+
+
+@pytest.fixture(autouse=True)
+def edgefed_home(tmp_path_factory, monkeypatch) -> Path:
+    home = tmp_path_factory.mktemp("edgefed-home")
+    monkeypatch.setenv("EDGEFED_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The embedded base's tokenizer as a Hugging Face tokenizer.json folder."""
+    from transformers import AutoTokenizer
+
+    base = embedded_base_path()
+    tok = AutoTokenizer.from_pretrained(str(base.parent), gguf_file=base.name)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_model(
+    kind: str, folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides: object
+) -> Path:
+    """Save a tiny random `kind` ('llama' or 'qwen2') model with the shared tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
+    config = config_class(
+        vocab_size=len(tok),
+        tie_word_embeddings=(kind == "qwen2"),
+        rope_theta=10000.0,
+        **(TINY_DIMS | overrides),
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if kind == "qwen2":  # give the q/k/v biases non-zero values so their conversion is tested
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
+                    proj.bias.normal_(0, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_hf(request, tmp_path_factory, tokenizer_dir) -> tuple[str, Path]:
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    return request.param, build_tiny_model(request.param, folder, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tmp_path_factory, tiny_llama) -> Path:
+    from edgefed.quant.hf_convert import convert_hf_to_gguf
+
+    return convert_hf_to_gguf(tiny_llama, tmp_path_factory.mktemp("gguf") / "tiny-llama.f16.gguf")
+
+
+SAMPLE_TEXT = (
+    "Héllo wörld! Ça va? naïve façade — Zürich, São Paulo, Kraków.\n"
+    "東京は日本の首都です。中文分词测试。한국어 문장.\n"
+    "Emoji: 😀🚀🎉👍🏽 and symbols ±∞≠≈ €£¥.\n"
+    "def fibonacci(n: int) -> int:\n"
+    "    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
+    "\tindent\t\ttabs   spaces  12345 3.14159 0xFF <html><b>bold</b></html> it's we'll they've\n"
+    "The BBC reported that markets rose 2.5% on Tuesday after the announcement."
+)
+
+
+def attach_random_lora(model, *, seed: int = 1, rank: int = 4, alpha: float = 8.0, **options):
+    """Wrap `model` in a PEFT LoRA on every projection with random non-zero A and B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        **options,
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return peft_model.eval()
+
+
+def load_hf(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_tokens(folder: Path, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_hf) -> tuple[str, Path, Path]:
+    """(kind, HF folder, f16 GGUF) for each architecture."""
+    from edgefed.quant.hf_convert import convert_hf_to_gguf
+
+    kind, folder = tiny_hf
+    out = convert_hf_to_gguf(folder, tmp_path_factory.mktemp("gguf") / f"tiny-{kind}.f16.gguf")
+    return kind, folder, out
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory, tiny_gguf) -> tuple[str, Path, Path, Path, Path]:
+    """(kind, HF folder, base GGUF, PEFT adapter folder, GGUF adapter) with a random LoRA."""
+    from edgefed.quant.lora_gguf import convert_lora_to_gguf
+
+    kind, folder, base = tiny_gguf
+    peft_dir = tmp_path_factory.mktemp(f"peft-{kind}")
+    attach_random_lora(load_hf(folder)).save_pretrained(peft_dir)
+    gguf_adapter = convert_lora_to_gguf(
+        peft_dir, peft_dir.parent / f"{peft_dir.name}.gguf", base=base
+    )
+    return kind, folder, base, peft_dir, gguf_adapter

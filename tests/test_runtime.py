@@ -1,0 +1,85 @@
+"""The llama.cpp runtime: hot-swapped adapters, the scoring rule, top-k, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_TEXT, hf_tokens
+
+from edgefed.errors import DataError, ModelFormatError
+from edgefed.runtime import LlamaRuntime
+from edgefed.scoring import windows
+
+
+@pytest.mark.parametrize(
+    ("n", "window", "stride"),
+    [(10, 4, 2), (10, 4, 3), (3, 4, 2), (1000, 512, 256), (9, 4, 1), (2, 2, 1)],
+)
+def test_windows_score_every_token_once_with_enough_context(n, window, stride):
+    scored = []
+    for w in windows(n, window, stride):
+        assert w.end - w.start <= window
+        first_target = w.start + w.first_scored + 1
+        if w.start > 0:
+            assert first_target - w.start >= window - stride  # context of the first scored token
+        scored.extend(range(first_target, w.end))
+    assert scored == list(range(1, n))
+
+
+def test_hot_swap_reproduces_every_value_exactly(tiny_lora, tmp_path):
+    from conftest import attach_random_lora, load_hf
+
+    from edgefed.quant.lora_gguf import convert_lora_to_gguf
+
+    _kind, folder, base, _, adapter_a = tiny_lora
+    attach_random_lora(load_hf(folder), seed=9).save_pretrained(tmp_path / "b")
+    adapter_b = convert_lora_to_gguf(tmp_path / "b", tmp_path / "b.gguf", base=base)
+    tokens = hf_tokens(folder, SAMPLE_TEXT * 3)
+    with LlamaRuntime(base, window=128) as runtime:
+        a, b = runtime.load_adapter(adapter_a), runtime.load_adapter(adapter_b)
+        assert runtime.load_adapter(adapter_a) is a  # loaded once
+        sequence = [a, b, None, a, None, b]
+        values = [runtime.perplexity(tokens, adapter).perplexity for adapter in sequence]
+    assert values[0] == values[3] and values[1] == values[5] and values[2] == values[4]
+    assert len({values[0], values[1], values[2]}) == 3
+
+
+def test_perplexity_is_exp_mean_nll_and_top_k_is_ordered(tiny_gguf):
+    _kind, folder, base = tiny_gguf
+    tokens = hf_tokens(folder, SAMPLE_TEXT * 2)
+    with LlamaRuntime(base, window=64) as runtime:
+        result = runtime.perplexity(tokens, stride=16)
+        logprobs, positions = runtime.token_logprobs(tokens, stride=16)
+        top = runtime.top_k(tokens, 5, stride=16)
+    assert positions.tolist() == list(range(1, len(tokens)))
+    assert result.tokens_scored == len(tokens) - 1
+    assert result.tokens_evaluated > len(tokens)  # overlapping windows re-read context
+    assert result.perplexity == pytest.approx(float(np.exp(-logprobs.mean())))
+    assert top.token_ids.shape == (len(tokens) - 1, 5)
+    assert (np.diff(top.logprobs, axis=1) <= 0).all() and (top.logprobs <= 0).all()
+    assert (top.logprobs[:, 0] >= logprobs - 1e-4).all()  # nothing beats the top-1
+
+
+def test_tokenize_adds_bos_only_when_the_model_asks(tiny_gguf):
+    _, _, base = tiny_gguf
+    with LlamaRuntime(base) as runtime:
+        assert (
+            runtime.tokenize("hello").tolist()
+            == runtime.tokenize("hello", add_bos=runtime.add_bos).tolist()
+        )
+        assert runtime.tokenize("hello", add_bos=True)[0] == runtime.bos
+
+
+def test_too_short_text_and_bad_stride_are_data_errors(tiny_gguf):
+    _, _, base = tiny_gguf
+    with LlamaRuntime(base, window=32) as runtime:
+        with pytest.raises(DataError, match="at least 2"):
+            runtime.perplexity("")
+        with pytest.raises(DataError, match="stride"):
+            runtime.perplexity(SAMPLE_TEXT, stride=32)
+
+
+def test_a_base_model_is_not_an_adapter(tiny_gguf):
+    _, _, base = tiny_gguf
+    with LlamaRuntime(base) as runtime, pytest.raises(ModelFormatError, match="not a LoRA adapter"):
+        runtime.load_adapter(base)
