@@ -13,7 +13,7 @@ import torch
 from edgefed.demo_text import demo_evaluation_text
 from edgefed.home import cache_dir
 from edgefed.quant.gguf_file import embedded_base_path, read_base_info
-from edgefed.quant.nf4 import load_training_model
+from edgefed.quant.nf4 import build_training_model, load_training_model
 from edgefed.runtime import LlamaRuntime
 from edgefed.train.perplexity import torch_perplexity
 
@@ -48,13 +48,10 @@ def test_nf4_copy_is_4bit_and_close_to_the_gguf_base(demo_tokens):
         assert torch.equal(model(sample).logits, again(sample).logits)
 
 
-def test_float_copy_reproduces_the_gguf_weights_exactly(demo_tokens, monkeypatch):
-    """Keeping every layer in float isolates NF4's error from our GGUF streaming and mapping."""
-    import edgefed.quant.nf4 as nf4
-
+def test_float_copy_reproduces_the_gguf_weights_exactly(demo_tokens):
+    """The fp32 copy isolates NF4's error from our GGUF streaming, mapping and un-permuting."""
     tokens, gguf_ppl = demo_tokens
-    monkeypatch.setattr(nf4, "_KEEP_FLOAT", ("",))  # every module name ends with ""
-    model = nf4.build_nf4_model(embedded_base_path())
+    model = build_training_model(embedded_base_path(), "fp32")
     assert abs(torch_perplexity(model, tokens, window=512).perplexity / gguf_ppl - 1) < 0.01
 
 

@@ -32,6 +32,9 @@ CACHE_FORMAT_VERSION = 1
 NF4_BLOCKSIZE = 64
 # modules kept in float: norms and embeddings are small and sensitive; lm_head is tied or small
 _KEEP_FLOAT = ("embed_tokens", "lm_head")
+# "nf4": QLoRA's 4-bit linear layers; "fp32": the dequantized GGUF weights as they are (the
+# reference the benchmark compares against, and a faithful copy when memory allows)
+PRECISIONS = ("nf4", "fp32")
 
 
 def hf_config_for(info: BaseInfo, reader):
@@ -65,8 +68,8 @@ def hf_config_for(info: BaseInfo, reader):
     )
 
 
-def _empty_model(config):
-    """The model on the meta device (no memory), with NF4 linear layers in place."""
+def _empty_model(config, precision: str = "nf4"):
+    """The model on the meta device (no memory), with NF4 linear layers in place for "nf4"."""
     import bitsandbytes as bnb
     import torch
     from transformers import AutoModelForCausalLM
@@ -74,6 +77,8 @@ def _empty_model(config):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, module in list(model.named_modules()):
+        if precision != "nf4":
+            break
         if isinstance(module, torch.nn.Linear) and not name.endswith(_KEEP_FLOAT):
             parent_name, _, child = name.rpartition(".")
             replacement = bnb.nn.Linear4bit(
@@ -151,16 +156,18 @@ def _dequantize(tensor, rows_per_chunk: int = 2048) -> np.ndarray:
     return out
 
 
-def build_nf4_model(base_path: Path):
-    """Stream a GGUF base into a PyTorch model with NF4 linear layers (see module docstring)."""
+def build_training_model(base_path: Path, precision: str = "nf4"):
+    """Stream a GGUF base into a PyTorch model, NF4 or fp32 (see the module docstring)."""
     import bitsandbytes as bnb
     import gguf
     import torch
 
     reader = open_gguf(base_path, "base model")
     info = read_base_info(base_path, reader=reader)
+    if precision not in PRECISIONS:
+        raise ModelFormatError(f"unknown precision '{precision}'", f"choose one of {PRECISIONS}")
     config = hf_config_for(info, reader)
-    model = _empty_model(config)
+    model = _empty_model(config, precision)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[info.architecture.upper()], info.n_layers)
     gguf_to_hf: dict[str, str] = {}
     for hf_name, _ in model.named_parameters():
@@ -238,7 +245,7 @@ def load_training_model(base: str | os.PathLike[str] | None = None, *, use_cache
                 return _load_cache(folder)
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             logger.warning("NF4 cache %s unusable (%s); rebuilding it", folder, exc)
-    model = build_nf4_model(base_path)
+    model = build_training_model(base_path, "nf4")
     if use_cache:
         _save_cache(model, folder, folder.name)
     return model

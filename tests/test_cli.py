@@ -1,0 +1,169 @@
+"""The CLI end to end: tables and JSON on stdout, one-line errors with exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+from typer.testing import CliRunner
+
+from edgefed.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    message = result.stderr.strip()
+    assert message.startswith("error:") and "\n" not in message, message
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_base_show_json_has_the_fingerprint(tiny_gguf):
+    kind, _, base = tiny_gguf
+    result = run("base", "show", base, "--json")
+    assert result.exit_code == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["fingerprint"] == hashlib.sha256(base.read_bytes()).hexdigest()
+    assert shown["architecture"] == kind and shown["supported"] is True
+    assert shown["layers"] == 2 and shown["embedding_length"] == 64 and shown["vocab_size"] == 49152
+    assert shown["tokenizer"]["pre"] == {"llama": "gpt-2", "qwen2": "qwen2"}[kind]
+
+
+def test_base_show_defaults_to_the_embedded_base():
+    result = run("base", "show")
+    assert result.exit_code == 0
+    assert "SmolLM2-135M-Instruct" in result.stdout and "sha256:" in result.stdout
+
+
+def test_evaluate_table_and_json_with_adapters(tiny_lora, tmp_path):
+    _, _, base, _, adapter = tiny_lora
+    data = tmp_path / "notes"
+    data.mkdir()
+    (data / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    (data / "b.md").write_text("# Notes\n\nMarkets rose on Tuesday. " * 20)
+    (data / "blob.txt").write_bytes(b"\x00\x01\x02binary")
+    result = run(
+        "evaluate", "--data", data, "--base", base, "--adapter", adapter, "--json", "--window", "64"
+    )
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert [row["model"] for row in document["results"]] == ["base", adapter.stem]
+    scored = {row["tokens_scored"] for row in document["results"]}
+    assert len(scored) == 1 and scored.pop() > 100
+    assert all(row["perplexity"] > 1 for row in document["results"])
+    assert "skipped 1 file" in result.stderr
+    table = run("evaluate", "--data", data, "--base", base, "--adapter", adapter, "--window", "64")
+    assert "perplexity" in table.stdout and adapter.stem in table.stdout
+
+
+def test_quant_convert_requantize_and_lora_write_loadable_files(tiny_lora, tmp_path):
+    _, folder, base, peft_dir, _ = tiny_lora
+    converted = tmp_path / "m.gguf"
+    assert run("quant", "convert", folder, "-o", converted, "--type", "f32").exit_code == 0
+    for quant_type in ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "f16"):
+        out = tmp_path / f"m.{quant_type}.gguf"
+        result = run("quant", "requantize", converted, "-o", out, "--type", quant_type, "--json")
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["size_bytes"] == out.stat().st_size
+        shown = json.loads(run("base", "show", out, "--json").stdout)
+        assert shown["file_type"].lower() == quant_type
+    adapter = tmp_path / "a.gguf"
+    assert run("quant", "lora", peft_dir, "-o", adapter, "--base", converted).exit_code == 0
+    (tmp_path / "text.txt").write_text("Shares in the company rose sharply on Monday. " * 30)
+    result = run(
+        "evaluate",
+        "--data",
+        tmp_path / "text.txt",
+        "--base",
+        tmp_path / "m.q8_0.gguf",
+        "--adapter",
+        adapter,
+        "--json",
+        "--window",
+        "64",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert [r["model"] for r in json.loads(result.stdout)["results"]] == ["base", "a"]
+
+
+@pytest.fixture()
+def bad_files(tmp_path, tiny_gguf) -> dict[str, Path]:
+    _, _, base = tiny_gguf
+    files = {"missing": tmp_path / "missing.gguf", "text": tmp_path / "notes.gguf"}
+    files["text"].write_text("not a model at all")
+    data = base.read_bytes()
+    files["truncated"] = tmp_path / "truncated.gguf"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["gpt2"] = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(files["gpt2"], "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 8), "float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    files["empty"] = tmp_path / "empty.txt"
+    files["empty"].write_text("   \n")
+    return files
+
+
+def test_bad_bases_get_one_line_and_exit_2(bad_files, tiny_gguf):
+    assert_one_line_error(run("base", "show", bad_files["missing"]), "does not exist")
+    assert_one_line_error(run("base", "show", bad_files["text"]), "not a GGUF file")
+    assert_one_line_error(run("base", "show", bad_files["truncated"]), "truncated")
+    assert_one_line_error(run("evaluate", "--base", bad_files["gpt2"]), "architecture 'gpt2'")
+    _, _, base = tiny_gguf
+    assert_one_line_error(run("evaluate", "--base", base, "--data", bad_files["empty"]), "no")
+    assert_one_line_error(
+        run("evaluate", "--base", base, "--adapter", bad_files["missing"]), "does not exist"
+    )
+
+
+def test_bad_conversions_leave_no_output_behind(bad_files, tiny_lora, tmp_path, tokenizer_dir):
+    from conftest import build_tiny_model
+    from edgefed.quant.hf_convert import convert_hf_to_gguf
+
+    kind, folder, base, peft_dir, adapter = tiny_lora
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    other = convert_hf_to_gguf(
+        build_tiny_model(kind, tmp_path / "wide", tokenizer_dir, hidden_size=96),
+        tmp_path / "wide.gguf",
+    )
+    # an adapter made for another base: refused at conversion and at evaluation
+    assert_one_line_error(
+        run("quant", "lora", peft_dir, "-o", out_dir / "x.gguf", "--base", other), "another base"
+    )
+    assert_one_line_error(run("evaluate", "--base", other, "--adapter", adapter), "does not fit")
+    # DoRA
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    (dora / "adapter_model.safetensors").write_bytes(
+        (peft_dir / "adapter_model.safetensors").read_bytes()
+    )
+    assert_one_line_error(
+        run("quant", "lora", dora, "-o", out_dir / "d.gguf", "--base", base), "DoRA"
+    )
+    # a truncated base, an unknown quant type, a folder that is not a model
+    assert_one_line_error(
+        run("quant", "requantize", bad_files["truncated"], "-o", out_dir / "q.gguf"), "truncated"
+    )
+    assert_one_line_error(
+        run("quant", "requantize", base, "-o", out_dir / "q.gguf", "--type", "q3_x"), "q8_0"
+    )
+    assert_one_line_error(
+        run("quant", "convert", peft_dir, "-o", out_dir / "c.gguf"), "config.json"
+    )
+    assert list(out_dir.iterdir()) == []  # nothing half-written, no temporaries
