@@ -35,7 +35,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def random_lora(model, seed: int = 0):
-    """A rank-8 PEFT LoRA with random non-zero A and B (a trained adapter's cost, not its values)."""
+    """A rank-8 PEFT LoRA with random non-zero A and B: a trained adapter's cost, not values."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(
@@ -121,7 +121,7 @@ def main() -> None:
                     adapter = runtime.load_adapter(adapter_path)
                     runtime.perplexity(tokens[:600])  # warm-up: weight repacking, page cache
                     plain = best_of(args.repeats, lambda: runtime.perplexity(tokens))
-                    lora = best_of(args.repeats, lambda: runtime.perplexity(tokens, adapter))
+                    lora = best_of(args.repeats, lambda a=adapter: runtime.perplexity(tokens, a))
                 label = f"llama.cpp {quant}" + (f" ubatch {ubatch}" if ubatch != 512 else "")
                 rows.append(
                     {"system": label, "tps": plain[0], "tps_lora": lora[0], "ppl": plain[1]}
@@ -136,7 +136,10 @@ def main() -> None:
     readout_ms = (time.perf_counter() - started) / 10 * 1000
 
     reference = next((r["tps"] for r in rows if r["system"] == "transformers fp32"), None)
-    header = f"{'system':<28}{'tok/s':>9}{'tok/s+LoRA':>12}{'LoRA cost':>11}{'x fp32':>8}{'x fp32+LoRA':>13}{'ppl':>9}"
+    header = (
+        f"{'system':<28}{'tok/s':>9}{'tok/s+LoRA':>12}{'LoRA cost':>11}"
+        f"{'x fp32':>8}{'x fp32+LoRA':>13}{'ppl':>9}"
+    )
     print(header)
     for row in rows:
         row["lora_overhead"] = row["tps"] / row["tps_lora"] - 1

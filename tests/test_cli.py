@@ -67,7 +67,7 @@ def test_evaluate_table_and_json_with_adapters(tiny_lora, tmp_path):
 
 
 def test_quant_convert_requantize_and_lora_write_loadable_files(tiny_lora, tmp_path):
-    _, folder, base, peft_dir, _ = tiny_lora
+    _, folder, _base, peft_dir, _ = tiny_lora
     converted = tmp_path / "m.gguf"
     assert run("quant", "convert", folder, "-o", converted, "--type", "f32").exit_code == 0
     for quant_type in ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "f16"):
@@ -131,9 +131,10 @@ def test_bad_bases_get_one_line_and_exit_2(bad_files, tiny_gguf):
 
 def test_bad_conversions_leave_no_output_behind(bad_files, tiny_lora, tmp_path, tokenizer_dir):
     from conftest import build_tiny_model
+
     from edgefed.quant.hf_convert import convert_hf_to_gguf
 
-    kind, folder, base, peft_dir, adapter = tiny_lora
+    kind, _folder, base, peft_dir, adapter = tiny_lora
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     other = convert_hf_to_gguf(
