@@ -83,3 +83,17 @@ def test_a_base_model_is_not_an_adapter(tiny_gguf):
     _, _, base = tiny_gguf
     with LlamaRuntime(base) as runtime, pytest.raises(ModelFormatError, match="not a LoRA adapter"):
         runtime.load_adapter(base)
+
+
+def test_runtime_copy_is_made_once_and_keep_uses_the_file(tiny_gguf, edgefed_home):
+    from edgefed.quant.gguf_file import read_base_info
+    from edgefed.runtime import runtime_copy
+
+    _, _, base = tiny_gguf
+    assert runtime_copy(base, "keep") == base
+    copy = runtime_copy(base, "q8_0")
+    assert copy.parent == edgefed_home / "cache" / "gguf" and copy.name.endswith(".q8_0.gguf")
+    assert read_base_info(copy).file_type == "Q8_0"
+    made = copy.stat().st_mtime_ns
+    assert runtime_copy(base, "q8_0") == copy and copy.stat().st_mtime_ns == made
+    assert runtime_copy(copy, "q8_0") == copy  # already of that type: used as is

@@ -36,7 +36,7 @@ def bbc_topic(topic: str) -> Documents:
     return read_documents(bbc_folder() / topic)
 
 
-def demo_evaluation_text(docs_per_topic: int = 4) -> str:
+def demo_evaluation_text(docs_per_topic: int = 2) -> str:
     """A small mixed sample: the first articles of every topic, for a quick evaluation."""
     parts: list[str] = []
     for topic in BBC_TOPICS:

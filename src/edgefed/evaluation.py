@@ -36,18 +36,20 @@ def evaluate_text(
     window: int = 512,
     stride: int | None = None,
     threads: int | None = None,
+    runtime_quant: str | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> list[EvaluationRow]:
     """Perplexity of `text` under the base alone and under each adapter, in that order.
 
-    The base is loaded once; adapters are hot-swapped. Every adapter is checked before any
-    evaluation starts, so a bad adapter fails in seconds, not after the others ran.
+    The base is loaded once (as its cached `runtime_quant` copy, see `runtime_copy`);
+    adapters are hot-swapped. Every adapter is checked before any evaluation starts, so a bad
+    adapter fails in seconds, not after the others ran.
     """
-    from edgefed.runtime import LlamaRuntime
+    from edgefed.runtime import DEFAULT_RUNTIME_QUANT, LlamaRuntime, runtime_copy
 
     if not text.strip():
         raise DataError("the text to evaluate is empty", "point --data at non-empty text")
-    base_path = resolve_base(base)
+    base_path = runtime_copy(resolve_base(base), runtime_quant or DEFAULT_RUNTIME_QUANT)
     adapter_paths = [require_file(a, "adapter") for a in adapters]
     rows: list[EvaluationRow] = []
     with LlamaRuntime(base_path, window=window, threads=threads) as runtime:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Window:
@@ -28,6 +30,36 @@ class Window:
     @property
     def n_scored(self) -> int:
         return self.end - self.start - 1 - self.first_scored
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity of one text under one model (base, or base plus adapter)."""
+
+    perplexity: float
+    mean_nll: float
+    tokens_scored: int
+    tokens_evaluated: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Throughput over every token that went through the model, context included."""
+        return self.tokens_evaluated / self.seconds if self.seconds > 0 else float("inf")
+
+    @classmethod
+    def from_logprobs(
+        cls, logprobs: np.ndarray, n_tokens: int, window: int, stride: int, seconds: float
+    ) -> PerplexityResult:
+        """Summarise the scored tokens' log-probabilities of an `n_tokens` text."""
+        mean_nll = float(-logprobs.mean())
+        return cls(
+            perplexity=float(np.exp(mean_nll)),
+            mean_nll=mean_nll,
+            tokens_scored=len(logprobs),
+            tokens_evaluated=sum(w.end - w.start for w in windows(n_tokens, window, stride)),
+            seconds=seconds,
+        )
 
 
 def windows(n_tokens: int, window: int, stride: int) -> Iterator[Window]:

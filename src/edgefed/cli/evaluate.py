@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgefed.cli.options import BaseOption, JsonOption, StrideOption, ThreadsOption, WindowOption
+from edgefed.cli.options import (
+    BaseOption,
+    JsonOption,
+    RuntimeQuantOption,
+    StrideOption,
+    ThreadsOption,
+    WindowOption,
+)
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
 
 
@@ -33,6 +40,7 @@ def evaluate(
     window: WindowOption = 512,
     stride: StrideOption = None,
     threads: ThreadsOption = None,
+    runtime_quant: RuntimeQuantOption = "q8_0",
     as_json: JsonOption = False,
 ) -> None:
     """Perplexity, tokens scored and tokens/s for the base and each adapter (llama.cpp)."""
@@ -55,6 +63,7 @@ def evaluate(
             window=window,
             stride=stride,
             threads=threads,
+            runtime_quant=runtime_quant,
             on_progress=lambda name: status.update(f"evaluating {name} ..."),
         )
     if as_json:

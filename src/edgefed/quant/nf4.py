@@ -1,11 +1,12 @@
 """The training copy of a GGUF base: PyTorch modules with 4-bit NF4 linear layers (bitsandbytes).
 
 transformers can load a GGUF (`gguf_file=`), but it dequantizes the whole file into a float32
-state dict and then builds the model beside it (about 2.1x the fp32 model at peak on the
-embedded base), and it refuses to combine that with bitsandbytes. So we build the model on the
-meta device and stream the GGUF ourselves, one tensor at a time: each linear weight is
-dequantized (gguf's own dequantizers), handed to bitsandbytes and quantized to NF4 at once, so
-at most one float32 matrix is alive beside the NF4 weights and the float embedding.
+state dict and then builds the model beside it (1.5x the fp32 model above the process's
+baseline on the embedded base, measured), and it refuses to combine that with bitsandbytes.
+So we build the model on the meta device and stream the GGUF ourselves, one tensor at a
+time: each linear weight is dequantized (gguf's own dequantizers), handed to bitsandbytes and
+quantized to NF4 at once, so at most one float32 matrix is alive beside the NF4 weights and
+the float embedding.
 
 The result is cached under $EDGEFED_HOME/cache/nf4/<base sha256>/ (safetensors holding the
 packed NF4 weights and their quantization statistics), so the second load skips all of this.

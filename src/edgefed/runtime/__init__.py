@@ -4,7 +4,24 @@
 it by swapping them in and out; `requantize` is llama.cpp's own quantizer.
 """
 
-from edgefed.runtime.llama import Adapter, LlamaRuntime, PerplexityResult, TopK
-from edgefed.runtime.quantize import QUANT_TYPES, requantize
+from edgefed.runtime.llama import Adapter, LlamaRuntime, TopK
+from edgefed.runtime.quantize import (
+    DEFAULT_RUNTIME_QUANT,
+    KEEP,
+    QUANT_TYPES,
+    requantize,
+    runtime_copy,
+)
+from edgefed.scoring import PerplexityResult
 
-__all__ = ["QUANT_TYPES", "Adapter", "LlamaRuntime", "PerplexityResult", "TopK", "requantize"]
+__all__ = [
+    "DEFAULT_RUNTIME_QUANT",
+    "KEEP",
+    "QUANT_TYPES",
+    "Adapter",
+    "LlamaRuntime",
+    "PerplexityResult",
+    "TopK",
+    "requantize",
+    "runtime_copy",
+]

@@ -30,7 +30,7 @@ from edgefed.errors import (
 )
 from edgefed.quant.gguf_file import open_gguf, read_base_info
 from edgefed.runtime.backend import ensure_backend, take_recent_errors
-from edgefed.scoring import windows
+from edgefed.scoring import PerplexityResult, windows
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +51,6 @@ class Adapter:
 
     path: Path
     name: str
-
-
-@dataclass(frozen=True)
-class PerplexityResult:
-    """Perplexity of one text under one adapter (or the bare base)."""
-
-    perplexity: float
-    mean_nll: float
-    tokens_scored: int
-    tokens_evaluated: int
-    seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Throughput over every token that went through the model, context included."""
-        return self.tokens_evaluated / self.seconds if self.seconds > 0 else float("inf")
 
 
 @dataclass(frozen=True)
@@ -328,15 +312,7 @@ class LlamaRuntime:
         started = time.perf_counter()
         logprobs, _ = self.token_logprobs(tokens, adapter, stride=step)
         seconds = time.perf_counter() - started
-        evaluated = sum(w.end - w.start for w in windows(len(tokens), self.window, step))
-        mean_nll = float(-logprobs.mean())
-        return PerplexityResult(
-            perplexity=float(np.exp(mean_nll)),
-            mean_nll=mean_nll,
-            tokens_scored=len(logprobs),
-            tokens_evaluated=evaluated,
-            seconds=seconds,
-        )
+        return PerplexityResult.from_logprobs(logprobs, len(tokens), self.window, step, seconds)
 
     def top_k(
         self,

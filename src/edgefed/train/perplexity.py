@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgefed.errors import DataError
-from edgefed.runtime.llama import PerplexityResult
-from edgefed.scoring import windows
+from edgefed.scoring import PerplexityResult, windows
 
 
 def torch_token_logprobs(model, tokens: Sequence[int] | np.ndarray, *, window: int, stride: int):
@@ -50,12 +49,4 @@ def torch_perplexity(
     started = time.perf_counter()
     logprobs = torch_token_logprobs(model, tokens, window=window, stride=step)
     seconds = time.perf_counter() - started
-    evaluated = sum(w.end - w.start for w in windows(len(tokens), window, step))
-    mean_nll = float(-logprobs.mean())
-    return PerplexityResult(
-        perplexity=float(np.exp(mean_nll)),
-        mean_nll=mean_nll,
-        tokens_scored=len(logprobs),
-        tokens_evaluated=evaluated,
-        seconds=seconds,
-    )
+    return PerplexityResult.from_logprobs(logprobs, len(tokens), window, step, seconds)
