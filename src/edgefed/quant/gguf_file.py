@@ -7,6 +7,7 @@ tensor's data lies inside the file before anything else reads a byte.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import os
@@ -121,7 +122,6 @@ class BaseInfo:
     """What a base model is; `fingerprint` is what every device of a federation must share."""
 
     path: Path
-    fingerprint: str
     architecture: str
     name: str
     n_params: int
@@ -136,6 +136,11 @@ class BaseInfo:
     file_type: str
     tensor_types: dict[str, int] = field(default_factory=dict)
     tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the file, computed on first use: loading a runtime does not need it."""
+        return sha256_file(self.path)
 
     @property
     def size_bytes(self) -> int:
@@ -198,7 +203,6 @@ def read_base_info(
         file_type_name = "unknown"
     return BaseInfo(
         path=Path(path),
-        fingerprint=sha256_file(path),
         architecture=arch,
         name=str(_field_value(reader, gguf.Keys.General.NAME, Path(path).stem)),
         n_params=int(sum(int(np.prod(s)) for s in shapes.values())),

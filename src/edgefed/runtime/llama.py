@@ -61,12 +61,10 @@ class TopK:
     logprobs: np.ndarray  # (n_scored, k) float32
 
 
-def _log_softmax_rows(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row max, row log-sum-exp) of a (rows, vocab) block, stable in float32."""
+def _log_sum_exp_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp of a (rows, vocab) block, stable in float32."""
     row_max = logits.max(axis=1)
-    shifted = np.exp(logits - row_max[:, None])
-    lse = row_max + np.log(shifted.sum(axis=1))
-    return row_max, lse
+    return row_max + np.log(np.exp(logits - row_max[:, None]).sum(axis=1))
 
 
 class LlamaRuntime:
@@ -292,7 +290,7 @@ class LlamaRuntime:
             start, end, first = w.start, w.end, w.first_scored
             window_tokens = tokens[start:end]
             logits = self._decode_window(window_tokens, first)
-            _, lse = _log_softmax_rows(logits)
+            lse = _log_sum_exp_rows(logits)
             targets = window_tokens[first + 1 :]
             picked = logits[np.arange(len(targets)), targets]
             logprobs.append((picked - lse).astype(np.float64))
@@ -333,7 +331,7 @@ class LlamaRuntime:
         for w in windows(len(tokens), self.window, step):
             start, end, first = w.start, w.end, w.first_scored
             logits = self._decode_window(tokens[start:end], first)
-            _, lse = _log_softmax_rows(logits)
+            lse = _log_sum_exp_rows(logits)
             top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
             top_logits = np.take_along_axis(logits, top, axis=1)
             order = np.argsort(-top_logits, axis=1, kind="stable")
