@@ -7,16 +7,19 @@ tensor's data lies inside the file before anything else reads a byte.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.resources
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edgefed.atomic import atomic_path
 from edgefed.errors import InputFileError, ModelFormatError, UnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -96,6 +99,21 @@ def open_gguf(path: str | os.PathLike[str], what: str = "model"):
                 "download or convert it again",
             )
     return reader
+
+
+@contextlib.contextmanager
+def write_gguf(destination: str | os.PathLike[str], architecture: str) -> Iterator:
+    """Yield a gguf.GGUFWriter to fill with metadata and tensors; on exit the file is written
+    in gguf's required order (header, key/values, tensors) and moved into place atomically."""
+    import gguf
+
+    with atomic_path(destination) as tmp:
+        writer = gguf.GGUFWriter(tmp, architecture)
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

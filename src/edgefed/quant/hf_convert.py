@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefed.atomic import atomic_path
 from edgefed.errors import InputFileError, ModelFormatError, UnsupportedModelError
+from edgefed.quant.gguf_file import write_gguf
 from edgefed.quant.tokenizer_meta import write_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,7 @@ def convert_hf_to_gguf(
     name_map = gguf.get_tensor_name_map(arch, cfg.n_layers)
     float_type = np.float16 if out_type == "f16" else np.float32
 
-    with atomic_path(destination) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    with write_gguf(destination, gguf.MODEL_ARCH_NAMES[arch]) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or src.name)
         writer.add_context_length(cfg.context_length)
@@ -224,8 +223,4 @@ def convert_hf_to_gguf(
             raise ModelFormatError(
                 f"{src} has no token embedding tensor", "the checkpoint is incomplete"
             )
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
     return Path(destination)

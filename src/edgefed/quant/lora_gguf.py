@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefed.atomic import atomic_path
 from edgefed.errors import (
     AdapterMismatchError,
     InputFileError,
     ModelFormatError,
     UnsupportedModelError,
 )
-from edgefed.quant.gguf_file import read_base_info
+from edgefed.quant.gguf_file import read_base_info, write_gguf
 from edgefed.quant.hf_convert import permute_for_rope
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -202,16 +201,11 @@ def convert_lora_to_gguf(
         tensors.append((f"{base_name}.lora_a", a.astype(float_type)))
         tensors.append((f"{base_name}.lora_b", b.astype(float_type)))
 
-    with atomic_path(destination) as tmp:
-        writer = gguf.GGUFWriter(tmp, info.architecture)
+    with write_gguf(destination, info.architecture) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, config.alpha)
         writer.add_name(src.name)
         for name, tensor in tensors:
             writer.add_tensor(name, tensor)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
     return Path(destination)
