@@ -151,9 +151,7 @@ def _iter_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
             with safe_open(file, framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                     yield name, handle.get_tensor(name).float().numpy()
-        except Exception as exc:
-            if isinstance(exc, (InputFileError, ModelFormatError)):
-                raise
+        except Exception as exc:  # safetensors raises its own errors and bare OSError/ValueError
             raise ModelFormatError(f"cannot read {file} ({exc})", "the file is damaged") from exc
 
 

@@ -77,9 +77,9 @@ def _empty_model(config, precision: str = "nf4"):
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if precision != "nf4":
+        return model
     for name, module in list(model.named_modules()):
-        if precision != "nf4":
-            break
         if isinstance(module, torch.nn.Linear) and not name.endswith(_KEEP_FLOAT):
             parent_name, _, child = name.rpartition(".")
             replacement = bnb.nn.Linear4bit(
