@@ -1,32 +1,63 @@
 """Text documents from a file or a folder, as a user points edgefed at them.
 
-A document is one text file. Files that are not UTF-8 text are skipped and counted, not fatal:
-a folder synced from a laptop always holds a stray binary. What is fatal is a path with no
-usable text at all, because every later step would fail on it less clearly.
+A .txt or .md file is one document; a .jsonl file holds one document per line (a JSON object
+with a text field); a .csv file one per row (a named column). Each document is identified by the
+sha256 of its text, so its identity (and the split it falls in) does not depend on where it sits
+or what else is in the folder; exact duplicates are kept once and counted.
+
+Files that are not UTF-8 text are skipped and counted, not fatal: a folder synced from a laptop
+always holds a stray binary. Fatal are a path with no usable text at all and a structured file
+that is malformed (a .jsonl line that is not JSON, a missing field or column), because silently
+dropping part of a user's data would make every later number wrong without saying so.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import json
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgefed.errors import DataError, InputFileError
 
-TEXT_SUFFIXES = (".txt", ".md")
+DOCUMENT_SUFFIXES = (".txt", ".md", ".jsonl", ".csv")
+DEFAULT_TEXT_FIELD = "text"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: `id` is the sha256 of its text (hex), `source` says where it came from."""
+
+    id: str
+    text: str
+    source: str
 
 
 @dataclass(frozen=True)
 class Documents:
-    """The readable documents under a path, and how many files were skipped."""
+    """The readable documents under a path, and what was left out."""
 
-    texts: tuple[str, ...]
-    paths: tuple[Path, ...]
-    skipped: int
+    documents: tuple[Document, ...]
+    files: int
+    skipped: int  # files that are not UTF-8 text
+    duplicates: int  # documents whose exact text appeared before
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return tuple(d.text for d in self.documents)
 
     def joined(self) -> str:
         """All documents as one text, separated by blank lines."""
         return "\n\n".join(self.texts)
+
+
+def document_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _read_text(path: Path) -> str | None:
@@ -34,15 +65,62 @@ def _read_text(path: Path) -> str | None:
     if b"\x00" in data:
         return None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
 
 
-def read_documents(path: str | os.PathLike[str]) -> Documents:
-    """Read a text file, or every .txt/.md file under a folder (sorted, recursive).
+def _jsonl_texts(path: Path, text: str, field: str) -> Iterator[tuple[str, str]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{number} is not valid JSON ({exc.msg})",
+                "fix or remove that line; each line of a .jsonl file is one JSON object",
+            ) from None
+        value = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            raise DataError(
+                f"{path}:{number} has no string field '{field}'",
+                "name the field that holds the text with --text-field",
+            )
+        yield value, f"{path}:{number}"
 
-    Raises InputFileError for a missing path and DataError when no usable text is found.
+
+def _csv_texts(path: Path, text: str, column: str) -> Iterator[tuple[str, str]]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # articles are longer than 128 KiB at times
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or column not in reader.fieldnames:
+        found = ", ".join(reader.fieldnames or []) or "none"
+        raise DataError(
+            f"{path} has no column '{column}' (columns: {found})",
+            "name the column that holds the text with --text-field",
+        )
+    for number, row in enumerate(reader, start=2):
+        yield row[column] or "", f"{path}:{number}"
+
+
+def _file_texts(path: Path, text: str, field: str) -> Iterator[tuple[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl_texts(path, text, field)
+    elif suffix == ".csv":
+        yield from _csv_texts(path, text, field)
+    else:
+        yield text, str(path)
+
+
+def read_documents(
+    path: str | os.PathLike[str], *, text_field: str = DEFAULT_TEXT_FIELD
+) -> Documents:
+    """Read a file, or every .txt/.md/.jsonl/.csv file under a folder (sorted, recursive).
+
+    `text_field` names the JSON field of a .jsonl line and the column of a .csv file.
+    Raises InputFileError for a missing path and DataError for malformed structured files or
+    when no usable text is found.
     """
     root = Path(path)
     if not root.exists():
@@ -50,26 +128,37 @@ def read_documents(path: str | os.PathLike[str]) -> Documents:
     files = (
         [root]
         if root.is_file()
-        else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        else sorted(
+            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES
+        )
     )
-    texts: list[str] = []
-    kept: list[Path] = []
-    skipped = 0
+    documents: list[Document] = []
+    seen: set[str] = set()
+    skipped = duplicates = 0
     for file in files:
         text = _read_text(file)
         if text is None:
             skipped += 1
-        elif text.strip():
-            texts.append(text)
-            kept.append(file)
-    if not texts:
+            continue
+        for document_text, source in _file_texts(file, text, text_field):
+            if not document_text.strip():
+                continue
+            identity = document_id(document_text)
+            if identity in seen:
+                duplicates += 1
+                continue
+            seen.add(identity)
+            documents.append(Document(id=identity, text=document_text, source=source))
+    if not documents:
         what = (
-            "is not UTF-8 text"
+            "is not UTF-8 text or holds no text"
             if root.is_file()
-            else f"holds no non-empty {'/'.join(TEXT_SUFFIXES)} files"
+            else f"holds no non-empty {'/'.join(DOCUMENT_SUFFIXES)} files"
         )
         raise DataError(
-            f"{root} {what}" + (f" ({skipped} skipped as not text)" if skipped else ""),
+            f"{root} {what}" + (f" ({skipped} file(s) skipped as not text)" if skipped else ""),
             "point --data at UTF-8 text",
         )
-    return Documents(texts=tuple(texts), paths=tuple(kept), skipped=skipped)
+    return Documents(
+        documents=tuple(documents), files=len(files), skipped=skipped, duplicates=duplicates
+    )

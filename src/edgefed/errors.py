@@ -6,7 +6,8 @@
     ├── UnsupportedModelError    a well-formed model or adapter that edgefed cannot handle
     ├── AdapterMismatchError     an adapter that does not fit the base it is used with
     ├── DataError                text that yields nothing to work on (empty, too short)
-    └── RuntimeBackendError      llama.cpp refused an operation on valid-looking input
+    ├── RuntimeBackendError      llama.cpp refused an operation on valid-looking input
+    └── TrainingError            training cannot go on as configured (diverged, wrong resume)
 
 Every message names the thing at fault and says how to fix it. Errors from the libraries we
 call (gguf, safetensors, llama.cpp) are translated once, where we call them, and chained with
@@ -47,3 +48,7 @@ class DataError(EdgefedError):
 
 class RuntimeBackendError(EdgefedError):
     """llama.cpp failed on input that passed our own checks."""
+
+
+class TrainingError(EdgefedError):
+    """Training cannot go on as configured: the loss diverged, or a resume does not match."""

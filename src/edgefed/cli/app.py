@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from edgefed import __version__
-from edgefed.cli import base, evaluate, quant
+from edgefed.cli import base, evaluate, quant, train
 from edgefed.cli.output import configure_logging
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(base.app, name="base")
 app.add_typer(quant.app, name="quant")
+app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
 
 

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -51,6 +52,8 @@ def configure_logging(verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not verbose:  # chatty third-party loggers that say nothing a user can act on
+    if not verbose:  # chatty third-party loggers and deprecation notes a user cannot act on
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         for name in ("transformers", "bitsandbytes", "gguf", "httpx"):
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -105,6 +105,7 @@ class LlamaRuntime:
         self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
         self.bos = int(ll.llama_vocab_bos(self._vocab))
+        self.eos = int(ll.llama_vocab_eos(self._vocab))
 
         ctx_params = ll.llama_context_default_params()
         ctx_params.n_ctx = self.window

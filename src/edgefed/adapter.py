@@ -1,0 +1,216 @@
+"""The LoRA adapter a federation shares: its shape (`LoraSpec`) and its one initial state.
+
+Every device of a federation must start from the *same* adapter, or their adapters are not
+comparable (weight-similarity trust) nor meaningfully averageable (the factor-wise mix). The
+paper's public code drew A afresh on every device; here A is drawn from the federation's shared
+`init_seed` and B is zero, so the initial ΔW = B·A is zero and identical everywhere.
+
+Each A matrix gets its own generator seeded from (init_seed, module name), so the draw does not
+depend on the order in which PEFT happens to visit modules, nor on anything else that touched
+the global torch RNG. The distribution is PEFT's default (kaiming-uniform with a=√5, i.e.
+U(-1/√fan_in, 1/√fan_in)).
+
+torch and peft are imported on demand: `import edgefed.adapter` stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgefed.atomic import atomic_dir
+from edgefed.errors import AdapterMismatchError, InputFileError, ModelFormatError
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Rank, scaling, dropout and target modules of a LoRA adapter, plus its shared init seed."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, not {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
+        if not self.targets:
+            raise ValueError("LoRA needs at least one target module")
+        # PEFT stores targets as a set: keep one canonical order so equal specs compare equal
+        object.__setattr__(self, "targets", tuple(sorted(set(self.targets))))
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LoraSpec:
+        return cls(
+            rank=int(data["rank"]),
+            alpha=float(data["alpha"]),
+            dropout=float(data["dropout"]),
+            targets=tuple(data["targets"]),
+            init_seed=int(data["init_seed"]),
+        )
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+def _module_seed(init_seed: int, module: str) -> int:
+    digest = hashlib.sha256(f"edgefed-lora-init:{init_seed}:{module}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def lora_modules(peft_model) -> dict[str, object]:
+    """{module name without PEFT's wrapper prefix: LoRA layer}, in model order."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name.removeprefix(_PEFT_PREFIX): module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+
+
+def initialize_lora(peft_model, init_seed: int) -> None:
+    """Set every A from the shared seed and every B to zero (see the module docstring)."""
+    import torch
+
+    with torch.no_grad():
+        for name, module in lora_modules(peft_model).items():
+            for adapter_name, lora_a in module.lora_A.items():
+                weight = lora_a.weight
+                bound = 1.0 / math.sqrt(weight.shape[1])
+                generator = torch.Generator().manual_seed(_module_seed(init_seed, name))
+                drawn = torch.rand(weight.shape, generator=generator, dtype=torch.float32)
+                weight.copy_((drawn * 2.0 - 1.0) * bound)
+                module.lora_B[adapter_name].weight.zero_()
+
+
+def attach_lora(model, spec: LoraSpec):
+    """Wrap `model` in a PEFT LoRA of `spec`, initialised from the shared seed."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, spec.peft_config())
+    initialize_lora(peft_model, spec.init_seed)
+    return peft_model
+
+
+def lora_state(peft_model) -> dict:
+    """The adapter's tensors under PEFT's saved names (no adapter name), detached CPU copies."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {
+        name: tensor.detach().to("cpu", copy=True).contiguous()
+        for name, tensor in get_peft_model_state_dict(peft_model).items()
+    }
+
+
+def load_lora_state(peft_model, state: Mapping) -> None:
+    """Copy `state` into the adapter; the names and shapes must be exactly the adapter's own."""
+    from peft.utils import set_peft_model_state_dict
+
+    expected = {name: tuple(t.shape) for name, t in lora_state(peft_model).items()}
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+        detail = (
+            f"missing {missing[0]}"
+            if missing
+            else f"unexpected {extra[0]}"
+            if extra
+            else f"{wrong[0]} is {found[wrong[0]]}, expected {expected[wrong[0]]}"
+        )
+        raise AdapterMismatchError(
+            f"the adapter does not fit this base and LoRA configuration ({detail})",
+            "use an adapter trained on the same base with the same rank and target modules",
+        )
+    set_peft_model_state_dict(peft_model, dict(state))
+
+
+def save_peft_adapter(
+    peft_model, folder: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a PEFT adapter folder (adapter_config.json + safetensors) atomically.
+
+    Written by hand from PEFT's own config and state dict rather than `save_pretrained`, which
+    would also write a model card and record the meta-device model's empty name as the base.
+    """
+    from safetensors.torch import save_file
+
+    config = peft_model.peft_config["default"]
+    with atomic_dir(folder) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(
+            lora_state(peft_model),
+            str(tmp / PEFT_WEIGHTS_FILE),
+            metadata={"format": "pt", **(metadata or {})},
+        )
+    return Path(folder)
+
+
+def read_adapter_folder(folder: str | os.PathLike[str]) -> tuple[LoraSpec, dict]:
+    """The LoRA spec and tensors of a PEFT adapter folder (an edgefed run folder also works).
+
+    Raises InputFileError when the folder is not an adapter and ModelFormatError when its files
+    are damaged.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(folder)
+    if (root / "adapter" / PEFT_CONFIG_FILE).is_file():
+        root = root / "adapter"
+    config_path, weights_path = root / PEFT_CONFIG_FILE, root / PEFT_WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise InputFileError(
+            f"{folder} is not a PEFT adapter folder (needs {PEFT_CONFIG_FILE} and "
+            f"{PEFT_WEIGHTS_FILE})",
+            "pass the adapter/ folder that `edgefed train` wrote, or its run folder",
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        targets = config["target_modules"]
+        spec = LoraSpec(
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            targets=tuple([targets] if isinstance(targets, str) else targets),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFormatError(
+            f"{config_path} is not a valid LoRA config ({exc})", "save the adapter again"
+        ) from None
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelFormatError(
+            f"{weights_path} is not a readable safetensors file ({exc})", "copy the adapter again"
+        ) from None
+    return spec, tensors
