@@ -168,3 +168,39 @@ def tiny_lora(tmp_path_factory, tiny_gguf) -> tuple[str, Path, Path, Path, Path]
         peft_dir, peft_dir.parent / f"{peft_dir.name}.gguf", base=base
     )
     return kind, folder, base, peft_dir, gguf_adapter
+
+
+def write_repetitive_corpus(folder: Path, n_docs: int = 40, *, start: int = 0) -> Path:
+    """`n_docs` small .txt documents built from five repeated sentences: easy to learn."""
+    import random
+
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "and",
+        "the",
+        "dog",
+        "ran",
+        "to",
+        "the",
+        "park",
+        "while",
+        "birds",
+        "sang",
+        "songs",
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n_docs):
+        rng = random.Random(i % 5)
+        sentence = " ".join(rng.choice(words) for _ in range(12)) + ". "
+        (folder / f"doc{i:03d}.txt").write_text(sentence * 8 + f"Number {i}.", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def train_corpus(tmp_path_factory) -> Path:
+    return write_repetitive_corpus(tmp_path_factory.mktemp("corpus"))

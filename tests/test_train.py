@@ -1,0 +1,220 @@
+"""QLoRA training on a tiny real model: it learns, it resumes exactly, its outputs agree."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgefed.adapter import LoraSpec, attach_lora, lora_state
+from edgefed.errors import AdapterMismatchError, DataError, InputFileError, TrainingError
+from edgefed.train.loop import TrainConfig, TrainingInterrupted, learning_rate_factor
+from edgefed.train.run import train_adapter
+from edgefed.train.split import SplitRule
+
+FAST = {"seq_len": 64, "batch_size": 4, "learning_rate": 1e-2}
+KEEP = "keep"  # evaluate the tiny f16 base as it is: no cached requantized copy needed
+
+
+def train(corpus: Path, out: Path, base: Path, **options):
+    config = TrainConfig(**(FAST | options.pop("config", {})))
+    return train_adapter(corpus, out, base=base, config=config, runtime_quant=KEEP, **options)
+
+
+def adapter_tensors(run: Path) -> dict:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_thirty_steps_lower_trust_val_perplexity_and_write_every_output(
+    train_corpus, tiny_llama_gguf, tmp_path
+):
+    result = train(train_corpus, tmp_path / "run", tiny_llama_gguf, config={"steps": 30})
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result.metrics)) and metrics["steps"] == 30
+    val = metrics["val"]
+    # a random tiny model starts near the vocabulary size; 30 steps on repetitive text must
+    # cut that by far more than noise
+    assert val["perplexity"] < 0.2 * val["base_perplexity"], val
+    assert val["tokens_scored"] > 100
+    assert len(metrics["loss_curve"]) == 30
+    assert metrics["loss_curve"][-1][1] < 0.7 * metrics["loss_curve"][0][1]
+    assert metrics["tokens_seen"] > 30 * 4 * 60 * 0.5 and metrics["peak_rss_bytes"] > 0
+    documents = metrics["data"]["documents"]
+    assert sum(documents.values()) == 40 and min(documents.values()) > 0, documents
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == [
+        "adapter",
+        "adapter.gguf",
+        "metrics.json",
+        "optimizer.safetensors",
+        "split.json",
+    ]
+    # a finished run is never trained over
+    with pytest.raises(InputFileError, match="already holds a finished run"):
+        train(train_corpus, tmp_path / "run", tiny_llama_gguf, config={"steps": 30})
+
+
+def test_outputs_load_in_peft_and_llama_cpp_with_matching_perplexity(
+    train_corpus, tiny_llama_gguf, tmp_path
+):
+    from peft import PeftModel
+
+    from edgefed.documents import read_documents
+    from edgefed.quant.nf4 import build_training_model
+    from edgefed.runtime import LlamaRuntime
+    from edgefed.train.perplexity import torch_perplexity
+
+    result = train(train_corpus, tmp_path / "run", tiny_llama_gguf, config={"steps": 15})
+    text = read_documents(train_corpus).joined()
+    with LlamaRuntime(tiny_llama_gguf, window=128) as runtime:
+        tokens = runtime.tokenize(text)[:1500]
+        llama = runtime.perplexity(tokens, runtime.load_adapter(result.gguf_adapter))
+        llama_base = runtime.perplexity(tokens)
+    model = PeftModel.from_pretrained(
+        build_training_model(tiny_llama_gguf, "fp32"), result.adapter_dir
+    )
+    peft = torch_perplexity(model, tokens, window=128)
+    assert llama.perplexity < 0.5 * llama_base.perplexity  # the adapter is really applied
+    assert abs(peft.perplexity / llama.perplexity - 1) < 0.02, (peft.perplexity, llama.perplexity)
+
+
+def test_devices_with_one_init_seed_start_from_one_adapter(tiny_llama_gguf):
+    from edgefed.quant.nf4 import build_training_model
+
+    def initial(seed: int, global_seed: int) -> dict:
+        torch.manual_seed(global_seed)  # whatever else the device did with the global RNG
+        model = build_training_model(tiny_llama_gguf, "fp32")
+        return lora_state(attach_lora(model, LoraSpec(rank=4, init_seed=seed)))
+
+    first, second, other = initial(7, 0), initial(7, 123), initial(8, 0)
+    assert first.keys() == second.keys() == other.keys() and len(first) == 2 * 7 * 2
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+        if "lora_B" in name:
+            assert not first[name].any(), name  # B = 0: the initial delta is zero
+        else:
+            assert first[name].std() > 0 and not torch.equal(first[name], other[name]), name
+
+
+def test_from_adapter_continues_it_with_its_optimizer_state(
+    train_corpus, tiny_llama_gguf, tmp_path
+):
+    first = train(train_corpus, tmp_path / "first", tiny_llama_gguf, config={"steps": 10})
+    # a vanishing learning rate: the continued adapter must still be the first one
+    train(
+        train_corpus,
+        tmp_path / "next",
+        tiny_llama_gguf,
+        config={"steps": 2, "learning_rate": 1e-12},
+        from_adapter=first.out_dir,
+        optimizer_state=first.out_dir / "optimizer.safetensors",
+    )
+    before, after = adapter_tensors(first.out_dir), adapter_tensors(tmp_path / "next")
+    for name in before:
+        assert torch.allclose(before[name], after[name], atol=1e-6), name
+    assert any(before[n].abs().max() > 1e-3 for n in before if "lora_B" in n)
+    with pytest.raises(AdapterMismatchError, match=r"rank 8.*ask for rank 4"):
+        train(
+            train_corpus,
+            tmp_path / "mismatch",
+            tiny_llama_gguf,
+            config={"steps": 1},
+            from_adapter=first.out_dir,
+            lora=LoraSpec(rank=4),
+        )
+
+
+def test_resume_refuses_changed_settings_and_a_missing_checkpoint(
+    train_corpus, tiny_llama_gguf, tmp_path
+):
+    calls = iter(range(100))
+    with pytest.raises(TrainingInterrupted, match="interrupted after step 3/20"):
+        train(
+            train_corpus,
+            tmp_path / "run",
+            tiny_llama_gguf,
+            config={"steps": 20},
+            should_stop=lambda: next(calls) >= 3,
+        )
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+    with pytest.raises(InputFileError, match=r"unfinished run's checkpoint.*--resume"):
+        train(train_corpus, tmp_path / "run", tiny_llama_gguf, config={"steps": 20})
+    with pytest.raises(TrainingError, match="different config"):
+        train(train_corpus, tmp_path / "run", tiny_llama_gguf, config={"steps": 21}, resume=True)
+    with pytest.raises(InputFileError, match="no checkpoint to resume"):
+        train(train_corpus, tmp_path / "fresh", tiny_llama_gguf, config={"steps": 20}, resume=True)
+    with pytest.raises(DataError, match="was split with"):
+        train(
+            train_corpus,
+            tmp_path / "run",
+            tiny_llama_gguf,
+            config={"steps": 20},
+            resume=True,
+            split_rule=SplitRule(seed=3),
+        )
+
+
+def _train_command(corpus: Path, base: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "edgefed", "train",
+        "--data", str(corpus), "--base", str(base), "--out", str(out),
+        "--steps", "24", "--seq-len", "64", "--lr", "1e-2",
+        "--checkpoint-every", "2", "--threads", "1", "--runtime-quant", KEEP,
+    ]  # fmt: skip
+
+
+def test_sigterm_then_resume_ends_with_the_uninterrupted_adapter(
+    train_corpus, tiny_llama_gguf, tmp_path
+):
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    straight = subprocess.run(
+        _train_command(train_corpus, tiny_llama_gguf, tmp_path / "straight"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "stopped"
+    command = _train_command(train_corpus, tiny_llama_gguf, out)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "checkpoint saved" in stderr and "--resume" in stderr
+    assert not (out / "metrics.json").exists() and (out / "checkpoint.safetensors").exists()
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stderr
+    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    curves = [
+        json.loads((d / "metrics.json").read_text())["loss_curve"]
+        for d in (tmp_path / "straight", out)
+    ]
+    assert [s for s, _ in curves[1]] == list(range(1, 25))
+    assert [loss for _, loss in curves[0]] == pytest.approx(
+        [loss for _, loss in curves[1]], abs=1e-5
+    )
+    assert not (out / "checkpoint.safetensors").exists()
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    factors = [learning_rate_factor(s, 10, 2) for s in range(10)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a > b for a, b in itertools.pairwise(factors[2:])) and factors[-1] > 0
