@@ -218,3 +218,40 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
     factors = [learning_rate_factor(s, 10, 2) for s in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0]
     assert all(a > b for a, b in itertools.pairwise(factors[2:])) and factors[-1] > 0
+
+
+def test_train_command_writes_one_json_document_and_refuses_bad_input_in_one_line(
+    train_corpus, tiny_llama_gguf, tmp_path
+):
+    from test_cli import assert_one_line_error, run
+
+    common = ["--base", tiny_llama_gguf, "--runtime-quant", KEEP, "--seq-len", "64"]
+    result = run("train", "--data", train_corpus, "--out", tmp_path / "run", "--steps", "3",
+                 "--rank", "4", "--init-seed", "11", "--json", *common)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["steps"] == 3 and document["run"]["lora"]["rank"] == 4
+    assert document["run"]["lora"]["init_seed"] == 11
+    assert Path(document["outputs"]["gguf"]).is_file()
+    assert "data: train" in result.stderr
+
+    few = tmp_path / "few"
+    few.mkdir()
+    (few / "one.txt").write_text("a single document")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    cases = {
+        "split is empty": ["--data", few],
+        "bad.jsonl:2 is not valid JSON": ["--data", bad],
+        "does not exist": ["--data", tmp_path / "nowhere"],
+        "already holds a finished run": ["--data", train_corpus, "--out", tmp_path / "run"],
+        "give one": ["--data", train_corpus, "--from", tmp_path / "run", "--init-seed", "1"],
+        "not a PEFT adapter folder": ["--data", train_corpus, "--from", tmp_path],
+        "either steps or epochs": ["--data", train_corpus, "--steps", "2", "--epochs", "1"],
+        "unknown training precision": ["--data", train_corpus, "--precision", "int3"],
+        "device 'tpu' is not available": ["--data", train_corpus, "--device", "tpu"],
+    }
+    for needle, args in cases.items():
+        out = ["--out", tmp_path / "new"] if "--out" not in args else []
+        assert_one_line_error(run("train", *args, *out, *common), needle)
+        assert not (tmp_path / "new" / "checkpoint.safetensors").exists(), needle

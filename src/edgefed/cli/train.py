@@ -47,6 +47,51 @@ def _stop_on_signals():
             signal.signal(sig, old)
 
 
+class _TrainDisplay:
+    """A spinner for each phase and a progress bar for the steps: rich shows one at a time."""
+
+    def __init__(self) -> None:
+        self._status = stderr.status("starting ...")
+        self._progress: Progress | None = None
+        self._task = None
+        self._status.start()
+
+    def status(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            self._status.start()
+        self._status.update(f"{message} ...")
+
+    def progress(self, event) -> None:
+        if self._progress is None:
+            self._status.stop()
+            self._progress = Progress(
+                TextColumn("[bold]training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.3f}"),
+                TextColumn("{task.fields[speed]:,.0f} tok/s"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=stderr,
+            )
+            self._task = self._progress.add_task(
+                "training", total=event.total_steps, completed=event.step - 1, loss=0.0, speed=0.0
+            )
+            self._progress.start()
+        self._progress.update(
+            self._task, completed=event.step, loss=event.loss, speed=event.tokens_per_second
+        )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        self._status.stop()
+
+
 @user_errors
 def train(
     data: Annotated[
@@ -258,33 +303,14 @@ def train(
     except ValueError as exc:
         raise DataError(str(exc), "see edgefed train --help") from None
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("{task.fields[speed]:,.0f} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=False,
-    )
-    task = None
-
-    def on_progress(event) -> None:
-        nonlocal task
-        if task is None:
-            task = progress.add_task("training", total=event.total_steps, loss=0.0, speed=0.0)
-            progress.start()
-        progress.update(task, completed=event.step, loss=event.loss, speed=event.tokens_per_second)
+    display = _TrainDisplay()
 
     def on_data(summary) -> None:
         parts = ", ".join(
             f"{name} {summary.documents[name]:,} docs / {summary.tokens[name]:,} tokens"
             for name in summary.documents
         )
-        stderr.print(f"data: {parts}")
+        stderr.print(f"data: {parts}", soft_wrap=True)
         if summary.skipped_files:
             stderr.print(
                 f"warning: skipped {summary.skipped_files} file(s) that are not UTF-8 text"
@@ -310,20 +336,20 @@ def train(
                 threads=threads,
                 runtime_quant=runtime_quant,
                 eval_tokens=eval_tokens or None,
-                on_status=lambda message: stderr.print(f"{message} ..."),
+                on_status=display.status,
                 on_data=on_data,
-                on_progress=on_progress,
+                on_progress=display.progress,
                 should_stop=should_stop,
             )
     except TrainingInterrupted as stop:
-        progress.stop()
+        display.close()
         stderr.print(
             f"interrupted after step {stop.step}/{stop.total_steps}; checkpoint saved to "
             f"{stop.checkpoint}. Run the same command with --resume to continue."
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
-        progress.stop()
+        display.close()
 
     metrics = result.metrics
     if as_json:

@@ -141,10 +141,6 @@ def _check_resume(checkpoint_meta: dict, run: dict, path: Path) -> None:
 def _load_model(base_path: Path, precision: str, device: str):
     from edgefed.quant.nf4 import build_training_model, load_training_model
 
-    if precision not in TRAIN_PRECISIONS:
-        raise InputFileError(
-            f"unknown training precision '{precision}'", f"choose one of {TRAIN_PRECISIONS}"
-        )
     model = (
         load_training_model(base_path)
         if precision == "nf4"
@@ -154,11 +150,20 @@ def _load_model(base_path: Path, precision: str, device: str):
 
 
 def resolve_device(device: str) -> str:
-    """'auto' is CUDA when torch sees a GPU, else the CPU."""
+    """'auto' is CUDA when torch sees a GPU, else the CPU; a named device must exist."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
+        raise InputFileError(
+            f"device '{device}' is not available here",
+            "use --device auto, cpu, or cuda on a machine with a CUDA GPU",
+        )
     return device
 
 
@@ -203,7 +208,12 @@ def train_adapter(
     config = config or TrainConfig()
     split_rule = split_rule or SplitRule()
     out_dir = Path(out)
+    if precision not in TRAIN_PRECISIONS:
+        raise InputFileError(
+            f"unknown training precision '{precision}'", f"choose one of {TRAIN_PRECISIONS}"
+        )
     _check_out_dir(out_dir, resume)
+    device = resolve_device(device)
     base_path = resolve_base(base)
     base_info = read_base_info(base_path)
     spec, start_tensors = _resolve_lora(lora, Path(from_adapter) if from_adapter else None)
@@ -255,7 +265,7 @@ def train_adapter(
             base_val = runtime.perplexity(val_tokens).perplexity
 
         status(f"loading the {precision} training copy of the base")
-        model = attach_lora(_load_model(base_path, precision, resolve_device(device)), spec)
+        model = attach_lora(_load_model(base_path, precision, device), spec)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
