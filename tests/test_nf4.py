@@ -73,3 +73,14 @@ print(json.dumps({{"extra": (peak - baseline) * 1024, "fp32": fp32}}))
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["fp32"] > 500e6  # the embedded base is ~135M parameters
     assert figures["extra"] < 1.5 * figures["fp32"]
+
+
+def test_an_untied_output_head_survives_the_cache(tiny_llama_gguf, caplog):
+    """The tiny Llama has its own output matrix (the embedded base ties it to the embedding)."""
+    first = load_training_model(tiny_llama_gguf)
+    assert not first.config.tie_word_embeddings
+    with caplog.at_level("WARNING", logger="edgefed.quant.nf4"):
+        again = load_training_model(tiny_llama_gguf)
+    assert not caplog.records, caplog.text  # loaded from the cache, not rebuilt
+    assert torch.equal(first.lm_head.weight, again.lm_head.weight)
+    assert not torch.equal(again.lm_head.weight, again.model.embed_tokens.weight)

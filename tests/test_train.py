@@ -198,7 +198,7 @@ def test_sigterm_then_resume_ends_with_the_uninterrupted_adapter(
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at step" in resumed.stderr
+    assert "resumed from the checkpoint at step" in resumed.stderr
     a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(out)
     assert a.keys() == b.keys()
     for name in a:

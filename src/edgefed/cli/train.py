@@ -66,6 +66,8 @@ class _TrainDisplay:
     def progress(self, event) -> None:
         if self._progress is None:
             self._status.stop()
+            if event.step > 1:
+                stderr.print(f"resumed from the checkpoint at step {event.step - 1}")
             self._progress = Progress(
                 TextColumn("[bold]training"),
                 BarColumn(),

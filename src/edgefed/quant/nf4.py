@@ -198,7 +198,12 @@ def build_training_model(base_path: Path, precision: str = "nf4"):
 def _save_cache(model, folder: Path, fingerprint: str) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = model.config.tie_word_embeddings  # a tied head is the embedding: stored once
+    state = {
+        k: v.contiguous()
+        for k, v in model.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }
     with atomic_dir(folder) as tmp:
         save_file(state, tmp / "model.safetensors")
         (tmp / "config.json").write_text(model.config.to_json_string(), encoding="utf-8")
