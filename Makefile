@@ -27,3 +27,4 @@ test: lint
 
 bench: $(BIN)/edgefed-installed
 	$(BIN)/python bench/runtime.py
+	$(BIN)/python bench/train.py

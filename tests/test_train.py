@@ -246,6 +246,7 @@ def test_train_command_writes_one_json_document_and_refuses_bad_input_in_one_lin
         "does not exist": ["--data", tmp_path / "nowhere"],
         "already holds a finished run": ["--data", train_corpus, "--out", tmp_path / "run"],
         "give one": ["--data", train_corpus, "--from", tmp_path / "run", "--init-seed", "1"],
+        "is a file, not a run folder": ["--data", train_corpus, "--out", bad],
         "not a PEFT adapter folder": ["--data", train_corpus, "--from", tmp_path],
         "either steps or epochs": ["--data", train_corpus, "--steps", "2", "--epochs", "1"],
         "unknown training precision": ["--data", train_corpus, "--precision", "int3"],

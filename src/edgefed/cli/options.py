@@ -20,7 +20,9 @@ JsonOption = Annotated[
 ]
 ThreadsOption = Annotated[
     int | None,
-    typer.Option("--threads", help="CPU threads for llama.cpp. Default: all cores.", min=1),
+    typer.Option(
+        "--threads", help="CPU threads (llama.cpp and PyTorch). Default: all cores.", min=1
+    ),
 ]
 WindowOption = Annotated[
     int,

@@ -175,7 +175,8 @@ def train(
     gradient_checkpointing: Annotated[
         bool,
         typer.Option(
-            help="Recompute activations in the backward pass: less memory, ~30% slower.",
+            help="Recompute activations in the backward pass: measured 0.54x the peak "
+            "memory, 0.78x the speed.",
             rich_help_panel=_TRAINING,
         ),
     ] = False,
@@ -235,8 +236,9 @@ def train(
     precision: Annotated[
         str,
         typer.Option(
-            help="Training copy of the base: nf4 (QLoRA, 4-bit) or fp32 (the exact GGUF "
-            "values, 8x the memory).",
+            help="Training copy of the base: nf4 (QLoRA, 4-bit weights) or fp32 (the exact "
+            "GGUF values: 8x the weight memory; on the small embedded base the better adapter "
+            "for +5% peak memory, see README).",
             rich_help_panel=_RUN,
         ),
     ] = "nf4",
@@ -285,9 +287,10 @@ def train(
         )
         rule = SplitRule(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
         lora_given = any(v is not None for v in (rank, alpha, dropout, targets, init_seed))
-        if from_adapter is not None and init_seed is not None:
+        if from_adapter is not None and lora_given:
             raise ValueError(
-                "--init-seed starts a fresh adapter and --from continues one: give one"
+                "--from continues an adapter with its own rank, alpha, dropout and targets; "
+                "--rank/--alpha/--dropout/--targets/--init-seed shape a fresh one: give one"
             )
         lora = (
             LoraSpec(

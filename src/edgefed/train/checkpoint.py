@@ -23,7 +23,7 @@ from edgefed.errors import ModelFormatError
 
 CHECKPOINT_FORMAT_VERSION = 1
 _META_KEY = "edgefed.checkpoint"
-_LORA, _OPTIMIZER, _RNG = "lora.", "optimizer.", "rng.torch"
+_LORA, _OPTIMIZER, _RNG, _CUDA_RNG = "lora.", "optimizer.", "rng.torch", "rng.cuda"
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Checkpoint:
     optimizer: dict  # torch optimizer state_dict
     rng_state: object  # torch ByteTensor
     meta: dict  # config, data fingerprint, loss curve, tokens seen, seconds
+    cuda_rng_state: object | None = None  # when training on a GPU, its dropout RNG too
 
 
 def optimizer_tensors(state_dict: Mapping) -> tuple[dict, list]:
@@ -72,6 +73,8 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> Non
     flat = {f"{_LORA}{k}": v.contiguous() for k, v in checkpoint.lora.items()}
     flat |= {f"{_OPTIMIZER}{k}": v for k, v in tensors.items()}
     flat[_RNG] = checkpoint.rng_state
+    if checkpoint.cuda_rng_state is not None:
+        flat[_CUDA_RNG] = checkpoint.cuda_rng_state
     meta = checkpoint.meta | {
         "format": CHECKPOINT_FORMAT_VERSION,
         "step": checkpoint.step,
@@ -109,6 +112,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         optimizer=optimizer_state_dict(tensors, groups),
         rng_state=flat[_RNG],
         meta=meta,
+        cuda_rng_state=flat.get(_CUDA_RNG),
     )
 
 

@@ -169,6 +169,7 @@ def train_steps(
                 optimizer=optimizer.state_dict(),
                 rng_state=torch.get_rng_state(),
                 meta=meta,
+                cuda_rng_state=torch.cuda.get_rng_state() if device.type == "cuda" else None,
             ),
         )
 

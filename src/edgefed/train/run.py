@@ -91,6 +91,8 @@ def peak_rss_bytes() -> int:
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputFileError(f"{out} is a file, not a run folder", "choose another --out")
     if (out / METRICS_FILE).exists():
         raise InputFileError(
             f"{out} already holds a finished run", "choose another --out for a new run"
@@ -279,6 +281,8 @@ def train_adapter(
             load_lora_state(model, checkpoint.lora)
             optimizer.load_state_dict(checkpoint.optimizer)
             torch.set_rng_state(checkpoint.rng_state)
+            if checkpoint.cuda_rng_state is not None and device.startswith("cuda"):
+                torch.cuda.set_rng_state(checkpoint.cuda_rng_state)
             state = TrainState(
                 step=checkpoint.step,
                 tokens_seen=int(checkpoint.meta["tokens_seen"]),
@@ -291,7 +295,7 @@ def train_adapter(
                 load_lora_state(model, start_tensors)
             if optimizer_state is not None:
                 _load_optimizer(optimizer, optimizer_state)
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.seed)  # seeds the CUDA generators too
 
         status("training")
         state = train_steps(
