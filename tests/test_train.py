@@ -106,8 +106,10 @@ def test_devices_with_one_init_seed_start_from_one_adapter(tiny_llama_gguf):
 
 
 def test_from_adapter_continues_it_with_its_optimizer_state(
-    train_corpus, tiny_llama_gguf, tmp_path
+    train_corpus, tiny_llama, tiny_llama_gguf, tmp_path
 ):
+    from edgefed.quant.hf_convert import convert_hf_to_gguf
+
     first = train(train_corpus, tmp_path / "first", tiny_llama_gguf, config={"steps": 10})
     # a vanishing learning rate: the continued adapter must still be the first one
     train(
@@ -122,6 +124,11 @@ def test_from_adapter_continues_it_with_its_optimizer_state(
     for name in before:
         assert torch.allclose(before[name], after[name], atol=1e-6), name
     assert any(before[n].abs().max() > 1e-3 for n in before if "lora_B" in n)
+    # the same shapes on another base (an f32 conversion of the same model) are still refused
+    other_base = convert_hf_to_gguf(tiny_llama, tmp_path / "other.f32.gguf", out_type="f32")
+    with pytest.raises(AdapterMismatchError, match="was trained on base"):
+        train(train_corpus, tmp_path / "elsewhere", other_base, config={"steps": 1},
+              from_adapter=first.out_dir)  # fmt: skip
     with pytest.raises(AdapterMismatchError, match=r"rank 8.*ask for rank 4"):
         train(
             train_corpus,

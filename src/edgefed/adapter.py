@@ -31,6 +31,7 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+BASE_FINGERPRINT_KEY = "edgefed.base_sha256"  # safetensors metadata: the base it was trained on
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -175,14 +176,17 @@ def save_peft_adapter(
     return Path(folder)
 
 
-def read_adapter_folder(folder: str | os.PathLike[str]) -> tuple[LoraSpec, dict]:
-    """The LoRA spec and tensors of a PEFT adapter folder (an edgefed run folder also works).
+def read_adapter_folder(
+    folder: str | os.PathLike[str],
+) -> tuple[LoraSpec, dict, str | None]:
+    """The LoRA spec, tensors and base fingerprint (None if unrecorded) of a PEFT adapter folder.
+
+    An edgefed run folder also works (its adapter/ is read).
 
     Raises InputFileError when the folder is not an adapter and ModelFormatError when its files
     are damaged.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     root = Path(folder)
     if (root / "adapter" / PEFT_CONFIG_FILE).is_file():
@@ -208,9 +212,11 @@ def read_adapter_folder(folder: str | os.PathLike[str]) -> tuple[LoraSpec, dict]
             f"{config_path} is not a valid LoRA config ({exc})", "save the adapter again"
         ) from None
     try:
-        tensors = load_file(str(weights_path))
+        with safe_open(str(weights_path), framework="pt") as handle:
+            base_fingerprint = (handle.metadata() or {}).get(BASE_FINGERPRINT_KEY)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as exc:
         raise ModelFormatError(
             f"{weights_path} is not a readable safetensors file ({exc})", "copy the adapter again"
         ) from None
-    return spec, tensors
+    return spec, tensors, base_fingerprint

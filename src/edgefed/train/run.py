@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgefed.adapter import (
+    BASE_FINGERPRINT_KEY,
     LoraSpec,
     attach_lora,
     load_lora_state,
@@ -109,11 +110,19 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         )
 
 
-def _resolve_lora(lora: LoraSpec | None, from_adapter: Path | None) -> tuple[LoraSpec, dict | None]:
+def _resolve_lora(
+    lora: LoraSpec | None, from_adapter: Path | None, base_fingerprint: str
+) -> tuple[LoraSpec, dict | None]:
     """The run's LoRA spec and starting tensors: a fresh init, or an existing adapter's."""
     if from_adapter is None:
         return lora or LoraSpec(), None
-    spec, tensors = read_adapter_folder(from_adapter)
+    spec, tensors, trained_on = read_adapter_folder(from_adapter)
+    if trained_on is not None and trained_on != base_fingerprint:
+        raise AdapterMismatchError(
+            f"{from_adapter} was trained on base {trained_on[:12]}, not on this base "
+            f"({base_fingerprint[:12]})",
+            "continue it with the --base it was trained on",
+        )
     if lora is not None and (lora.rank, lora.alpha, lora.targets) != (
         spec.rank,
         spec.alpha,
@@ -218,7 +227,9 @@ def train_adapter(
     device = resolve_device(device)
     base_path = resolve_base(base)
     base_info = read_base_info(base_path)
-    spec, start_tensors = _resolve_lora(lora, Path(from_adapter) if from_adapter else None)
+    spec, start_tensors = _resolve_lora(
+        lora, Path(from_adapter) if from_adapter else None, base_info.fingerprint
+    )
     if threads:
         torch.set_num_threads(threads)
 
@@ -314,7 +325,7 @@ def train_adapter(
         adapter_dir = save_peft_adapter(
             model,
             out_dir / ADAPTER_DIR,
-            metadata={"edgefed.base_sha256": base_info.fingerprint},
+            metadata={BASE_FINGERPRINT_KEY: base_info.fingerprint},
         )
         gguf_adapter = convert_lora_to_gguf(
             adapter_dir, out_dir / GGUF_ADAPTER_FILE, base=base_path
