@@ -220,3 +220,44 @@ def read_adapter_folder(
             f"{weights_path} is not a readable safetensors file ({exc})", "copy the adapter again"
         ) from None
     return spec, tensors, base_fingerprint
+
+
+_ATTENTION_PARENT, _MLP_PARENT = "self_attn", "mlp"
+
+
+def lora_module_shapes(base_info, spec: LoraSpec) -> dict[str, tuple[int, int]]:
+    """{module name: (in_features, out_features)} of every module `spec` adapts on the base.
+
+    Read from the base's own tensor shapes (GGUF lists the input dimension first), so a
+    federation manifest can state exactly which adapter tensors it accepts.
+    Raises AdapterMismatchError for a target the base does not have.
+    """
+    import gguf
+
+    arch = gguf.MODEL_ARCH[base_info.architecture.upper()]
+    name_map = gguf.get_tensor_name_map(arch, base_info.n_layers)
+    shapes: dict[str, tuple[int, int]] = {}
+    for layer in range(base_info.n_layers):
+        for target in spec.targets:
+            parent = _ATTENTION_PARENT if target in ATTENTION_PROJECTIONS else _MLP_PARENT
+            module = f"model.layers.{layer}.{parent}.{target}"
+            gguf_name = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
+            if gguf_name is None or gguf_name not in base_info.tensor_shapes:
+                raise AdapterMismatchError(
+                    f"LoRA target '{target}' is not a module of this base",
+                    f"use targets among {', '.join(DEFAULT_TARGETS)}",
+                )
+            n_in, n_out = base_info.tensor_shapes[gguf_name][:2]
+            shapes[module] = (int(n_in), int(n_out))
+    return shapes
+
+
+def lora_tensor_shapes(
+    module_shapes: Mapping[str, tuple[int, int]], rank: int
+) -> dict[str, tuple[int, int]]:
+    """The PEFT tensor names and shapes of a rank-`rank` adapter on those modules."""
+    tensors: dict[str, tuple[int, int]] = {}
+    for module, (n_in, n_out) in module_shapes.items():
+        tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = (rank, n_in)
+        tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = (n_out, rank)
+    return tensors

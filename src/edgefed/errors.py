@@ -7,7 +7,8 @@
     ├── AdapterMismatchError     an adapter that does not fit the base it is used with
     ├── DataError                text that yields nothing to work on (empty, too short)
     ├── RuntimeBackendError      llama.cpp refused an operation on valid-looking input
-    └── TrainingError            training cannot go on as configured (diverged, wrong resume)
+    ├── TrainingError            training cannot go on as configured (diverged, wrong resume)
+    └── StoreError               the federation store cannot be read or written (folder, relay)
 
 Every message names the thing at fault and says how to fix it. Errors from the libraries we
 call (gguf, safetensors, llama.cpp) are translated once, where we call them, and chained with
@@ -52,3 +53,7 @@ class RuntimeBackendError(EdgefedError):
 
 class TrainingError(EdgefedError):
     """Training cannot go on as configured: the loss diverged, or a resume does not match."""
+
+
+class StoreError(EdgefedError):
+    """The federation store cannot be read or written: a folder, or a relay and its answers."""

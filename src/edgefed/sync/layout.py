@@ -1,0 +1,85 @@
+"""The federation store's key layout, the same on every backend.
+
+    federation.json                  federation manifest (id, base, LoRA spec, schedule, trust)
+    reference.txt                    optional shared reference text for prediction trust
+    devices/<device>.json            a device's registration: its Ed25519 public key
+    rounds/<r>/<device>.safetensors  the device's adapter for round r
+    rounds/<r>/<device>.json         its signed manifest
+
+Keys are data, checked here once: a device name is 1-64 characters of [a-z0-9_-] starting with
+a letter or digit, a round is a non-negative decimal without leading zeros. Anything else under
+the store (a sync tool's conflict copy, a temp file, a stray note) does not match and is never
+read, which is how readers ignore what they did not expect.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from edgefed.errors import InputFileError
+
+FEDERATION_KEY = "federation.json"
+REFERENCE_KEY = "reference.txt"
+DEVICES_PREFIX = "devices/"
+ROUNDS_PREFIX = "rounds/"
+ADAPTER_SUFFIX = ".safetensors"
+MANIFEST_SUFFIX = ".json"
+
+_DEVICE = r"[a-z0-9][a-z0-9_-]{0,63}"
+_ROUND = r"0|[1-9][0-9]{0,8}"
+DEVICE_NAME = re.compile(rf"^{_DEVICE}$")
+_KEY = re.compile(
+    rf"^(?:federation\.json|reference\.txt|devices/(?P<registered>{_DEVICE})\.json"
+    rf"|rounds/(?P<round>{_ROUND})/(?P<device>{_DEVICE})(?P<suffix>\.json|\.safetensors))$"
+)
+
+
+@dataclass(frozen=True)
+class RoundItem:
+    """A key under rounds/: which round, which device, and whether manifest or adapter."""
+
+    round: int
+    device: str
+    is_manifest: bool
+
+
+def check_device_name(name: str) -> str:
+    if not DEVICE_NAME.match(name):
+        raise InputFileError(
+            f"'{name}' is not a valid device name",
+            "use 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit",
+        )
+    return name
+
+
+def is_store_key(key: str) -> bool:
+    """Whether `key` is one the layout defines (no traversal, no stray or conflict files)."""
+    return _KEY.match(key) is not None
+
+
+def device_key(device: str) -> str:
+    return f"{DEVICES_PREFIX}{check_device_name(device)}.json"
+
+
+def adapter_key(round_number: int, device: str) -> str:
+    return f"{ROUNDS_PREFIX}{int(round_number)}/{check_device_name(device)}{ADAPTER_SUFFIX}"
+
+
+def manifest_key(round_number: int, device: str) -> str:
+    return f"{ROUNDS_PREFIX}{int(round_number)}/{check_device_name(device)}{MANIFEST_SUFFIX}"
+
+
+def parse_round_key(key: str) -> RoundItem | None:
+    match = _KEY.match(key)
+    if match is None or match["round"] is None:
+        return None
+    return RoundItem(int(match["round"]), match["device"], match["suffix"] == MANIFEST_SUFFIX)
+
+
+def key_owner(key: str) -> str | None:
+    """The device that alone may write `key`, or None for federation-wide keys."""
+    match = _KEY.match(key)
+    if match is None:
+        return None
+    return match["registered"] or match["device"]

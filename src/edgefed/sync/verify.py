@@ -1,0 +1,145 @@
+"""Everything pulled from a store is verified here before any of it is used.
+
+A peer's adapter passes when, in this order: its manifest is one of ours and names the round,
+device and federation its key says; the device is registered and the manifest is signed by the
+registered key; the base is the federation's; the blob is within the size limit, has the size
+and sha256 the manifest signs; it parses as safetensors (never unpickled) with exactly the
+tensor names, shapes and dtype the federation's LoRA configuration implies; and every value is
+finite. The first check that fails is the reason it is rejected; a rejected adapter never
+reaches aggregation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from edgefed.adapter import lora_tensor_shapes
+from edgefed.errors import ModelFormatError
+from edgefed.sync.manifest import ENCODING_FP16, manifest_signed_by, parse_document
+
+ADAPTER_DTYPE = "float16"
+
+
+class Rejected(Exception):
+    """An item failed verification; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class PeerAdapter:
+    """A verified adapter: its tensors (float16, PEFT names) and its signed manifest."""
+
+    device: str
+    round: int
+    tensors: dict
+    manifest: dict
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an item of the store was not used."""
+
+    device: str
+    round: int
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_adapter(tensors: Mapping) -> bytes:
+    """LoRA tensors as float16 safetensors bytes: what travels between devices."""
+    import torch
+    from safetensors.torch import save
+
+    return save(
+        {name: t.detach().to("cpu", torch.float16).contiguous() for name, t in tensors.items()}
+    )
+
+
+def decode_adapter(data: bytes) -> dict:
+    """Tensors from safetensors bytes; ModelFormatError when they are not safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ModelFormatError(f"not a safetensors file ({exc})", "") from None
+
+
+class Verifier:
+    """Checks items of one federation against its manifest and its devices' registered keys."""
+
+    def __init__(self, federation: Mapping, public_keys: Mapping[str, str]) -> None:
+        self.federation = federation
+        self.public_keys = dict(public_keys)
+        self.expected = lora_tensor_shapes(
+            {m: tuple(s) for m, s in federation["lora_modules"].items()},
+            int(federation["lora"]["rank"]),
+        )
+        self.max_bytes = int(federation["limits"]["adapter_bytes"])
+
+    def check(
+        self, round_number: int, device: str, manifest_bytes: bytes, adapter_bytes: bytes
+    ) -> PeerAdapter:
+        """The verified adapter; raises Rejected with the first reason it fails."""
+        try:
+            manifest = parse_document(manifest_bytes, "the manifest")
+        except ModelFormatError as exc:
+            raise Rejected(str(exc).rstrip(": ")) from None
+        claimed = (manifest.get("federation"), manifest.get("round"), manifest.get("device"))
+        if claimed != (self.federation["id"], round_number, device):
+            raise Rejected(
+                f"the manifest claims federation/round/device {claimed}, not its place in the store"
+            )
+        public_key = self.public_keys.get(device)
+        if public_key is None:
+            raise Rejected(f"device '{device}' is not registered")
+        if not manifest_signed_by(manifest, public_key):
+            raise Rejected(f"the signature does not verify with {device}'s registered key")
+        if manifest.get("base_sha256") != self.federation["base"]["sha256"]:
+            raise Rejected(
+                f"adapter for base {str(manifest.get('base_sha256'))[:12]}, not the federation's "
+                f"{self.federation['base']['sha256'][:12]}"
+            )
+        if manifest.get("encoding") != ENCODING_FP16:
+            raise Rejected(f"unknown encoding {manifest.get('encoding')!r}")
+        if len(adapter_bytes) > self.max_bytes:
+            raise Rejected(
+                f"adapter is {len(adapter_bytes):,} bytes, over the {self.max_bytes:,} limit"
+            )
+        if len(adapter_bytes) != manifest.get("bytes"):
+            raise Rejected(
+                f"adapter is {len(adapter_bytes):,} bytes, "
+                f"the manifest says {manifest.get('bytes')}"
+            )
+        if hashlib.sha256(adapter_bytes).hexdigest() != manifest.get("sha256"):
+            raise Rejected("adapter sha256 differs from the signed manifest (damaged or tampered)")
+        try:
+            tensors = decode_adapter(adapter_bytes)
+        except ModelFormatError as exc:
+            raise Rejected(f"adapter is {str(exc).rstrip(': ')}") from None
+        self._check_tensors(tensors)
+        return PeerAdapter(device=device, round=round_number, tensors=tensors, manifest=manifest)
+
+    def _check_tensors(self, tensors: Mapping) -> None:
+        import torch
+
+        missing = sorted(set(self.expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(self.expected))
+        if missing or unexpected:
+            raise Rejected(
+                f"tensor names differ from the federation's LoRA config "
+                f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. "
+                f"{(missing or unexpected)[0]})"
+            )
+        for name, shape in self.expected.items():
+            tensor = tensors[name]
+            if tuple(tensor.shape) != shape:
+                raise Rejected(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+            if tensor.dtype != torch.float16:
+                raise Rejected(f"{name} is {tensor.dtype}, expected {ADAPTER_DTYPE}")
+            if not torch.isfinite(tensor).all():
+                raise Rejected(f"{name} holds NaN or infinite values")

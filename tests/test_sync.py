@@ -1,0 +1,190 @@
+"""The federation store's contract, signatures, and the verification of everything pulled."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+import torch
+
+from edgefed.adapter import LoraSpec, lora_module_shapes, lora_tensor_shapes
+from edgefed.errors import InputFileError, StoreError
+from edgefed.quant.gguf_file import read_base_info
+from edgefed.sync.folder import FolderStore
+from edgefed.sync.layout import adapter_key, device_key, is_store_key, manifest_key
+from edgefed.sync.manifest import adapter_manifest, encode_document, federation_manifest
+from edgefed.sync.signing import DeviceKey
+from edgefed.sync.store import KeyExists, KeyMissing
+from edgefed.sync.verify import Rejected, Verifier, encode_adapter
+
+# ---------------------------------------------------------------------------- store contract
+
+
+@pytest.fixture(params=["folder"])
+def store(request, tmp_path):
+    return FolderStore(tmp_path / "store")
+
+
+def test_store_creates_once_reads_back_and_lists_only_complete_layout_keys(store):
+    assert store.keys() == []
+    store.create("federation.json", b"{}")
+    store.create(device_key("alice"), b"a")
+    store.create(adapter_key(0, "alice"), b"\x00\x01")
+    store.create(manifest_key(0, "alice"), b"m")
+    assert store.read(adapter_key(0, "alice")) == b"\x00\x01"
+    with pytest.raises(KeyExists):
+        store.create(device_key("alice"), b"forged")
+    assert store.read(device_key("alice")) == b"a"  # never overwritten
+    with pytest.raises(KeyMissing):
+        store.read(device_key("bob"))
+    assert store.keys("rounds/") == ["rounds/0/alice.json", "rounds/0/alice.safetensors"]
+    assert len(store.keys()) == 4
+
+
+def test_layout_refuses_traversal_and_stray_names():
+    for key in (
+        "../etc/passwd",
+        "/etc/passwd",
+        "devices/../federation.json",
+        "rounds/01/alice.json",
+        "rounds/0/Alice.json",
+        "rounds/0/alice.json.sync-conflict-20260101-120000-ABCDEFG",
+        "rounds/0/alice (conflicted copy 2026-01-01).json",
+        "devices/.alice.json.x1.tmp",
+        "rounds/0/alice.safetensors/x",
+    ):
+        assert not is_store_key(key), key
+    with pytest.raises(InputFileError, match="not a valid device name"):
+        device_key("../x")
+    with pytest.raises(StoreError, match="not a federation store key"):
+        FolderStore("/tmp").read("../etc/passwd")
+
+
+def test_folder_store_ignores_conflict_copies_and_temp_files(tmp_path):
+    store = FolderStore(tmp_path)
+    store.create(manifest_key(1, "bob"), b"real")
+    (tmp_path / "rounds" / "1" / "bob.sync-conflict-20260101-120000-ABC.json").write_bytes(b"x")
+    (tmp_path / "rounds" / "1" / "bob (conflicted copy 2026-01-01).json").write_bytes(b"x")
+    (tmp_path / "rounds" / "1" / ".bob.json.k2j3.tmp").write_bytes(b"partial")
+    assert store.keys() == ["rounds/1/bob.json"]
+
+
+def test_concurrent_creates_of_one_key_have_exactly_one_winner(tmp_path):
+    store = FolderStore(tmp_path)
+    outcomes: list[str] = []
+
+    def attempt(i: int) -> None:
+        try:
+            FolderStore(tmp_path).create(device_key("carol"), f"key {i}".encode())
+            outcomes.append("won")
+        except KeyExists:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["lost"] * 15 + ["won"]
+    assert store.read(device_key("carol")).startswith(b"key ")
+    assert list(tmp_path.rglob(".*")) == []  # no temp file left behind
+
+
+# ---------------------------------------------------------------------------- verification
+
+
+@pytest.fixture
+def federation(tiny_llama_gguf):
+    info = read_base_info(tiny_llama_gguf)
+    spec = LoraSpec(rank=4)
+    return federation_manifest(
+        federation_id="fed-test",
+        base_info=info,
+        lora=spec,
+        warmup_steps=10,
+        round_steps=5,
+        trust={"scheme": "perplexity"},
+    )
+
+
+def honest_adapter(federation, seed: int = 0) -> dict:
+    shapes = lora_tensor_shapes(federation["lora_modules"], federation["lora"]["rank"])
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=generator) * 0.1 for n, s in shapes.items()}
+
+
+def publish(federation, device: str, key: DeviceKey, tensors: dict, round_number: int = 0):
+    blob = encode_adapter(tensors)
+    manifest = adapter_manifest(
+        federation=federation["id"],
+        round_number=round_number,
+        device=device,
+        sha256=hashlib.sha256(blob).hexdigest(),
+        size=len(blob),
+        base_sha256=federation["base"]["sha256"],
+        train_tokens=1000,
+        metrics={"val_perplexity": 12.5},
+        key=key,
+    )
+    return encode_document(manifest), blob
+
+
+def test_honest_adapters_pass_and_every_kind_of_bad_one_is_rejected_with_its_reason(federation):
+    alice, bob, mallory = DeviceKey.generate(), DeviceKey.generate(), DeviceKey.generate()
+    verifier = Verifier(federation, {"alice": alice.public_key, "bob": bob.public_key})
+    tensors = honest_adapter(federation)
+    manifest, blob = publish(federation, "alice", alice, tensors)
+    verified = verifier.check(0, "alice", manifest, blob)
+    name = next(iter(tensors))
+    assert verified.tensors[name].dtype == torch.float16
+    assert torch.allclose(verified.tensors[name].float(), tensors[name], atol=1e-3)
+
+    def rejected(*args) -> str:
+        with pytest.raises(Rejected) as caught:
+            verifier.check(*args)
+        return str(caught.value)
+
+    flipped = bytearray(blob)
+    flipped[len(flipped) // 2] ^= 0x01
+    assert "sha256 differs" in rejected(0, "alice", manifest, bytes(flipped))
+    forged, forged_blob = publish(federation, "alice", mallory, tensors)  # mallory signs as alice
+    assert "does not verify with alice's registered key" in rejected(
+        0, "alice", forged, forged_blob
+    )
+    assert "claims" in rejected(0, "bob", manifest, blob)  # alice's files put under bob's name
+    assert "claims" in rejected(1, "alice", manifest, blob)  # replayed into another round
+    assert "not registered" in rejected(0, "eve", *publish(federation, "eve", mallory, tensors))
+
+    other_base = federation | {"base": federation["base"] | {"sha256": "0" * 64}}
+    wrong_base = publish(other_base, "alice", alice, tensors)
+    assert "not the federation's" in rejected(0, "alice", *wrong_base)
+
+    bigger = dict(tensors)
+    bigger[name] = torch.randn(tensors[name].shape[0] + 1, tensors[name].shape[1])
+    assert "has shape" in rejected(0, "alice", *publish(federation, "alice", alice, bigger))
+    fewer = dict(list(tensors.items())[1:])
+    assert "1 missing" in rejected(0, "alice", *publish(federation, "alice", alice, fewer))
+    poisoned = dict(tensors)
+    poisoned[name] = tensors[name].clone()
+    poisoned[name][0, 0] = float("nan")
+    assert "NaN or infinite" in rejected(0, "alice", *publish(federation, "alice", alice, poisoned))
+    assert "not JSON" in rejected(0, "alice", b"\x00garbage", blob)
+
+    tiny_limit = Verifier(
+        federation | {"limits": {"adapter_bytes": 100}}, {"alice": alice.public_key}
+    )
+    with pytest.raises(Rejected, match="over the 100 limit"):
+        tiny_limit.check(0, "alice", manifest, blob)
+    # after all that, the honest adapter still passes
+    assert verifier.check(0, "alice", manifest, blob).device == "alice"
+
+
+def test_federation_limits_and_shapes_follow_the_base_and_lora_config(federation, tiny_llama_gguf):
+    info = read_base_info(tiny_llama_gguf)
+    modules = lora_module_shapes(info, LoraSpec(rank=4))
+    assert federation["lora_modules"] == {m: list(s) for m, s in modules.items()}
+    assert len(modules) == 2 * 7  # 2 layers, 7 projections
+    assert federation["lora_modules"]["model.layers.0.self_attn.k_proj"] == [64, 32]
+    fp16 = len(encode_adapter(honest_adapter(federation)))
+    assert fp16 < federation["limits"]["adapter_bytes"] < 3 * fp16 + (1 << 20)
