@@ -1,0 +1,371 @@
+"""A device's part in a federation: create one, join one, publish and pull a round, report.
+
+Library functions over a `Store` and a `Workspace`; the CLI and the simulation call them. Only
+three things ever leave a device: its registration (public key), its adapters (float16 LoRA
+tensors) and their signed manifests. Everything pulled goes through `Verifier` first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgefed.adapter import LoraSpec, read_adapter_folder
+from edgefed.atomic import atomic_write_bytes
+from edgefed.device.workspace import WORKSPACE_FORMAT, Workspace, default_workspace, write_json
+from edgefed.errors import AdapterMismatchError, InputFileError, StoreError
+from edgefed.quant.gguf_file import read_base_info, resolve_base
+from edgefed.sync.layout import (
+    DEVICES_PREFIX,
+    FEDERATION_KEY,
+    REFERENCE_KEY,
+    adapter_key,
+    check_device_name,
+    device_key,
+    manifest_key,
+    parse_round_key,
+)
+from edgefed.sync.manifest import (
+    adapter_manifest,
+    encode_document,
+    federation_manifest,
+    now,
+    parse_document,
+    registration,
+)
+from edgefed.sync.signing import DeviceKey
+from edgefed.sync.store import KeyExists, KeyMissing, Store
+from edgefed.sync.verify import Rejected, Verifier, encode_adapter
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRUST = {"scheme": "perplexity", "temperature": 1.0}
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one sync did for one round."""
+
+    round: int
+    published: bool
+    verified: list[str] = field(default_factory=list)  # peers whose adapter is in the workspace
+    rejected: list[dict] = field(default_factory=list)
+    waited_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "published": self.published,
+            "verified_peers": self.verified,
+            "rejected": self.rejected,
+            "waited_seconds": round(self.waited_seconds, 1),
+        }
+
+
+def read_federation(store: Store) -> dict:
+    """The store's federation manifest; StoreError when there is none or it is damaged."""
+    try:
+        data = store.read(FEDERATION_KEY)
+    except KeyMissing:
+        raise StoreError(
+            f"{store.url} holds no federation", "create one with `edgefed init STORE`"
+        ) from None
+    try:
+        return parse_document(data, f"{store.url}/{FEDERATION_KEY}")
+    except Exception as exc:  # ModelFormatError: say it is the store's file
+        raise StoreError(str(exc), "the store's federation.json is damaged") from None
+
+
+def init_federation(
+    store: Store,
+    *,
+    base: str | os.PathLike[str] | None = None,
+    lora: LoraSpec | None = None,
+    warmup_steps: int = 100,
+    round_steps: int = 25,
+    trust: Mapping | None = None,
+    reference: str | os.PathLike[str] | None = None,
+    federation_id: str | None = None,
+) -> dict:
+    """Create a federation in an empty store; returns its manifest.
+
+    Raises StoreError when the store already holds one (it is never replaced).
+    """
+    info = read_base_info(resolve_base(base))
+    reference_bytes = None
+    if reference is not None:
+        path = Path(reference)
+        if not path.is_file():
+            raise InputFileError(f"reference text {path} does not exist", "check the path")
+        reference_bytes = path.read_bytes()
+        try:
+            reference_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputFileError(f"{path} is not UTF-8 text", "pass a text file") from None
+    manifest = federation_manifest(
+        federation_id=federation_id or f"fed-{uuid.uuid4().hex[:12]}",
+        base_info=info,
+        lora=lora or LoraSpec(),
+        warmup_steps=warmup_steps,
+        round_steps=round_steps,
+        trust=trust or DEFAULT_TRUST,
+        reference=reference_bytes,
+    )
+    if reference_bytes is not None:
+        try:
+            store.create(REFERENCE_KEY, reference_bytes)
+        except KeyExists:
+            raise StoreError(
+                f"{store.url} already holds a federation", "use another store"
+            ) from None
+    try:
+        store.create(FEDERATION_KEY, encode_document(manifest))
+    except KeyExists:
+        raise StoreError(
+            f"{store.url} already holds a federation", "join it, or init another store"
+        ) from None
+    return manifest
+
+
+def join_federation(
+    store: Store,
+    device: str,
+    *,
+    data: str | os.PathLike[str],
+    workspace: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+) -> Workspace:
+    """Make this device's workspace and key, and register the public key in the store.
+
+    Refuses (AdapterMismatchError) when the local base is not the federation's, and
+    (StoreError) when another device already registered this name.
+    """
+    check_device_name(device)
+    federation = read_federation(store)
+    info = read_base_info(resolve_base(base))
+    expected = federation["base"]
+    if info.fingerprint != expected["sha256"]:
+        raise AdapterMismatchError(
+            f"this base ({info.path.name}, sha256 {info.fingerprint[:12]}) is not the "
+            f"federation's: {expected['name'] or expected['architecture']}, sha256 "
+            f"{expected['sha256'][:12]}",
+            "pass that base with --base",
+        )
+    root = (
+        Path(workspace).expanduser() if workspace else default_workspace(federation["id"], device)
+    )
+    if (root / "device.json").exists():
+        raise InputFileError(
+            f"{root} is already a device workspace", "use it, or another --workspace"
+        )
+    key = DeviceKey.generate()
+    try:
+        store.create(device_key(device), encode_document(registration(device, key)))
+    except KeyExists:
+        raise StoreError(
+            f"device name '{device}' is already registered in {store.url}",
+            "choose another --device name",
+        ) from None
+    root.mkdir(parents=True, exist_ok=True)
+    key.save(root / "device.key")
+    write_json(root / "federation.json", federation)
+    write_json(
+        root / "device.json",
+        {
+            "format": WORKSPACE_FORMAT,
+            "federation": federation["id"],
+            "device": device,
+            "store": store.url,
+            "data": str(Path(data).resolve()),
+            "base": str(info.path),
+            "joined": now(),
+        },
+    )
+    return Workspace(root)
+
+
+def registered_keys(store: Store, workspace: Workspace) -> tuple[dict[str, str], list[dict]]:
+    """Peers' public keys from the store, pinned on first sight; changed keys are rejected."""
+    pinned = workspace.pinned_peers()
+    keys, problems = dict(pinned), []
+    for key in store.keys(DEVICES_PREFIX):
+        name = key.removeprefix(DEVICES_PREFIX).removesuffix(".json")
+        try:
+            document = parse_document(store.read(key), key)
+            public_key = document["public_key"]
+            if document.get("device") != name or not isinstance(public_key, str):
+                raise ValueError("names another device")
+        except Exception as exc:
+            problems.append({"device": name, "round": None, "reason": f"bad registration: {exc}"})
+            continue
+        if name in pinned and pinned[name] != public_key:
+            problems.append(
+                {"device": name, "round": None, "reason": "registered key changed since first seen"}
+            )
+            continue
+        keys[name] = public_key
+    if keys != pinned:
+        workspace.pin_peers(keys)
+    return keys, problems
+
+
+def publish_adapter(
+    store: Store,
+    workspace: Workspace,
+    round_number: int,
+    adapter: str | os.PathLike[str],
+    *,
+    train_tokens: int = 0,
+    metrics: Mapping | None = None,
+) -> bool:
+    """Publish this device's adapter for a round; False when it was already published."""
+    federation = workspace.federation
+    spec, tensors, trained_on = read_adapter_folder(adapter)
+    if trained_on is not None and trained_on != federation["base"]["sha256"]:
+        raise AdapterMismatchError(
+            f"{adapter} was trained on another base", "train on the federation's base"
+        )
+    if (spec.rank, spec.targets) != (
+        federation["lora"]["rank"],
+        tuple(federation["lora"]["targets"]),
+    ):
+        raise AdapterMismatchError(
+            f"{adapter} has rank {spec.rank} on {','.join(spec.targets)}; the federation "
+            f"uses rank {federation['lora']['rank']} on {','.join(federation['lora']['targets'])}",
+            "train with the federation's LoRA configuration",
+        )
+    device = workspace.device
+    blob = encode_adapter(tensors)
+    manifest = adapter_manifest(
+        federation=federation["id"],
+        round_number=round_number,
+        device=device,
+        sha256=hashlib.sha256(blob).hexdigest(),
+        size=len(blob),
+        base_sha256=federation["base"]["sha256"],
+        train_tokens=train_tokens,
+        metrics=metrics or {},
+        key=workspace.key(),
+    )
+    try:  # blob first: a manifest never points at a blob that is not there yet
+        store.create(adapter_key(round_number, device), blob)
+    except KeyExists:
+        return False
+    store.create(manifest_key(round_number, device), encode_document(manifest))
+    return True
+
+
+def pull_round(store: Store, workspace: Workspace, round_number: int) -> SyncReport:
+    """Verify and keep every peer adapter of the round not yet pulled; log what is rejected."""
+    federation = workspace.federation
+    keys, problems = registered_keys(store, workspace)
+    verifier = Verifier(federation, keys)
+    rejected = workspace.rejections(round_number) + [p | {"round": round_number} for p in problems]
+    complete: dict[str, set[bool]] = {}
+    for key in store.keys(f"rounds/{round_number}/"):
+        item = parse_round_key(key)
+        if item is not None and item.device != workspace.device:
+            complete.setdefault(item.device, set()).add(item.is_manifest)
+    verified = []
+    for peer in sorted(d for d, kinds in complete.items() if kinds == {True, False}):
+        destination = workspace.peer_adapter_path(round_number, peer)
+        if destination.exists():
+            verified.append(peer)
+            continue
+        try:
+            manifest_bytes = store.read(manifest_key(round_number, peer))
+            adapter_bytes = store.read(adapter_key(round_number, peer))
+            verifier.check(round_number, peer, manifest_bytes, adapter_bytes)
+        except Rejected as reason:
+            entry = {"device": peer, "round": round_number, "reason": str(reason)}
+            if entry not in rejected:
+                logger.warning("rejected %s's adapter for round %d: %s", peer, round_number, reason)
+                rejected.append(entry)
+            continue
+        atomic_write_bytes(destination, adapter_bytes)
+        atomic_write_bytes(destination.with_suffix(".json"), manifest_bytes)
+        verified.append(peer)
+    unique = [dict(t) for t in {tuple(sorted(r.items())) for r in rejected}]
+    workspace.record_rejections(
+        round_number, sorted(unique, key=lambda r: (r["device"], r["reason"]))
+    )
+    return SyncReport(round=round_number, published=False, verified=verified, rejected=unique)
+
+
+def sync_round(
+    store: Store,
+    workspace: Workspace,
+    round_number: int,
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+    train_tokens: int = 0,
+    metrics: Mapping | None = None,
+    min_peers: int = 0,
+    wait_seconds: float = 0.0,
+    poll_seconds: float = 2.0,
+    on_wait: Callable[[int, float], None] | None = None,
+) -> SyncReport:
+    """Publish this device's adapter for the round (if given) and pull the peers' adapters.
+
+    Waits up to `wait_seconds` for at least `min_peers` verified peers; a device that stays
+    away does not block: the report lists whoever arrived.
+    """
+    published = False
+    if adapter is not None:
+        published = publish_adapter(
+            store, workspace, round_number, adapter, train_tokens=train_tokens, metrics=metrics
+        )
+    started = time.monotonic()
+    report = pull_round(store, workspace, round_number)
+    while len(report.verified) < min_peers and time.monotonic() - started < wait_seconds:
+        if on_wait is not None:
+            on_wait(len(report.verified), time.monotonic() - started)
+        time.sleep(poll_seconds)
+        report = pull_round(store, workspace, round_number)
+    return SyncReport(
+        round=round_number,
+        published=published,
+        verified=report.verified,
+        rejected=report.rejected,
+        waited_seconds=time.monotonic() - started,
+    )
+
+
+def federation_status(store: Store, workspace: Workspace) -> dict:
+    """The federation, each device's latest published round, rejections, this device's metrics."""
+    federation = workspace.federation
+    latest: dict[str, int] = {}
+    for key in store.keys("rounds/"):
+        item = parse_round_key(key)
+        if item is not None and item.is_manifest:
+            latest[item.device] = max(latest.get(item.device, -1), item.round)
+    devices = sorted(
+        k.removeprefix(DEVICES_PREFIX).removesuffix(".json") for k in store.keys(DEVICES_PREFIX)
+    )
+    me = workspace.device
+    my_metrics = None
+    if me in latest:
+        try:
+            my_metrics = parse_document(store.read(manifest_key(latest[me], me)), "manifest")[
+                "metrics"
+            ]
+        except Exception:  # our own manifest unreadable: report no metrics rather than fail
+            my_metrics = None
+    return {
+        "federation": federation["id"],
+        "store": store.url,
+        "device": me,
+        "base": federation["base"],
+        "lora": federation["lora"],
+        "schedule": federation["schedule"],
+        "current_round": max(latest.values(), default=-1),
+        "devices": {d: {"latest_round": latest.get(d)} for d in devices},
+        "rejected": [r for n in workspace.rounds() for r in workspace.rejections(n)],
+        "last_metrics": my_metrics,
+    }

@@ -1,0 +1,1 @@
+"""The federation store and its protocol: layout, backends, signatures, verification."""

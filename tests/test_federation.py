@@ -1,0 +1,181 @@
+"""Devices in a federation, as real processes over a real shared folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgefed.adapter import BASE_FINGERPRINT_KEY, LoraSpec, attach_lora, save_peft_adapter
+from edgefed.errors import AdapterMismatchError, StoreError
+from edgefed.quant.gguf_file import read_base_info
+
+DEVICES = ("alice", "bob", "carol")
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_llama_gguf) -> dict[tuple[str, int], Path]:
+    """A distinct PEFT adapter folder per (device, round), on the tiny base."""
+    from edgefed.quant.nf4 import build_training_model
+
+    folder = tmp_path_factory.mktemp("adapters")
+    fingerprint = read_base_info(tiny_llama_gguf).fingerprint
+    made = {}
+    for index, (device, round_number) in enumerate((d, r) for r in (0, 1) for d in DEVICES):
+        model = attach_lora(build_training_model(tiny_llama_gguf, "fp32"), LoraSpec())
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+        made[device, round_number] = save_peft_adapter(
+            model, folder / f"{device}-{round_number}", metadata={BASE_FINGERPRINT_KEY: fingerprint}
+        )
+    return made
+
+
+def edgefed(*args: object, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "edgefed", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def start(*args: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgefed", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    return json.loads(stdout)
+
+
+def test_three_device_processes_exchange_verified_adapters_over_a_shared_folder(
+    tmp_path, tiny_llama_gguf, train_corpus, adapters
+):
+    store, spaces = tmp_path / "shared", {d: tmp_path / "ws" / d for d in DEVICES}
+    edgefed("init", store, "--base", tiny_llama_gguf, "--id", "fed-folder")
+    for device in ("alice", "bob"):  # carol joins late
+        edgefed("join", store, "--device", device, "--data", train_corpus,
+                "--workspace", spaces[device], "--base", tiny_llama_gguf)  # fmt: skip
+
+    # round 0: alice and bob publish at the same time and wait for each other
+    running = [
+        start(
+            "sync",
+            "--round",
+            0,
+            "--adapter",
+            adapters[d, 0],
+            "--workspace",
+            spaces[d],
+            "--min-peers",
+            1,
+            "--wait",
+            120,
+            "--json",
+        )  # fmt: skip
+        for d in ("alice", "bob")
+    ]
+    reports = [finish(p) for p in running]
+    assert [r["verified_peers"] for r in reports] == [["bob"], ["alice"]]
+    assert all(r["published"] and not r["rejected"] for r in reports)
+
+    # carol joins late and catches up on round 0 without publishing anything for it
+    edgefed("join", store, "--device", "carol", "--data", train_corpus,
+            "--workspace", spaces["carol"], "--base", tiny_llama_gguf)  # fmt: skip
+    late = json.loads(
+        edgefed("sync", "--round", 0, "--workspace", spaces["carol"], "--json").stdout
+    )
+    assert late["verified_peers"] == ["alice", "bob"] and not late["published"]
+
+    # round 1: all three publish concurrently, each ends with both peers' adapters
+    running = [
+        start(
+            "sync",
+            "--round",
+            1,
+            "--adapter",
+            adapters[d, 1],
+            "--workspace",
+            spaces[d],
+            "--min-peers",
+            2,
+            "--wait",
+            120,
+            "--json",
+        )  # fmt: skip
+        for d in DEVICES
+    ]
+    for device, report in zip(DEVICES, (finish(p) for p in running), strict=True):
+        assert report["verified_peers"] == [d for d in DEVICES if d != device], report
+    for device in DEVICES:
+        for peer in (d for d in DEVICES if d != device):
+            pulled = load_file(spaces[device] / "rounds" / "1" / "peers" / f"{peer}.safetensors")
+            sent = load_file(adapters[peer, 1] / "adapter_model.safetensors")
+            assert pulled.keys() == sent.keys()
+            for name in sent:
+                assert torch.allclose(pulled[name].float(), sent[name], atol=1e-3), name
+
+    status = json.loads(edgefed("status", "--workspace", spaces["carol"], "--json").stdout)
+    assert status["current_round"] == 1
+    assert status["devices"] == {d: {"latest_round": 1} for d in DEVICES}
+
+
+def test_a_missing_device_does_not_block_the_round(
+    tmp_path, tiny_llama_gguf, train_corpus, adapters
+):
+    store = tmp_path / "shared"
+    edgefed("init", store, "--base", tiny_llama_gguf)
+    for device in DEVICES:
+        edgefed("join", store, "--device", device, "--data", train_corpus,
+                "--workspace", tmp_path / device, "--base", tiny_llama_gguf)  # fmt: skip
+    edgefed(
+        "sync", "--round", 0, "--adapter", adapters["alice", 0], "--workspace", tmp_path / "alice"
+    )
+    done = edgefed("sync", "--round", 0, "--adapter", adapters["bob", 0],
+                   "--workspace", tmp_path / "bob", "--min-peers", 2, "--wait", 2)  # fmt: skip
+    assert "1 peer adapter(s) verified: alice" in done.stdout
+    assert "only 1 of 2 peers" in done.stderr
+
+
+def test_join_refuses_another_base_and_a_taken_name(
+    tmp_path, tiny_llama, tiny_llama_gguf, train_corpus
+):
+    from edgefed.device.federation import init_federation, join_federation
+    from edgefed.quant.hf_convert import convert_hf_to_gguf
+    from edgefed.sync.folder import FolderStore
+
+    store = FolderStore(tmp_path / "shared")
+    init_federation(store, base=tiny_llama_gguf)
+    other_base = convert_hf_to_gguf(tiny_llama, tmp_path / "other.f32.gguf", out_type="f32")
+    with pytest.raises(AdapterMismatchError, match="is not the federation's"):
+        join_federation(
+            store, "alice", data=train_corpus, workspace=tmp_path / "a", base=other_base
+        )
+    join_federation(
+        store, "alice", data=train_corpus, workspace=tmp_path / "a", base=tiny_llama_gguf
+    )
+    with pytest.raises(StoreError, match="already registered"):
+        join_federation(
+            store, "alice", data=train_corpus, workspace=tmp_path / "b", base=tiny_llama_gguf
+        )
+    with pytest.raises(StoreError, match="already holds a federation"):
+        init_federation(store, base=tiny_llama_gguf)
