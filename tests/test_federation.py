@@ -91,7 +91,7 @@ def test_three_device_processes_exchange_verified_adapters_over_a_shared_folder(
             "--wait",
             120,
             "--json",
-        )  # fmt: skip
+        )
         for d in ("alice", "bob")
     ]
     reports = [finish(p) for p in running]
@@ -121,7 +121,7 @@ def test_three_device_processes_exchange_verified_adapters_over_a_shared_folder(
             "--wait",
             120,
             "--json",
-        )  # fmt: skip
+        )
         for d in DEVICES
     ]
     for device, report in zip(DEVICES, (finish(p) for p in running), strict=True):
