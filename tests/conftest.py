@@ -204,3 +204,49 @@ def write_repetitive_corpus(folder: Path, n_docs: int = 40, *, start: int = 0) -
 @pytest.fixture(scope="session")
 def train_corpus(tmp_path_factory) -> Path:
     return write_repetitive_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def relay_server(tmp_path):
+    """A real relay (`edgefed relay serve`, uvicorn) on 127.0.0.1: yields (url, token, root)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    token = "test-token-0123456789abcdef"
+    token_file = tmp_path / "relay.token"
+    token_file.write_text(token + "\n")
+    root, port = tmp_path / "relay-root", free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgefed", "relay", "serve", "--root", str(root),
+         "--token-file", str(token_file), "--port", str(port), "--max-bytes", str(1 << 20)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=os.environ,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/keys", headers={"Authorization": f"Bearer {token}"}).is_success:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the relay did not start: {process.stderr.read().decode()}")
+        time.sleep(0.2)
+    yield url, token, root
+    process.terminate()
+    process.wait(timeout=30)

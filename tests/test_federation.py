@@ -58,6 +58,7 @@ def start(*args: object) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=os.environ,
     )
 
 
@@ -67,10 +68,20 @@ def finish(process: subprocess.Popen) -> dict:
     return json.loads(stdout)
 
 
-def test_three_device_processes_exchange_verified_adapters_over_a_shared_folder(
-    tmp_path, tiny_llama_gguf, train_corpus, adapters
+@pytest.fixture(params=["folder", "relay"])
+def store_url(request, tmp_path, monkeypatch) -> str:
+    """A shared folder, or a real relay process (its token reaches devices by EDGEFED_TOKEN)."""
+    if request.param == "folder":
+        return str(tmp_path / "shared")
+    url, token, _ = request.getfixturevalue("relay_server")
+    monkeypatch.setenv("EDGEFED_TOKEN", token)
+    return url
+
+
+def test_three_device_processes_exchange_verified_adapters_through_a_store(
+    store_url, tmp_path, tiny_llama_gguf, train_corpus, adapters
 ):
-    store, spaces = tmp_path / "shared", {d: tmp_path / "ws" / d for d in DEVICES}
+    store, spaces = store_url, {d: tmp_path / "ws" / d for d in DEVICES}
     edgefed("init", store, "--base", tiny_llama_gguf, "--id", "fed-folder")
     for device in ("alice", "bob"):  # carol joins late
         edgefed("join", store, "--device", device, "--data", train_corpus,
@@ -179,3 +190,44 @@ def test_join_refuses_another_base_and_a_taken_name(
         )
     with pytest.raises(StoreError, match="already holds a federation"):
         init_federation(store, base=tiny_llama_gguf)
+
+
+def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_are_used(
+    tmp_path, tiny_llama_gguf, train_corpus, adapters
+):
+    from edgefed.device.federation import (
+        federation_status,
+        init_federation,
+        join_federation,
+        sync_round,
+    )
+    from edgefed.sync.folder import FolderStore
+
+    store = FolderStore(tmp_path / "shared")
+    init_federation(store, base=tiny_llama_gguf)
+    spaces = {
+        d: join_federation(
+            store, d, data=train_corpus, workspace=tmp_path / d, base=tiny_llama_gguf
+        )
+        for d in DEVICES
+    }
+    sync_round(store, spaces["alice"], 0, adapter=adapters["alice", 0])
+    sync_round(store, spaces["carol"], 0, adapter=adapters["carol", 0])
+    blob = tmp_path / "shared" / "rounds" / "0" / "alice.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-10] ^= 0x01  # one flipped bit in a tensor value, as a bad disk or a poisoner would
+    blob.write_bytes(bytes(data))
+
+    report = sync_round(store, spaces["bob"], 0, adapter=adapters["bob", 0])
+    assert report.verified == ["carol"]
+    assert report.rejected == [
+        {
+            "device": "alice",
+            "round": 0,
+            "reason": "adapter sha256 differs from the signed manifest (damaged or tampered)",
+        }
+    ]
+    status = federation_status(store, spaces["bob"])
+    assert status["rejected"] == report.rejected
+    assert status["devices"]["alice"] == {"latest_round": 0}
+    assert not (tmp_path / "bob" / "rounds" / "0" / "peers" / "alice.safetensors").exists()

@@ -13,7 +13,13 @@ from edgefed.errors import InputFileError, StoreError
 from edgefed.quant.gguf_file import read_base_info
 from edgefed.sync.folder import FolderStore
 from edgefed.sync.layout import adapter_key, device_key, is_store_key, manifest_key
-from edgefed.sync.manifest import adapter_manifest, encode_document, federation_manifest
+from edgefed.sync.manifest import (
+    adapter_manifest,
+    encode_document,
+    federation_manifest,
+    registration,
+)
+from edgefed.sync.relay_client import RelayStore
 from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KeyExists, KeyMissing
 from edgefed.sync.verify import Rejected, Verifier, encode_adapter
@@ -21,21 +27,28 @@ from edgefed.sync.verify import Rejected, Verifier, encode_adapter
 # ---------------------------------------------------------------------------- store contract
 
 
-@pytest.fixture(params=["folder"])
+@pytest.fixture(params=["folder", "relay"])
 def store(request, tmp_path):
-    return FolderStore(tmp_path / "store")
+    if request.param == "folder":
+        yield FolderStore(tmp_path / "store")
+        return
+    url, token, _ = request.getfixturevalue("relay_server")
+    with RelayStore(url, token=token) as relay:
+        yield relay
 
 
 def test_store_creates_once_reads_back_and_lists_only_complete_layout_keys(store):
+    alice = DeviceKey.generate()
     assert store.keys() == []
     store.create("federation.json", b"{}")
-    store.create(device_key("alice"), b"a")
-    store.create(adapter_key(0, "alice"), b"\x00\x01")
-    store.create(manifest_key(0, "alice"), b"m")
+    alice_doc = encode_document(registration("alice", alice))
+    store.create(device_key("alice"), alice_doc, signer=alice)
+    store.create(adapter_key(0, "alice"), b"\x00\x01", signer=alice)
+    store.create(manifest_key(0, "alice"), b"m", signer=alice)
     assert store.read(adapter_key(0, "alice")) == b"\x00\x01"
     with pytest.raises(KeyExists):
-        store.create(device_key("alice"), b"forged")
-    assert store.read(device_key("alice")) == b"a"  # never overwritten
+        store.create(device_key("alice"), alice_doc, signer=alice)
+    assert store.read(device_key("alice")) == alice_doc  # never overwritten
     with pytest.raises(KeyMissing):
         store.read(device_key("bob"))
     assert store.keys("rounds/") == ["rounds/0/alice.json", "rounds/0/alice.safetensors"]

@@ -166,7 +166,7 @@ def join_federation(
         )
     key = DeviceKey.generate()
     try:
-        store.create(device_key(device), encode_document(registration(device, key)))
+        store.create(device_key(device), encode_document(registration(device, key)), signer=key)
     except KeyExists:
         raise StoreError(
             f"device name '{device}' is already registered in {store.url}",
@@ -240,7 +240,7 @@ def publish_adapter(
             f"uses rank {federation['lora']['rank']} on {','.join(federation['lora']['targets'])}",
             "train with the federation's LoRA configuration",
         )
-    device = workspace.device
+    device, key = workspace.device, workspace.key()
     blob = encode_adapter(tensors)
     manifest = adapter_manifest(
         federation=federation["id"],
@@ -251,13 +251,18 @@ def publish_adapter(
         base_sha256=federation["base"]["sha256"],
         train_tokens=train_tokens,
         metrics=metrics or {},
-        key=workspace.key(),
+        key=key,
     )
     try:  # blob first: a manifest never points at a blob that is not there yet
-        store.create(adapter_key(round_number, device), blob)
+        store.create(adapter_key(round_number, device), blob, signer=key)
+    except KeyExists:
+        # published before; finish an interrupted publish of this same adapter, else keep it
+        if store.read(adapter_key(round_number, device)) != blob:
+            return False
+    try:
+        store.create(manifest_key(round_number, device), encode_document(manifest), signer=key)
     except KeyExists:
         return False
-    store.create(manifest_key(round_number, device), encode_document(manifest))
     return True
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edgefed.errors import StoreError
 from edgefed.sync.layout import is_store_key
+from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KeyExists, KeyMissing, Store
 
 
@@ -57,7 +58,7 @@ class FolderStore(Store):
                 found.append(key)
         return sorted(found)
 
-    def create(self, key: str, data: bytes) -> None:
+    def create(self, key: str, data: bytes, *, signer: DeviceKey | None = None) -> None:
         final = self._path(key)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ order its fields were built in.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -24,6 +25,11 @@ from edgefed.errors import InputFileError
 def canonical_bytes(document: Mapping) -> bytes:
     """The bytes a signature covers (see the module docstring)."""
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def write_claim(key: str, body: bytes) -> dict:
+    """What a device signs to write `key` with `body` to a relay, which checks the same document."""
+    return {"key": key, "sha256": hashlib.sha256(body).hexdigest()}
 
 
 def encode_public_key(key: Ed25519PublicKey) -> str:

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from edgefed.errors import StoreError
+
+if TYPE_CHECKING:
+    from edgefed.sync.signing import DeviceKey
 
 
 class KeyMissing(StoreError):
@@ -38,8 +42,12 @@ class Store(ABC):
         """Every complete layout key under `prefix`, sorted; incomplete writes never show."""
 
     @abstractmethod
-    def create(self, key: str, data: bytes) -> None:
-        """Store `data` at a new `key` atomically; raises KeyExists when the key is taken."""
+    def create(self, key: str, data: bytes, *, signer: DeviceKey | None = None) -> None:
+        """Store `data` at a new `key` atomically; raises KeyExists when the key is taken.
+
+        A device signs the writes of its own keys with `signer`; the relay requires it (see
+        `edgefed.sync.relay`), a folder has no one to show it to.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately not abstract
         """Release connections; a no-op for stores that hold none."""

@@ -1,0 +1,73 @@
+"""`edgefed relay serve` and `edgefed relay token`: run the store-and-forward HTTP relay."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgefed.cli.output import stdout, user_errors
+
+app = typer.Typer(help="The HTTP relay: stores and forwards adapters, never opens them.")
+
+
+@app.command("token")
+@user_errors
+def token(
+    path: Annotated[Path, typer.Argument(help="File to write the new token to (mode 0600).")],
+) -> None:
+    """Write a new random bearer token for a relay and its devices."""
+    from edgefed.atomic import atomic_write_text
+    from edgefed.errors import InputFileError
+    from edgefed.sync.relay import new_token
+
+    if path.exists():
+        raise InputFileError(f"{path} exists", "choose another path; tokens are never overwritten")
+    atomic_write_text(path, new_token() + "\n")
+    os.chmod(path, 0o600)
+    stdout.print(f"token written to {path}; give it to the relay (--token-file) and each device")
+
+
+@app.command("serve")
+@user_errors
+def serve(
+    root: Annotated[Path, typer.Option(help="Folder where the relay keeps the blobs.")],
+    token_file: Annotated[
+        Path, typer.Option(help="File holding the federation's bearer token (`relay token`).")
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8765,
+    max_bytes: Annotated[
+        int, typer.Option(help="Largest request body accepted (413 above).", min=1)
+    ] = 64 << 20,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="TLS certificate (PEM); with --ssl-keyfile, serve HTTPS.")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+) -> None:
+    """Serve a federation store over HTTP until interrupted (uvicorn)."""
+    import uvicorn
+
+    from edgefed.errors import InputFileError
+    from edgefed.sync.relay import create_app, read_token
+
+    try:
+        secret = read_token(token_file)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(
+            f"cannot use token file {token_file} ({exc})",
+            "make one with `edgefed relay token FILE`",
+        ) from None
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise InputFileError("TLS needs both --ssl-certfile and --ssl-keyfile", "give both")
+    root.mkdir(parents=True, exist_ok=True)
+    uvicorn.run(
+        create_app(root, secret, max_bytes),
+        host=host,
+        port=port,
+        ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+        ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+        log_level="info",
+    )

@@ -1,0 +1,96 @@
+"""The relay as a real uvicorn process: auth, per-device write rights, limits, traversal."""
+
+from __future__ import annotations
+
+import http.client
+from urllib.parse import urlsplit
+
+import pytest
+
+from edgefed.errors import StoreError
+from edgefed.sync.layout import adapter_key, device_key
+from edgefed.sync.manifest import encode_document, registration
+from edgefed.sync.relay import DEVICE_HEADER, SIGNATURE_HEADER
+from edgefed.sync.relay_client import RelayStore
+from edgefed.sync.signing import DeviceKey, write_claim
+
+
+def raw(url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One request sent as is (no client-side path normalisation): (status, body)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_relay_enforces_token_device_rights_size_and_layout_and_keeps_serving(relay_server):
+    url, token, root = relay_server
+    auth = {"Authorization": f"Bearer {token}"}
+    alice, bob = DeviceKey.generate(), DeviceKey.generate()
+    with RelayStore(url, token=token) as store:
+        store.create(
+            device_key("alice"), encode_document(registration("alice", alice)), signer=alice
+        )
+        store.create(device_key("bob"), encode_document(registration("bob", bob)), signer=bob)
+
+    assert raw(url, "GET", "/v1/keys")[0] == 401
+    assert raw(url, "GET", "/v1/keys", headers={"Authorization": "Bearer wrong"})[0] == 401
+    with pytest.raises(StoreError, match=r"refused to list keys \(401.*token"):
+        RelayStore(url, token="wrong").keys()
+
+    # bob writing alice's adapter: in his own name, or in hers with his signature
+    key, body = adapter_key(0, "alice"), b"adapter bytes"
+    as_bob = {DEVICE_HEADER: "bob", SIGNATURE_HEADER: bob.sign(write_claim(key, body))}
+    assert raw(url, "PUT", f"/v1/blob/{key}", body, auth | as_bob)[0] == 403
+    forged = {DEVICE_HEADER: "alice", SIGNATURE_HEADER: bob.sign(write_claim(key, body))}
+    assert raw(url, "PUT", f"/v1/blob/{key}", body, auth | forged)[0] == 403
+    assert raw(url, "PUT", f"/v1/blob/{key}", body, auth)[0] == 403  # unsigned
+    # a registration must be signed by the key it registers
+    mallory = DeviceKey.generate()
+    doc = encode_document(registration("eve", alice))
+    claim = {
+        DEVICE_HEADER: "eve",
+        SIGNATURE_HEADER: mallory.sign(write_claim(device_key("eve"), doc)),
+    }
+    assert raw(url, "PUT", f"/v1/blob/{device_key('eve')}", doc, auth | claim)[0] == 403
+
+    big = b"x" * ((1 << 20) + 1)
+    signed_big = {DEVICE_HEADER: "alice", SIGNATURE_HEADER: alice.sign(write_claim(key, big))}
+    assert raw(url, "PUT", f"/v1/blob/{key}", big, auth | signed_big)[0] == 413
+
+    for path in (
+        "/v1/blob/../../etc/passwd",
+        "/v1/blob/..%2F..%2Fetc%2Fpasswd",
+        "/v1/blob/%2Fetc%2Fpasswd",
+        "/v1/blob/rounds/0/..%2F..%2Fdevices/alice.json",
+        "/v1/blob/%2e%2e/%2e%2e/etc/passwd",
+        "/v1/blob/rounds/0/alice.json%00.safetensors",
+    ):
+        status, _ = raw(url, "GET", path, headers=auth)
+        assert status in (400, 404) and status != 200, path
+        assert raw(url, "PUT", path, b"x", auth)[0] in (400, 404, 405), path
+    assert raw(url, "GET", "/v1/keys?prefix=../", headers=auth)[0] == 400
+    assert not list(root.parent.glob("etc*"))
+
+    # after all of that, the relay still serves, and alice can publish her own adapter
+    signed = {DEVICE_HEADER: "alice", SIGNATURE_HEADER: alice.sign(write_claim(key, body))}
+    assert raw(url, "PUT", f"/v1/blob/{key}", body, auth | signed)[0] == 201
+    assert raw(url, "PUT", f"/v1/blob/{key}", body, auth | signed)[0] == 409
+    with RelayStore(url, token=token) as store:
+        assert store.read(key) == body
+        assert store.keys("rounds/") == [key]
+
+
+def test_the_client_says_clearly_when_no_relay_answers(monkeypatch):
+    from conftest import free_port
+
+    import edgefed.sync.relay_client as client
+
+    monkeypatch.setattr(client, "FIRST_BACKOFF_SECONDS", 0.01)
+    store = RelayStore(f"http://127.0.0.1:{free_port()}", token="t" * 20)
+    with pytest.raises(StoreError, match=r"cannot reach the relay.*running and reachable"):
+        store.keys()
