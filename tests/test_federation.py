@@ -231,3 +231,38 @@ def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_a
     assert status["rejected"] == report.rejected
     assert status["devices"]["alice"] == {"latest_round": 0}
     assert not (tmp_path / "bob" / "rounds" / "0" / "peers" / "alice.safetensors").exists()
+
+
+def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
+    tmp_path, tiny_llama_gguf, train_corpus, relay_server
+):
+    from test_cli import assert_one_line_error, run
+
+    reference = tmp_path / "reference.txt"
+    reference.write_text("A shared public text that every device scores.")
+    store = tmp_path / "shared"
+    assert run("init", store, "--base", tiny_llama_gguf, "--reference", reference).exit_code == 0
+    joined = run("join", store, "--device", "dana", "--data", train_corpus,
+                 "--workspace", tmp_path / "dana", "--base", tiny_llama_gguf, "--json")  # fmt: skip
+    assert joined.exit_code == 0, joined.stderr
+    assert (tmp_path / "dana" / "reference.txt").read_text() == reference.read_text()
+
+    url, _, _ = relay_server
+    cases = {
+        "already holds a federation": ["init", store, "--base", tiny_llama_gguf],
+        "holds no federation": [
+            "join",
+            tmp_path / "empty",
+            "--device",
+            "x",
+            "--data",
+            train_corpus,
+        ],
+        "not a valid device name": ["join", store, "--device", "Bad/Name", "--data", train_corpus],
+        "is not the federation's": ["join", store, "--device", "erin", "--data", train_corpus],
+        "refused to store federation.json (401": ["init", url, "--base", tiny_llama_gguf],
+        "no device workspace": ["status"],
+        "not a device workspace": ["sync", "--round", "0", "--workspace", tmp_path],
+    }
+    for needle, args in cases.items():
+        assert_one_line_error(run(*args), needle)

@@ -127,8 +127,10 @@ def honest_adapter(federation, seed: int = 0) -> dict:
     return {n: torch.randn(s, generator=generator) * 0.1 for n, s in shapes.items()}
 
 
-def publish(federation, device: str, key: DeviceKey, tensors: dict, round_number: int = 0):
-    blob = encode_adapter(tensors)
+def publish(
+    federation, device: str, key: DeviceKey, tensors: dict, round_number: int = 0, encoding="fp16"
+):
+    blob = encode_adapter(tensors, encoding)
     manifest = adapter_manifest(
         federation=federation["id"],
         round_number=round_number,
@@ -139,6 +141,7 @@ def publish(federation, device: str, key: DeviceKey, tensors: dict, round_number
         train_tokens=1000,
         metrics={"val_perplexity": 12.5},
         key=key,
+        encoding=encoding,
     )
     return encode_document(manifest), blob
 
@@ -201,3 +204,22 @@ def test_federation_limits_and_shapes_follow_the_base_and_lora_config(federation
     assert federation["lora_modules"]["model.layers.0.self_attn.k_proj"] == [64, 32]
     fp16 = len(encode_adapter(honest_adapter(federation)))
     assert fp16 < federation["limits"]["adapter_bytes"] < 3 * fp16 + (1 << 20)
+
+
+def test_compressed_adapters_are_half_the_bytes_and_close_to_the_original(federation):
+    alice = DeviceKey.generate()
+    verifier = Verifier(federation, {"alice": alice.public_key})
+    tensors = honest_adapter(federation, seed=3)
+    fp16 = publish(federation, "alice", alice, tensors)
+    int8 = publish(federation, "alice", alice, tensors, encoding="int8")
+    # tiny tensors: the names in the header are a large share (0.52x on the embedded base)
+    assert len(int8[1]) < 0.8 * len(fp16[1])
+    restored = verifier.check(0, "alice", *int8).tensors
+    for name, tensor in tensors.items():
+        assert restored[name].dtype == torch.float16
+        error = (restored[name].float() - tensor).abs().max()
+        assert error <= tensor.abs().amax() / 127 * 0.51 + 1e-3, name  # half a code step
+    nan = dict(tensors)
+    nan[next(iter(tensors))] = torch.full_like(tensors[next(iter(tensors))], float("nan"))
+    with pytest.raises(Rejected, match="NaN or infinite"):
+        verifier.check(0, "alice", *publish(federation, "alice", alice, nan, encoding="int8"))

@@ -152,6 +152,13 @@ def sync(
             show_default=False,
         ),
     ] = None,
+    compress: Annotated[
+        bool,
+        typer.Option(
+            help="Send int8 codes with per-row scales instead of float16: half the bytes, "
+            "lossy (see README)."
+        ),
+    ] = False,
     min_peers: Annotated[
         int, typer.Option(help="Wait until this many peers' adapters are verified.", min=0)
     ] = 0,
@@ -181,6 +188,7 @@ def sync(
             adapter=adapter,
             train_tokens=tokens,
             metrics=metrics,
+            compress=compress,
             min_peers=min_peers,
             wait_seconds=wait,
             on_wait=lambda n, s: stderr.print(

@@ -32,6 +32,8 @@ from edgefed.sync.layout import (
     parse_round_key,
 )
 from edgefed.sync.manifest import (
+    ENCODING_FP16,
+    ENCODING_INT8,
     adapter_manifest,
     encode_document,
     federation_manifest,
@@ -164,6 +166,14 @@ def join_federation(
         raise InputFileError(
             f"{root} is already a device workspace", "use it, or another --workspace"
         )
+    reference = None
+    if federation.get("reference"):
+        reference = store.read(REFERENCE_KEY)
+        if hashlib.sha256(reference).hexdigest() != federation["reference"]["sha256"]:
+            raise StoreError(
+                f"the reference text in {store.url} differs from the federation manifest's",
+                "the store is damaged or tampered with; ask the federation's creator",
+            )
     key = DeviceKey.generate()
     try:
         store.create(device_key(device), encode_document(registration(device, key)), signer=key)
@@ -175,6 +185,8 @@ def join_federation(
     root.mkdir(parents=True, exist_ok=True)
     key.save(root / "device.key")
     write_json(root / "federation.json", federation)
+    if reference is not None:
+        atomic_write_bytes(root / REFERENCE_KEY, reference)
     write_json(
         root / "device.json",
         {
@@ -223,8 +235,12 @@ def publish_adapter(
     *,
     train_tokens: int = 0,
     metrics: Mapping | None = None,
+    compress: bool = False,
 ) -> bool:
-    """Publish this device's adapter for a round; False when it was already published."""
+    """Publish this device's adapter for a round; False when it was already published.
+
+    `compress` sends int8 codes with per-row scales instead of float16: half the bytes, lossy.
+    """
     federation = workspace.federation
     spec, tensors, trained_on = read_adapter_folder(adapter)
     if trained_on is not None and trained_on != federation["base"]["sha256"]:
@@ -241,7 +257,8 @@ def publish_adapter(
             "train with the federation's LoRA configuration",
         )
     device, key = workspace.device, workspace.key()
-    blob = encode_adapter(tensors)
+    encoding = ENCODING_INT8 if compress else ENCODING_FP16
+    blob = encode_adapter(tensors, encoding)
     manifest = adapter_manifest(
         federation=federation["id"],
         round_number=round_number,
@@ -252,6 +269,7 @@ def publish_adapter(
         train_tokens=train_tokens,
         metrics=metrics or {},
         key=key,
+        encoding=encoding,
     )
     try:  # blob first: a manifest never points at a blob that is not there yet
         store.create(adapter_key(round_number, device), blob, signer=key)
@@ -286,14 +304,15 @@ def pull_round(store: Store, workspace: Workspace, round_number: int) -> SyncRep
         try:
             manifest_bytes = store.read(manifest_key(round_number, peer))
             adapter_bytes = store.read(adapter_key(round_number, peer))
-            verifier.check(round_number, peer, manifest_bytes, adapter_bytes)
+            verified_adapter = verifier.check(round_number, peer, manifest_bytes, adapter_bytes)
         except Rejected as reason:
             entry = {"device": peer, "round": round_number, "reason": str(reason)}
             if entry not in rejected:
                 logger.warning("rejected %s's adapter for round %d: %s", peer, round_number, reason)
                 rejected.append(entry)
             continue
-        atomic_write_bytes(destination, adapter_bytes)
+        # kept as float16 whatever the wire encoding, so aggregation reads one format
+        atomic_write_bytes(destination, encode_adapter(verified_adapter.tensors))
         atomic_write_bytes(destination.with_suffix(".json"), manifest_bytes)
         verified.append(peer)
     unique = [dict(t) for t in {tuple(sorted(r.items())) for r in rejected}]
@@ -311,6 +330,7 @@ def sync_round(
     adapter: str | os.PathLike[str] | None = None,
     train_tokens: int = 0,
     metrics: Mapping | None = None,
+    compress: bool = False,
     min_peers: int = 0,
     wait_seconds: float = 0.0,
     poll_seconds: float = 2.0,
@@ -324,7 +344,13 @@ def sync_round(
     published = False
     if adapter is not None:
         published = publish_adapter(
-            store, workspace, round_number, adapter, train_tokens=train_tokens, metrics=metrics
+            store,
+            workspace,
+            round_number,
+            adapter,
+            train_tokens=train_tokens,
+            metrics=metrics,
+            compress=compress,
         )
     started = time.monotonic()
     report = pull_round(store, workspace, round_number)

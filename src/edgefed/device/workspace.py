@@ -3,6 +3,7 @@
     device.json                  {"format", "federation", "device", "store", "data", "joined"}
     device.key                   Ed25519 private key (PEM, mode 0600); never leaves the device
     federation.json              the federation manifest as first seen (pinned)
+    reference.txt                the shared reference text, when the federation has one
     peers.json                   each peer's public key as first seen (pinned)
     rounds/<r>/peers/<d>.safetensors   verified adapters pulled for round r
     rounds/<r>/rejected.json     what was not used for round r, and why

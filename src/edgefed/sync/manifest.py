@@ -13,7 +13,7 @@ signature vouches for the manifest and the blob together.
     devices/<d>.json {"format", "device", "public_key" (base64 raw Ed25519), "registered"}
     rounds/<r>/<d>.json
                      {"format", "federation", "round", "device", "sha256", "bytes",
-                      "encoding": "fp16", "base_sha256", "train_tokens", "metrics",
+                      "encoding": "fp16" | "int8", "base_sha256", "train_tokens", "metrics",
                       "created", "signature"}
 """
 
@@ -28,6 +28,8 @@ from edgefed.sync.signing import DeviceKey, signature_is_valid
 
 FORMAT_VERSION = 1
 ENCODING_FP16 = "fp16"
+ENCODING_INT8 = "int8"  # lossy: per-row absmax int8 codes + float16 scales (`--compress`)
+ENCODINGS = (ENCODING_FP16, ENCODING_INT8)
 MAX_DOCUMENT_BYTES = 1 << 20  # a manifest or registration; the federation manifest is ~20 KB
 
 
@@ -72,6 +74,7 @@ def adapter_manifest(
     train_tokens: int,
     metrics: Mapping,
     key: DeviceKey,
+    encoding: str = ENCODING_FP16,
 ) -> dict:
     """A signed manifest for one published adapter."""
     body = {
@@ -81,7 +84,7 @@ def adapter_manifest(
         "device": device,
         "sha256": sha256,
         "bytes": size,
-        "encoding": ENCODING_FP16,
+        "encoding": encoding,
         "base_sha256": base_sha256,
         "train_tokens": int(train_tokens),
         "metrics": dict(metrics),

@@ -17,9 +17,16 @@ from dataclasses import asdict, dataclass
 
 from edgefed.adapter import lora_tensor_shapes
 from edgefed.errors import ModelFormatError
-from edgefed.sync.manifest import ENCODING_FP16, manifest_signed_by, parse_document
+from edgefed.sync.manifest import (
+    ENCODING_FP16,
+    ENCODING_INT8,
+    ENCODINGS,
+    manifest_signed_by,
+    parse_document,
+)
 
 ADAPTER_DTYPE = "float16"
+SCALE_SUFFIX = ".int8_scale"
 
 
 class Rejected(Exception):
@@ -48,14 +55,40 @@ class Rejection:
         return asdict(self)
 
 
-def encode_adapter(tensors: Mapping) -> bytes:
-    """LoRA tensors as float16 safetensors bytes: what travels between devices."""
+def _scale_axis(shape) -> int:
+    """int8 scales run along the rank dimension (A: rows, B: columns): r scales per tensor."""
+    return 1 if shape[0] <= shape[1] else 0
+
+
+def encode_adapter(tensors: Mapping, encoding: str = ENCODING_FP16) -> bytes:
+    """LoRA tensors as safetensors bytes: float16, or (lossy) int8 codes with one float16
+    scale (absmax / 127) per rank index, about half the bytes of float16."""
     import torch
     from safetensors.torch import save
 
-    return save(
-        {name: t.detach().to("cpu", torch.float16).contiguous() for name, t in tensors.items()}
-    )
+    out = {}
+    for name, tensor in tensors.items():
+        values = tensor.detach().to("cpu", torch.float32)
+        if encoding == ENCODING_INT8:
+            axis = _scale_axis(values.shape)
+            scale = (values.abs().amax(dim=axis) / 127.0).clamp_min(1e-12).to(torch.float16)
+            codes = torch.round(values / scale.float().unsqueeze(axis)).clamp(-127, 127)
+            out[name] = codes.to(torch.int8).contiguous()
+            out[name + SCALE_SUFFIX] = scale.contiguous()
+        else:
+            out[name] = values.to(torch.float16).contiguous()
+    return save(out)
+
+
+def _dequantize_int8(tensors: Mapping) -> dict:
+    import torch
+
+    restored = {}
+    for name, codes in tensors.items():
+        if not name.endswith(SCALE_SUFFIX):
+            scale = tensors[name + SCALE_SUFFIX].float().unsqueeze(_scale_axis(codes.shape))
+            restored[name] = (codes.float() * scale).to(torch.float16)
+    return restored
 
 
 def decode_adapter(data: bytes) -> dict:
@@ -104,8 +137,9 @@ class Verifier:
                 f"adapter for base {str(manifest.get('base_sha256'))[:12]}, not the federation's "
                 f"{self.federation['base']['sha256'][:12]}"
             )
-        if manifest.get("encoding") != ENCODING_FP16:
-            raise Rejected(f"unknown encoding {manifest.get('encoding')!r}")
+        encoding = manifest.get("encoding")
+        if encoding not in ENCODINGS:
+            raise Rejected(f"unknown encoding {encoding!r}")
         if len(adapter_bytes) > self.max_bytes:
             raise Rejected(
                 f"adapter is {len(adapter_bytes):,} bytes, over the {self.max_bytes:,} limit"
@@ -121,8 +155,24 @@ class Verifier:
             tensors = decode_adapter(adapter_bytes)
         except ModelFormatError as exc:
             raise Rejected(f"adapter is {str(exc).rstrip(': ')}") from None
+        if encoding == ENCODING_INT8:
+            self._check_int8(tensors)
+            tensors = _dequantize_int8(tensors)
         self._check_tensors(tensors)
         return PeerAdapter(device=device, round=round_number, tensors=tensors, manifest=manifest)
+
+    def _check_int8(self, tensors: Mapping) -> None:
+        import torch
+
+        expected = set(self.expected) | {n + SCALE_SUFFIX for n in self.expected}
+        if set(tensors) != expected:
+            raise Rejected("int8 tensor names differ from the federation's LoRA config")
+        for name, shape in self.expected.items():
+            codes, scale = tensors[name], tensors[name + SCALE_SUFFIX]
+            if codes.dtype != torch.int8 or scale.dtype != torch.float16:
+                raise Rejected(f"{name} is not int8 codes with float16 scales")
+            if tuple(codes.shape) != shape or tuple(scale.shape) != (min(shape),):
+                raise Rejected(f"{name} has shape {tuple(codes.shape)}, expected {shape}")
 
     def _check_tensors(self, tensors: Mapping) -> None:
         import torch
