@@ -13,6 +13,7 @@ import time
 import httpx
 
 from edgefed.errors import StoreError
+from edgefed.sync.layout import is_store_key
 from edgefed.sync.relay import DEVICE_HEADER, SHA256_HEADER, SIGNATURE_HEADER
 from edgefed.sync.signing import DeviceKey, write_claim
 from edgefed.sync.store import KeyExists, KeyMissing, Store
@@ -20,6 +21,7 @@ from edgefed.sync.store import KeyExists, KeyMissing, Store
 logger = logging.getLogger(__name__)
 
 RETRIES = 5
+MAX_DOWNLOAD_BYTES = 256 << 20  # far above any adapter; verification applies the real limit
 FIRST_BACKOFF_SECONDS = 0.5
 _FIXES = {
     401: "check the relay token (--token-file or EDGEFED_TOKEN)",
@@ -72,6 +74,8 @@ class RelayStore(Store):
         if response.status_code != 200:
             raise self._fail(response, f"read {key}")
         data = response.content
+        if len(data) > MAX_DOWNLOAD_BYTES:
+            raise StoreError(f"{key} from {self.url} is over {MAX_DOWNLOAD_BYTES} bytes", "")
         if hashlib.sha256(data).hexdigest() != response.headers.get(SHA256_HEADER):
             raise StoreError(f"{key} arrived damaged from {self.url}", "sync again")
         return data
@@ -80,7 +84,14 @@ class RelayStore(Store):
         response = self._request("GET", "/v1/keys", params={"prefix": prefix})
         if response.status_code != 200:
             raise self._fail(response, "list keys")
-        return sorted(response.json())
+        try:
+            listed = response.json()
+        except ValueError:
+            listed = None
+        if not isinstance(listed, list):
+            raise StoreError(f"the relay {self.url} sent a malformed key list", "check the relay")
+        # a relay is not trusted to name keys: anything outside the layout is dropped here
+        return sorted(k for k in listed if isinstance(k, str) and is_store_key(k))
 
     def create(self, key: str, data: bytes, *, signer: DeviceKey | None = None) -> None:
         headers = {}
