@@ -158,18 +158,32 @@ def load_lora_state(peft_model, state: Mapping) -> None:
 def save_peft_adapter(
     peft_model, folder: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """Write a PEFT adapter folder (adapter_config.json + safetensors) atomically.
+    """Write a PEFT model's adapter as a PEFT adapter folder, atomically."""
+    return save_lora_tensors(
+        lora_state(peft_model), peft_model.peft_config["default"], folder, metadata=metadata
+    )
 
-    Written by hand from PEFT's own config and state dict rather than `save_pretrained`, which
-    would also write a model card and record the meta-device model's empty name as the base.
+
+def save_lora_tensors(
+    tensors: Mapping,
+    config,
+    folder: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write LoRA tensors (PEFT names) as a PEFT adapter folder, atomically.
+
+    `config` is a PEFT LoraConfig or a LoraSpec. Written by hand rather than with PEFT's
+    `save_pretrained`, which would also write a model card and record the meta-device model's
+    empty name as the base.
     """
     from safetensors.torch import save_file
 
-    config = peft_model.peft_config["default"]
+    peft_config = config.peft_config() if isinstance(config, LoraSpec) else config
     with atomic_dir(folder) as tmp:
-        config.save_pretrained(str(tmp))
+        peft_config.save_pretrained(str(tmp))
         save_file(
-            lora_state(peft_model),
+            {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()},
             str(tmp / PEFT_WEIGHTS_FILE),
             metadata={"format": "pt", **(metadata or {})},
         )

@@ -1,0 +1,177 @@
+"""The trust schemes: each turns what a device knows into row i of W.
+
+    perplexity   −(mean NLL) of each adapter on this device's trust-validation tokens (llama.cpp)
+    prediction   −(mean total-variation distance) between each adapter's top-k next-token
+                 distribution and this device's own, on the federation's reference text
+    weights      cosine similarity of each adapter's ΔW = B·A with this device's own
+    fedavg       uniform weights, or proportional to training tokens
+    local        this device alone (W = I)
+
+Scores are "higher is more trusted" and go through `trust_row` (top-k, threshold, softmax with
+temperature); fedavg and local set their weights directly. Each name is bound to its own
+function in `SCHEMES` and the row records the scheme that produced it: the paper's public code
+matched names by substring and silently ran one scheme under another's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from edgefed.errors import DataError
+from edgefed.trust.normalize import trust_row
+from edgefed.trust.similarity import delta_cosine
+
+DEFAULT_TOP_K_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class TrustInputs:
+    """What a device has when it computes its row; runtime schemes need the runtime fields."""
+
+    own: str
+    adapters: Mapping[str, Mapping]  # device -> LoRA tensors, this device's own included
+    train_tokens: Mapping[str, int] = field(default_factory=dict)
+    runtime: object | None = None  # a LlamaRuntime with the base loaded
+    runtime_adapters: Mapping[str, object] = field(default_factory=dict)  # device -> loaded
+    val_tokens: np.ndarray | None = None
+    reference_tokens: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class TrustRow:
+    """Row i of W with the raw scores it came from, in `devices` order."""
+
+    scheme: str
+    devices: list[str]
+    scores: list[float]
+    weights: list[float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def weight_of(self, device: str) -> float:
+        return self.weights[self.devices.index(device)]
+
+
+@dataclass(frozen=True)
+class Normalization:
+    temperature: float = 1.0
+    top_k: int | None = None
+    threshold: float | None = None
+
+
+def _devices(inputs: TrustInputs) -> list[str]:
+    if inputs.own not in inputs.adapters:
+        raise DataError(f"this device's own adapter ({inputs.own}) is missing", "train first")
+    return [inputs.own, *sorted(d for d in inputs.adapters if d != inputs.own)]
+
+
+def _softmax_row(name: str, devices: list[str], scores: list[float], norm: Normalization):
+    weights = trust_row(
+        scores, 0, temperature=norm.temperature, top_k=norm.top_k, threshold=norm.threshold
+    )
+    return TrustRow(name, devices, scores, weights)
+
+
+def local_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
+    devices = _devices(inputs)
+    weights = [1.0] + [0.0] * (len(devices) - 1)
+    return TrustRow("local", devices, list(weights), weights)
+
+
+def fedavg_trust(inputs: TrustInputs, norm: Normalization, *, by_tokens: bool = False) -> TrustRow:
+    devices = _devices(inputs)
+    scores = [float(inputs.train_tokens.get(d, 0)) if by_tokens else 1.0 for d in devices]
+    if sum(scores) <= 0:
+        raise DataError("no training tokens are known for any device", "drop --by-tokens")
+    return TrustRow("fedavg", devices, scores, [s / sum(scores) for s in scores])
+
+
+def weight_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
+    devices = _devices(inputs)
+    own = inputs.adapters[inputs.own]
+    scores = [delta_cosine(own, inputs.adapters[d]) for d in devices]
+    return _softmax_row("weights", devices, scores, norm)
+
+
+def _require_runtime(inputs: TrustInputs, tokens, what: str, fix: str) -> None:
+    if inputs.runtime is None or tokens is None or len(tokens) < 2:
+        raise DataError(f"{what} is missing", fix)
+    missing = [d for d in inputs.adapters if d not in inputs.runtime_adapters]
+    if missing:
+        raise DataError(f"no runtime adapter for {', '.join(missing)}", "load every adapter")
+
+
+def perplexity_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
+    _require_runtime(
+        inputs, inputs.val_tokens, "the trust-validation text", "train to make the split"
+    )
+    devices = _devices(inputs)
+    scores = [
+        -inputs.runtime.perplexity(inputs.val_tokens, inputs.runtime_adapters[d]).mean_nll
+        for d in devices
+    ]
+    return _softmax_row("perplexity", devices, scores, norm)
+
+
+def _top_k_distributions(top) -> list[dict[int, float]]:
+    probabilities = np.exp(top.logprobs.astype(np.float64))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)  # renormalised over the top k
+    return [
+        dict(zip(ids.tolist(), p.tolist(), strict=True))
+        for ids, p in zip(top.token_ids, probabilities, strict=True)
+    ]
+
+
+def total_variation(first: list[dict[int, float]], second: list[dict[int, float]]) -> float:
+    """Mean over positions of ½ Σ |p − q| over the union of both top-k supports, in [0, 1]."""
+    distances = []
+    for p, q in zip(first, second, strict=True):
+        support = p.keys() | q.keys()
+        distances.append(0.5 * sum(abs(p.get(t, 0.0) - q.get(t, 0.0)) for t in support))
+    return float(np.mean(distances))
+
+
+def prediction_trust(
+    inputs: TrustInputs, norm: Normalization, *, k: int = DEFAULT_TOP_K_TOKENS
+) -> TrustRow:
+    _require_runtime(
+        inputs,
+        inputs.reference_tokens,
+        "the federation's reference text",
+        "create the federation with `edgefed init --reference FILE`",
+    )
+    devices = _devices(inputs)
+    runtime = inputs.runtime
+    tops = {
+        d: _top_k_distributions(
+            runtime.top_k(inputs.reference_tokens, k, inputs.runtime_adapters[d])
+        )
+        for d in devices
+    }
+    scores = [-total_variation(tops[inputs.own], tops[d]) for d in devices]
+    return _softmax_row("prediction", devices, scores, norm)
+
+
+SCHEMES: dict[str, Callable[..., TrustRow]] = {
+    "perplexity": perplexity_trust,
+    "prediction": prediction_trust,
+    "weights": weight_trust,
+    "fedavg": fedavg_trust,
+    "local": local_trust,
+}
+
+
+def compute_trust(
+    scheme: str, inputs: TrustInputs, norm: Normalization | None = None, **options
+) -> TrustRow:
+    """Row i of W by the named scheme; DataError for an unknown name (never a fallback)."""
+    function = SCHEMES.get(scheme)
+    if function is None:
+        raise DataError(f"unknown trust scheme '{scheme}'", f"choose one of {', '.join(SCHEMES)}")
+    row = function(inputs, norm or Normalization(), **options)
+    assert row.scheme == scheme  # each name runs its own code path
+    return row
