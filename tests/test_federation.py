@@ -266,3 +266,48 @@ def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
     }
     for needle, args in cases.items():
         assert_one_line_error(run(*args), needle)
+
+
+def test_aggregate_writes_the_mix_and_its_trust_row_for_each_scheme(
+    tmp_path, tiny_llama_gguf, train_corpus, adapters
+):
+    from test_cli import run
+
+    from edgefed.adapter import read_adapter_folder
+    from edgefed.device.aggregate import aggregate_round, trust_history
+    from edgefed.device.federation import init_federation, join_federation, sync_round
+    from edgefed.sync.folder import FolderStore
+
+    store = FolderStore(tmp_path / "shared")
+    init_federation(store, base=tiny_llama_gguf)
+    spaces = {
+        d: join_federation(
+            store, d, data=train_corpus, workspace=tmp_path / d, base=tiny_llama_gguf
+        )
+        for d in DEVICES
+    }
+    for device in DEVICES:
+        sync_round(store, spaces[device], 0, adapter=adapters[device, 0])
+    alice = spaces["alice"]
+    sync_round(store, alice, 0)
+    own = adapters["alice", 0]
+    rows = {}
+    for scheme in ("local", "fedavg", "weights", "perplexity"):
+        rows[scheme] = aggregate_round(alice, 0, own, scheme=scheme, runtime_quant="keep")
+        assert rows[scheme].row.scheme == scheme
+        assert sum(rows[scheme].row.weights) == pytest.approx(1.0)
+    _, mixed, _ = read_adapter_folder(tmp_path / "alice" / "rounds" / "0" / "aggregated")
+    assert rows["local"].row.weights == [1.0, 0.0, 0.0]
+    assert rows["fedavg"].row.weights == pytest.approx([1 / 3] * 3)
+    history = trust_history(alice)
+    assert len(history) == 1 and history[0]["scheme"] == "perplexity"  # the last one written
+    assert history[0]["devices"] == ["alice", "bob", "carol"]
+    assert set(mixed) == set(read_adapter_folder(own)[1])
+
+    exact = aggregate_round(alice, 0, own, scheme="fedavg", merge="exact")
+    assert 0 < exact.relative_error < rows["fedavg"].relative_error
+    shown = run("trust", "show", "--workspace", alice.root, "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)[0]["merge"] == "exact"
+    cli = run("aggregate", "--round", 0, "--adapter", own, "--workspace", alice.root,
+              "--trust", "prediction")  # fmt: skip
+    assert cli.exit_code == 2 and "reference text" in cli.stderr

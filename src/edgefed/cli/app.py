@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from edgefed import __version__
-from edgefed.cli import base, evaluate, federation, quant, relay, train
+from edgefed.cli import base, evaluate, federation, quant, relay, train, trust
 from edgefed.cli.output import configure_logging
 
 app = typer.Typer(
@@ -21,10 +21,12 @@ app = typer.Typer(
 app.add_typer(base.app, name="base")
 app.add_typer(quant.app, name="quant")
 app.add_typer(relay.app, name="relay")
+app.add_typer(trust.app, name="trust")
 app.command("init")(federation.init)
 app.command("join")(federation.join)
 app.command("train")(train.train)
 app.command("sync")(federation.sync)
+app.command("aggregate")(trust.aggregate)
 app.command("status")(federation.status)
 app.command("evaluate")(evaluate.evaluate)
 
