@@ -289,7 +289,12 @@ def pull_round(store: Store, workspace: Workspace, round_number: int) -> SyncRep
     federation = workspace.federation
     keys, problems = registered_keys(store, workspace)
     verifier = Verifier(federation, keys)
-    rejected = workspace.rejections(round_number) + [p | {"round": round_number} for p in problems]
+    # one entry per (device, reason): a rejection seen at an earlier sync is not logged again
+    rejected = {
+        (r["device"], r["reason"]): r
+        for r in workspace.rejections(round_number)
+        + [p | {"round": round_number} for p in problems]
+    }
     complete: dict[str, set[bool]] = {}
     for key in store.keys(f"rounds/{round_number}/"):
         item = parse_round_key(key)
@@ -306,20 +311,21 @@ def pull_round(store: Store, workspace: Workspace, round_number: int) -> SyncRep
             adapter_bytes = store.read(adapter_key(round_number, peer))
             verified_adapter = verifier.check(round_number, peer, manifest_bytes, adapter_bytes)
         except Rejected as reason:
-            entry = {"device": peer, "round": round_number, "reason": str(reason)}
-            if entry not in rejected:
+            if (peer, str(reason)) not in rejected:
                 logger.warning("rejected %s's adapter for round %d: %s", peer, round_number, reason)
-                rejected.append(entry)
+                rejected[peer, str(reason)] = {
+                    "device": peer,
+                    "round": round_number,
+                    "reason": str(reason),
+                }
             continue
         # kept as float16 whatever the wire encoding, so aggregation reads one format
         atomic_write_bytes(destination, encode_adapter(verified_adapter.tensors))
         atomic_write_bytes(destination.with_suffix(".json"), manifest_bytes)
         verified.append(peer)
-    unique = [dict(t) for t in {tuple(sorted(r.items())) for r in rejected}]
-    workspace.record_rejections(
-        round_number, sorted(unique, key=lambda r: (r["device"], r["reason"]))
-    )
-    return SyncReport(round=round_number, published=False, verified=verified, rejected=unique)
+    ordered = [rejected[k] for k in sorted(rejected)]
+    workspace.record_rejections(round_number, ordered)
+    return SyncReport(round=round_number, published=False, verified=verified, rejected=ordered)
 
 
 def sync_round(

@@ -75,12 +75,18 @@ def create_app(root: str | os.PathLike[str], token: str, max_bytes: int = DEFAUL
             return _error(400, "bad prefix")
         return JSONResponse(store.keys(prefix))
 
-    async def get_blob(request: Request) -> Response:
+    def refusal(request: Request) -> Response | None:
+        """401 without the token, 400 for a key outside the layout, else None."""
         if not authorized(request):
             return _error(401, "missing or wrong bearer token")
-        key = request.path_params["key"]
-        if not is_store_key(key):
+        if not is_store_key(request.path_params["key"]):
             return _error(400, "not a federation store key")
+        return None
+
+    async def get_blob(request: Request) -> Response:
+        if (refused := refusal(request)) is not None:
+            return refused
+        key = request.path_params["key"]
         try:
             data = store.read(key)
         except KeyMissing:
@@ -92,11 +98,9 @@ def create_app(root: str | os.PathLike[str], token: str, max_bytes: int = DEFAUL
         )
 
     async def put_blob(request: Request) -> Response:
-        if not authorized(request):
-            return _error(401, "missing or wrong bearer token")
+        if (refused := refusal(request)) is not None:
+            return refused
         key = request.path_params["key"]
-        if not is_store_key(key):
-            return _error(400, "not a federation store key")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_bytes):
             return _error(413, f"body over the {max_bytes} byte limit")

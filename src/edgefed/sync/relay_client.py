@@ -13,7 +13,7 @@ import time
 import httpx
 
 from edgefed.errors import StoreError
-from edgefed.sync.layout import is_store_key
+from edgefed.sync.layout import is_store_key, key_owner
 from edgefed.sync.relay import DEVICE_HEADER, SHA256_HEADER, SIGNATURE_HEADER
 from edgefed.sync.signing import DeviceKey, write_claim
 from edgefed.sync.store import KeyExists, KeyMissing, Store
@@ -96,9 +96,8 @@ class RelayStore(Store):
     def create(self, key: str, data: bytes, *, signer: DeviceKey | None = None) -> None:
         headers = {}
         if signer is not None:
-            device = key.split("/")[-1].split(".")[0]
             headers = {
-                DEVICE_HEADER: device,
+                DEVICE_HEADER: key_owner(key) or "",
                 SIGNATURE_HEADER: signer.sign(write_claim(key, data)),
             }
         response = self._request("PUT", f"/v1/blob/{key}", content=data, headers=headers)
