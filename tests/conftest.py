@@ -250,3 +250,13 @@ def relay_server(tmp_path):
     yield url, token, root
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(params=["folder", "relay"])
+def store_url(request, tmp_path, monkeypatch) -> str:
+    """A shared folder, or a real relay process (its token reaches devices by EDGEFED_TOKEN)."""
+    if request.param == "folder":
+        return str(tmp_path / "shared")
+    url, token, _ = request.getfixturevalue("relay_server")
+    monkeypatch.setenv("EDGEFED_TOKEN", token)
+    return url

@@ -68,16 +68,6 @@ def finish(process: subprocess.Popen) -> dict:
     return json.loads(stdout)
 
 
-@pytest.fixture(params=["folder", "relay"])
-def store_url(request, tmp_path, monkeypatch) -> str:
-    """A shared folder, or a real relay process (its token reaches devices by EDGEFED_TOKEN)."""
-    if request.param == "folder":
-        return str(tmp_path / "shared")
-    url, token, _ = request.getfixturevalue("relay_server")
-    monkeypatch.setenv("EDGEFED_TOKEN", token)
-    return url
-
-
 def test_three_device_processes_exchange_verified_adapters_through_a_store(
     store_url, tmp_path, tiny_llama_gguf, train_corpus, adapters
 ):

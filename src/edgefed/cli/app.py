@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from edgefed import __version__
-from edgefed.cli import base, evaluate, federation, quant, relay, train, trust
+from edgefed.cli import base, evaluate, federation, quant, relay, round, train, trust
 from edgefed.cli.output import configure_logging
 
 app = typer.Typer(
@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals can hold tokens and keys
     add_completion=False,
+    rich_markup_mode="markdown",  # reflows docstring paragraphs to the terminal's width
 )
 app.add_typer(base.app, name="base")
 app.add_typer(quant.app, name="quant")
@@ -27,6 +28,7 @@ app.command("join")(federation.join)
 app.command("train")(train.train)
 app.command("sync")(federation.sync)
 app.command("aggregate")(trust.aggregate)
+app.command("round")(round.round_command)
 app.command("status")(federation.status)
 app.command("evaluate")(evaluate.evaluate)
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from edgefed.cli.federation import WorkspaceOption
 from edgefed.cli.options import (
     BaseOption,
     JsonOption,
@@ -41,9 +42,36 @@ def evaluate(
     stride: StrideOption = None,
     threads: ThreadsOption = None,
     runtime_quant: RuntimeQuantOption = "q8_0",
+    round_number: Annotated[
+        int | None,
+        typer.Option(
+            "--round",
+            "-r",
+            help="Evaluate this device's round instead: base, local and aggregated adapters on "
+            "its test split, and its trust row.",
+            min=0,
+            show_default=False,
+        ),
+    ] = None,
+    workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Perplexity, tokens scored and tokens/s for the base and each adapter (llama.cpp)."""
+    """Perplexity of the base and adapters on a text, or of a device's round on its test split.
+
+    With --data/--adapter: any text and GGUF adapters. With --round (and --workspace): the
+    device's own base, local and aggregated adapters on its test split, never the
+    trust-validation split that chose the weights.
+    """
+    if round_number is not None or workspace is not None:
+        if data is not None or adapter:
+            from edgefed.errors import DataError
+
+            raise DataError(
+                "--round evaluates a device's own round; --data/--adapter evaluate any text",
+                "give one or the other",
+            )
+        _evaluate_round(round_number, workspace, runtime_quant, as_json)
+        return
     from edgefed.demo_text import demo_evaluation_text
     from edgefed.documents import read_documents
     from edgefed.evaluation import evaluate_text
@@ -80,3 +108,30 @@ def evaluate(
             f"{row.tokens_per_second:,.0f}",
         )
     stdout.print(table)
+
+
+def _evaluate_round(
+    round_number: int | None, workspace: Path | None, runtime_quant: str, as_json: bool
+) -> None:
+    """A round's recorded evaluation, computed (and recorded) first if the round lacks one."""
+    from edgefed.cli.round import render_evaluation
+    from edgefed.device.evaluate import evaluate_round, read_evaluation
+    from edgefed.device.workspace import find_workspace
+    from edgefed.errors import InputFileError
+
+    ws = find_workspace(workspace)
+    if round_number is None:
+        finished = [r for r in ws.rounds() if (ws.round_dir(r) / "trust.json").is_file()]
+        if not finished:
+            raise InputFileError(
+                f"{ws.device} has no aggregated round to evaluate", "run `edgefed round` first"
+            )
+        round_number = finished[-1]
+    evaluation = read_evaluation(ws, round_number)
+    if evaluation is None:
+        with stderr.status(f"evaluating round {round_number} on the test split ..."):
+            evaluation = evaluate_round(ws, round_number, runtime_quant=runtime_quant)
+    if as_json:
+        emit_json(evaluation)
+        return
+    render_evaluation(evaluation)

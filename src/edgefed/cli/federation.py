@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -40,7 +39,7 @@ TokenFileOption = Annotated[
 ]
 
 
-def _token(token_file: Path | None) -> str | None:
+def store_token(token_file: Path | None) -> str | None:
     from edgefed.errors import InputFileError
 
     if token_file is None:
@@ -96,7 +95,7 @@ def init(
         )
     except ValueError as exc:
         raise DataError(str(exc), "see edgefed init --help") from None
-    with open_store(store, token=_token(token_file)) as opened:
+    with open_store(store, token=store_token(token_file)) as opened:
         manifest = init_federation(
             opened,
             base=base,
@@ -133,7 +132,7 @@ def join(
     from edgefed.device.federation import join_federation
     from edgefed.sync.store import open_store
 
-    with open_store(store, token=_token(token_file)) as opened:
+    with open_store(store, token=store_token(token_file)) as opened:
         joined = join_federation(opened, device, data=data, workspace=workspace, base=base)
     if as_json:
         emit_json({"workspace": str(joined.root)} | joined.config)
@@ -170,17 +169,13 @@ def sync(
     as_json: JsonOption = False,
 ) -> None:
     """Publish this device's adapter for a round and pull its peers' verified adapters."""
-    from edgefed.device.federation import sync_round
+    from edgefed.device.federation import publish_metrics, sync_round
     from edgefed.device.workspace import find_workspace
     from edgefed.sync.store import open_store
 
     ws = find_workspace(workspace)
-    tokens, metrics = 0, {}
-    if adapter is not None and (adapter / "metrics.json").is_file():
-        run = json.loads((adapter / "metrics.json").read_text(encoding="utf-8"))
-        tokens = int(run.get("tokens_seen", 0))
-        metrics = {"val_perplexity": run.get("val", {}).get("perplexity")}
-    with open_store(ws.config["store"], token=_token(token_file)) as opened:
+    tokens, metrics = publish_metrics(adapter) if adapter is not None else (0, {})
+    with open_store(ws.config["store"], token=store_token(token_file)) as opened:
         report = sync_round(
             opened,
             ws,
@@ -220,7 +215,7 @@ def status(
     from edgefed.sync.store import open_store
 
     ws = find_workspace(workspace)
-    with open_store(ws.config["store"], token=_token(token_file)) as opened:
+    with open_store(ws.config["store"], token=store_token(token_file)) as opened:
         report = federation_status(opened, ws)
     if as_json:
         emit_json(report)

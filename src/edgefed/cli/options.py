@@ -46,3 +46,58 @@ RuntimeQuantOption = Annotated[
         "the base file as it is.",
     ),
 ]
+
+_TRUST = "Trust and mixing"
+TrustOption = Annotated[
+    str | None,
+    typer.Option(
+        "--trust",
+        help="Trust scheme: perplexity (your adapters' loss on your trust-validation text), "
+        "prediction (agreement on the federation's reference text), weights (ΔW cosine), "
+        "fedavg, or local. Default: the federation's.",
+        show_default=False,
+        rich_help_panel=_TRUST,
+    ),
+]
+TemperatureOption = Annotated[
+    float | None,
+    typer.Option(
+        "--temperature",
+        help="Softmax temperature over the scores (perplexity: nats of mean loss; lower is "
+        "pickier). Default: the federation's.",
+        show_default=False,
+        rich_help_panel=_TRUST,
+    ),
+]
+TopKOption = Annotated[
+    int | None,
+    typer.Option(
+        "--top-k",
+        help="Keep only the K most trusted (yourself always kept).",
+        min=1,
+        rich_help_panel=_TRUST,
+    ),
+]
+ThresholdOption = Annotated[
+    float | None,
+    typer.Option(
+        "--threshold", help="Drop scores below T (yourself always kept).", rich_help_panel=_TRUST
+    ),
+]
+MergeOption = Annotated[
+    str,
+    typer.Option(
+        "--merge",
+        help="factors (average A and B, as the paper) or exact (Σ w·B·A, then an SVD back to "
+        "rank r).",
+        rich_help_panel=_TRUST,
+    ),
+]
+ByTokensOption = Annotated[
+    bool,
+    typer.Option(
+        "--by-tokens",
+        help="fedavg: weight by training tokens instead of uniformly.",
+        rich_help_panel=_TRUST,
+    ),
+]

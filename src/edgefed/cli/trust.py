@@ -9,7 +9,16 @@ import typer
 from rich.table import Table
 
 from edgefed.cli.federation import WorkspaceOption
-from edgefed.cli.options import JsonOption, RuntimeQuantOption
+from edgefed.cli.options import (
+    ByTokensOption,
+    JsonOption,
+    MergeOption,
+    RuntimeQuantOption,
+    TemperatureOption,
+    ThresholdOption,
+    TopKOption,
+    TrustOption,
+)
 from edgefed.cli.output import emit_json, stdout, user_errors
 
 app = typer.Typer(help="Trust rows: how much this device trusts each peer, round by round.")
@@ -27,29 +36,12 @@ def aggregate(
             show_default=False,
         ),
     ],
-    trust: Annotated[
-        str,
-        typer.Option(help="Trust scheme: perplexity, prediction, weights, fedavg or local."),
-    ] = "perplexity",
-    temperature: Annotated[
-        float,
-        typer.Option(
-            help="Softmax temperature over the scores (perplexity: in nats of mean loss)."
-        ),
-    ] = 1.0,
-    top_k: Annotated[
-        int | None, typer.Option(help="Keep only the K most trusted (self always kept).", min=1)
-    ] = None,
-    threshold: Annotated[
-        float | None, typer.Option(help="Drop scores below T (self always kept).")
-    ] = None,
-    merge: Annotated[
-        str,
-        typer.Option(help="factors (average A and B, the paper) or exact (Σ w·B·A, then SVD)."),
-    ] = "factors",
-    by_tokens: Annotated[
-        bool, typer.Option(help="fedavg: weight by training tokens instead of uniformly.")
-    ] = False,
+    trust: TrustOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    threshold: ThresholdOption = None,
+    merge: MergeOption = "factors",
+    by_tokens: ByTokensOption = False,
     workspace: WorkspaceOption = None,
     runtime_quant: RuntimeQuantOption = "q8_0",
     as_json: JsonOption = False,
@@ -57,17 +49,15 @@ def aggregate(
     """Compute this device's trust row over the round's verified peers and write the mix."""
     from edgefed.device.aggregate import aggregate_round
     from edgefed.device.workspace import find_workspace
-    from edgefed.errors import DataError
-    from edgefed.trust.schemes import Normalization
 
-    if temperature <= 0:
-        raise DataError("--temperature must be positive", "e.g. --temperature 0.5")
     result = aggregate_round(
         find_workspace(workspace),
         round_number,
         adapter,
         scheme=trust,
-        normalization=Normalization(temperature=temperature, top_k=top_k, threshold=threshold),
+        temperature=temperature,
+        top_k=top_k,
+        threshold=threshold,
         merge=merge,
         by_tokens=by_tokens,
         runtime_quant=runtime_quant,
@@ -75,7 +65,9 @@ def aggregate(
     if as_json:
         emit_json(result.as_dict())
         return
-    table = Table("device", "score", "weight", title=f"trust row ({trust}), round {round_number}")
+    table = Table(
+        "device", "score", "weight", title=f"trust row ({result.row.scheme}), round {round_number}"
+    )
     for device, score, weight in zip(
         result.row.devices, result.row.scores, result.row.weights, strict=True
     ):

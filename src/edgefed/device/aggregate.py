@@ -5,6 +5,7 @@ computes row i of W with the chosen scheme (llama.cpp for perplexity and predict
 loaded once, every adapter loaded once and swapped), mixes, and writes into the round folder:
 
     rounds/<r>/aggregated/   the mixed adapter (PEFT folder: adapter_config.json + safetensors)
+    rounds/<r>/aggregated.gguf   the same as a GGUF LoRA, for llama.cpp
     rounds/<r>/trust.json    {"round", "scheme", "devices", "scores", "weights", "normalization",
                               "merge", "relative_error", "peers_used"}
 
@@ -22,12 +23,24 @@ from pathlib import Path
 
 from edgefed.adapter import BASE_FINGERPRINT_KEY, LoraSpec, read_adapter_folder, save_lora_tensors
 from edgefed.atomic import atomic_write_text
+from edgefed.device.split_text import device_split_tokens
 from edgefed.device.workspace import Workspace
 from edgefed.errors import DataError
+from edgefed.faults import crash_point
+from edgefed.quant.lora_gguf import convert_lora_to_gguf
+from edgefed.train.split import TRUST_VAL
 from edgefed.trust.merge import MERGES
-from edgefed.trust.schemes import Normalization, TrustInputs, TrustRow, compute_trust
+from edgefed.trust.schemes import (
+    DEFAULT_SCHEME,
+    DEFAULT_TEMPERATURE,
+    Normalization,
+    TrustInputs,
+    TrustRow,
+    compute_trust,
+)
 
 AGGREGATED_DIR = "aggregated"
+AGGREGATED_GGUF = "aggregated.gguf"
 TRUST_FILE = "trust.json"
 RUNTIME_SCHEMES = ("perplexity", "prediction")
 DEFAULT_VAL_TOKENS = 8192
@@ -38,12 +51,14 @@ class AggregateResult:
     row: TrustRow
     relative_error: float
     adapter_dir: Path
+    gguf_adapter: Path
 
     def as_dict(self) -> dict:
         return {
             "trust": self.row.as_dict(),
             "relative_error": self.relative_error,
             "adapter": str(self.adapter_dir),
+            "gguf": str(self.gguf_adapter),
         }
 
 
@@ -59,33 +74,15 @@ def _peer_adapters(workspace: Workspace, round_number: int) -> tuple[dict, dict]
     return tensors, tokens
 
 
-def _validation_tokens(workspace: Workspace, own_adapter: Path, runtime, limit: int | None):
-    from edgefed.documents import read_documents
-    from edgefed.train.blocks import evaluation_stream, token_stream
-    from edgefed.train.split import TRUST_VAL, SplitRule, split_documents
-
-    candidates = [own_adapter / "split.json", own_adapter.parent / "split.json"]
-    split_file = next((p for p in candidates if p.is_file()), candidates[0])
-    rule = (
-        SplitRule(**json.loads(split_file.read_text(encoding="utf-8"))["rule"])
-        if split_file.is_file()
-        else SplitRule()
-    )
-    documents = read_documents(workspace.config["data"])
-    split = split_documents(documents.documents, rule)
-    stream = token_stream(
-        split[TRUST_VAL], lambda t: runtime.tokenize(t, add_bos=False), runtime.eos
-    )
-    return evaluation_stream(stream, runtime.bos, limit)
-
-
 def aggregate_round(
     workspace: Workspace,
     round_number: int,
     own_adapter: str | os.PathLike[str],
     *,
-    scheme: str = "perplexity",
-    normalization: Normalization | None = None,
+    scheme: str | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    threshold: float | None = None,
     merge: str = "factors",
     by_tokens: bool = False,
     runtime_quant: str | None = None,
@@ -93,13 +90,28 @@ def aggregate_round(
 ) -> AggregateResult:
     """Compute this device's trust row for the round and write the mixed adapter.
 
-    Raises DataError for an unknown scheme or merge, or missing inputs (no reference text for
-    prediction trust, no own adapter), and AdapterMismatchError for adapters that do not agree.
+    `scheme` and `temperature` default to the federation's trust defaults. Raises DataError
+    for an unknown scheme or merge, a bad normalization, or missing inputs (no reference text
+    for prediction trust, no own adapter), and AdapterMismatchError for adapters that do not
+    agree.
     """
     if merge not in MERGES:
         raise DataError(f"unknown merge '{merge}'", f"choose one of {', '.join(MERGES)}")
-    normalization = normalization or Normalization()
     federation = workspace.federation
+    defaults = federation.get("trust") or {}
+    scheme = scheme or defaults.get("scheme", DEFAULT_SCHEME)
+    normalization = Normalization(
+        temperature=float(defaults.get("temperature", DEFAULT_TEMPERATURE))
+        if temperature is None
+        else temperature,
+        top_k=top_k,
+        threshold=threshold,
+    )
+    if normalization.temperature <= 0 or (top_k is not None and top_k < 1):
+        raise DataError(
+            "the temperature must be positive and top-k at least 1",
+            "e.g. --temperature 0.05 --top-k 3",
+        )
     spec = LoraSpec.from_dict(federation["lora"])
     own_path = Path(own_adapter)
     _, own_tensors, _ = read_adapter_folder(own_path)
@@ -129,6 +141,12 @@ def aggregate_round(
         workspace.round_dir(round_number) / AGGREGATED_DIR,
         metadata={BASE_FINGERPRINT_KEY: federation["base"]["sha256"]},
     )
+    gguf_adapter = convert_lora_to_gguf(
+        adapter_dir,
+        workspace.round_dir(round_number) / AGGREGATED_GGUF,
+        base=workspace.config["base"],
+    )
+    crash_point("aggregate-mix")
     record = {
         "round": round_number,
         **row.as_dict(),
@@ -142,13 +160,17 @@ def aggregate_round(
     atomic_write_text(
         workspace.round_dir(round_number) / TRUST_FILE, json.dumps(record, indent=1) + "\n"
     )
-    return AggregateResult(row=row, relative_error=result.relative_error, adapter_dir=adapter_dir)
+    return AggregateResult(
+        row=row,
+        relative_error=result.relative_error,
+        adapter_dir=adapter_dir,
+        gguf_adapter=gguf_adapter,
+    )
 
 
 def _runtime_row(
     workspace, scheme, adapters, spec, own_path, normalization, runtime_quant, val_tokens
 ):
-    from edgefed.quant.lora_gguf import convert_lora_to_gguf
     from edgefed.runtime import DEFAULT_RUNTIME_QUANT, LlamaRuntime, runtime_copy
 
     base = Path(workspace.config["base"])
@@ -172,7 +194,7 @@ def _runtime_row(
             adapters=adapters,
             runtime=runtime,
             runtime_adapters=loaded,
-            val_tokens=_validation_tokens(workspace, own_path, runtime, val_tokens)
+            val_tokens=device_split_tokens(workspace, own_path, runtime, TRUST_VAL, val_tokens)
             if scheme == "perplexity"
             else None,
             reference_tokens=runtime.tokenize(reference_path.read_text(encoding="utf-8"))

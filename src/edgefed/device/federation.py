@@ -8,6 +8,7 @@ tensors) and their signed manifests. Everything pulled goes through `Verifier` f
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from edgefed.adapter import LoraSpec, read_adapter_folder
 from edgefed.atomic import atomic_write_bytes
 from edgefed.device.workspace import WORKSPACE_FORMAT, Workspace, default_workspace, write_json
 from edgefed.errors import AdapterMismatchError, InputFileError, StoreError
+from edgefed.faults import crash_point
 from edgefed.quant.gguf_file import read_base_info, resolve_base
 from edgefed.sync.layout import (
     DEVICES_PREFIX,
@@ -44,10 +46,11 @@ from edgefed.sync.manifest import (
 from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KeyExists, KeyMissing, Store
 from edgefed.sync.verify import Rejected, Verifier, encode_adapter
+from edgefed.trust.schemes import DEFAULT_SCHEME, DEFAULT_TEMPERATURE
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRUST = {"scheme": "perplexity", "temperature": 1.0}
+DEFAULT_TRUST = {"scheme": DEFAULT_SCHEME, "temperature": DEFAULT_TEMPERATURE}
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,19 @@ def registered_keys(store: Store, workspace: Workspace) -> tuple[dict[str, str],
     return keys, problems
 
 
+def publish_metrics(run_dir: str | os.PathLike[str]) -> tuple[int, dict]:
+    """Training tokens and the metrics a manifest carries, from a run folder's metrics.json.
+
+    Only aggregate figures leave the device: the token count (for token-weighted FedAvg) and
+    the trust-validation perplexity; (0, {}) for a bare PEFT folder.
+    """
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return 0, {}
+    run = json.loads(path.read_text(encoding="utf-8"))
+    return int(run.get("tokens_seen", 0)), {"val_perplexity": run.get("val", {}).get("perplexity")}
+
+
 def publish_adapter(
     store: Store,
     workspace: Workspace,
@@ -277,6 +293,7 @@ def publish_adapter(
         # published before; finish an interrupted publish of this same adapter, else keep it
         if store.read(adapter_key(round_number, device)) != blob:
             return False
+    crash_point("publish-blob")
     try:
         store.create(manifest_key(round_number, device), encode_document(manifest), signer=key)
     except KeyExists:

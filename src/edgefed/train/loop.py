@@ -20,6 +20,7 @@ import numpy as np
 
 from edgefed.adapter import lora_state
 from edgefed.errors import TrainingError
+from edgefed.faults import crash_point
 from edgefed.train.blocks import PAD, TokenBlocks
 from edgefed.train.checkpoint import Checkpoint, save_checkpoint
 
@@ -223,5 +224,6 @@ def train_steps(
             )
         if state.step % config.checkpoint_every == 0 and state.step < total:
             checkpoint()
+            crash_point("train-checkpoint")
     model.eval()
     return state

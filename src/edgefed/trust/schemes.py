@@ -25,6 +25,8 @@ from edgefed.trust.normalize import trust_row
 from edgefed.trust.similarity import delta_cosine
 
 DEFAULT_TOP_K_TOKENS = 16
+DEFAULT_SCHEME = "perplexity"
+DEFAULT_TEMPERATURE = 1.0  # in the scores' units (nats of mean loss for perplexity); README
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class TrustRow:
 
 @dataclass(frozen=True)
 class Normalization:
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
     top_k: int | None = None
     threshold: float | None = None
 

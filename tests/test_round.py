@@ -1,0 +1,139 @@
+"""`edgefed round` and a device's evaluation: real processes, real kills, real stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_federation import edgefed
+
+from edgefed.faults import CRASH_ENV
+
+ROUND = ("--seq-len", 32, "--batch-size", 2, "--checkpoint-every", 2, "--runtime-quant", "keep",
+         "--test-tokens", 512)  # fmt: skip
+
+
+def round_process(workspace: Path, *args: object, crash_at: str | None = None):
+    env = dict(os.environ)
+    if crash_at is not None:
+        env[CRASH_ENV] = crash_at
+    return subprocess.run(
+        [sys.executable, "-m", "edgefed", "round", "--workspace", str(workspace), *map(str, ROUND),
+         *map(str, args), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def federation(store_url, tmp_path, tiny_llama_gguf, train_corpus) -> dict[str, Path]:
+    """alice and bob in a federation of 4 warm-up steps, then 2 per round; bob did round 0."""
+    edgefed("init", store_url, "--base", tiny_llama_gguf, "--warmup-steps", 4,
+            "--round-steps", 2)  # fmt: skip
+    spaces = {}
+    for device in ("alice", "bob"):
+        spaces[device] = tmp_path / device
+        edgefed("join", store_url, "--device", device, "--data", train_corpus,
+                "--workspace", spaces[device], "--base", tiny_llama_gguf)  # fmt: skip
+    done = round_process(spaces["bob"])
+    assert done.returncode == 0, done.stderr
+    return spaces
+
+
+def test_a_round_killed_at_every_step_resumes_and_never_repeats_a_step(federation, store_url):
+    alice, bob = federation["alice"], federation["bob"]
+    round_dir = alice / "rounds" / "0"
+    crashes = ["train-checkpoint", "round-train", "publish-blob", "round-sync",
+               "aggregate-mix", "round-aggregate", "round-evaluate"]  # fmt: skip
+    stderr = {}
+    for point in crashes:
+        done = round_process(alice, crash_at=point)
+        assert done.returncode == -signal.SIGKILL, (point, done.stderr)
+        stderr[point] = done.stderr
+        if point == "round-train":
+            trained = (round_dir / "train" / "metrics.json").stat().st_mtime_ns
+        if point == "round-aggregate":
+            mixed = (round_dir / "trust.json").stat().st_mtime_ns
+    # training resumed from the checkpoint the first kill left, and was never redone after
+    assert "resumed from the checkpoint at step 2" in stderr["round-train"]
+    assert "train finished earlier" in stderr["publish-blob"]
+    assert "aggregate finished earlier" in stderr["round-evaluate"]
+
+    final = round_process(alice)
+    assert final.returncode == 0, final.stderr
+    report = json.loads(final.stdout)
+    assert report["round"] == 0 and report["ran"] == []
+    assert report["skipped"] == ["train", "sync", "aggregate", "evaluate"]
+    assert (round_dir / "train" / "metrics.json").stat().st_mtime_ns == trained
+    assert (round_dir / "trust.json").stat().st_mtime_ns == mixed
+    metrics = json.loads((round_dir / "train" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and not (round_dir / "train" / "checkpoint.safetensors").exists()
+    assert report["evaluation"]["trust"]["devices"] == ["alice", "bob"]
+    assert set(report["evaluation"]["models"]) == {"base", "local", "aggregated"}
+
+    # the store holds alice's signed adapter once and bob verifies it
+    pulled = json.loads(edgefed("sync", "--round", 0, "--workspace", bob, "--json").stdout)
+    assert pulled["verified_peers"] == ["alice"] and pulled["rejected"] == []
+
+    # round 1 trains its 2 steps from round 0's mix; running it again trains nothing
+    second = round_process(alice)
+    assert second.returncode == 0, second.stderr
+    report = json.loads(second.stdout)
+    assert report["round"] == 1 and report["ran"] == ["train", "sync", "aggregate", "evaluate"]
+    train = report["record"]["steps"]["train"]
+    assert train["steps"] == 2 and train["from"].endswith(str(Path("rounds", "0", "aggregated")))
+    again = json.loads(round_process(alice, "--round", 1).stdout)
+    assert again["ran"] == [] and again["record"] == report["record"]
+
+    shown = edgefed("evaluate", "--workspace", alice, "--json")
+    assert json.loads(shown.stdout) == report["evaluation"]
+
+
+def test_a_poisoned_peer_gets_no_weight_and_does_no_harm(tmp_path, tiny_llama_gguf, train_corpus):
+    from edgefed.adapter import read_adapter_folder, save_lora_tensors
+    from edgefed.device.aggregate import aggregate_round
+    from edgefed.device.evaluate import evaluate_round
+    from edgefed.device.federation import init_federation, join_federation, publish_adapter
+    from edgefed.device.round import RoundOptions, run_round
+    from edgefed.sync.folder import FolderStore
+    from edgefed.train.loop import TrainConfig
+
+    store = FolderStore(tmp_path / "shared")
+    init_federation(store, base=tiny_llama_gguf, warmup_steps=10, round_steps=2)
+    spaces = {
+        d: join_federation(store, d, data=train_corpus, workspace=tmp_path / d,
+                           base=tiny_llama_gguf)
+        for d in ("alice", "bob", "mallory")
+    }  # fmt: skip
+    options = RoundOptions(
+        train=TrainConfig(seq_len=32, batch_size=2, learning_rate=1e-2),
+        runtime_quant="keep",
+        test_tokens=512,
+    )
+    run_round(store, spaces["bob"], options=options)
+    # mallory publishes bob's adapter with B scaled 1000x: finite, right shapes, signed
+    spec, tensors, _ = read_adapter_folder(spaces["bob"].root / "rounds" / "0" / "train")
+    poisoned = {n: t * 1000 if "lora_B" in n else t for n, t in tensors.items()}
+    assert max(float(t.abs().max()) for t in poisoned.values()) < 6e4  # survives float16
+    publish_adapter(store, spaces["mallory"], 0, save_lora_tensors(poisoned, spec, tmp_path / "p"))
+
+    report = run_round(store, spaces["alice"], options=options)
+    evaluation = report.evaluation
+    weights = dict(zip(evaluation["trust"]["devices"], evaluation["trust"]["weights"], strict=True))
+    assert set(weights) == {"alice", "bob", "mallory"} and weights["mallory"] < 1e-6
+    models = {n: m["perplexity"] for n, m in evaluation["models"].items()}
+    assert models["aggregated"] <= models["local"] * 1.01 < models["base"]
+
+    # for contrast, FedAvg takes the poison in and the device's test perplexity gets worse
+    aggregate_round(spaces["alice"], 0, spaces["alice"].root / "rounds" / "0" / "train",
+                    scheme="fedavg", runtime_quant="keep")  # fmt: skip
+    fedavg = evaluate_round(spaces["alice"], 0, runtime_quant="keep", test_tokens=512)
+    assert fedavg["models"]["aggregated"]["perplexity"] > 1.03 * models["local"]
+    assert torch.isfinite(torch.tensor(fedavg["models"]["aggregated"]["perplexity"]))
