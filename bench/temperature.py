@@ -38,7 +38,7 @@ from edgefed.trust.normalize import trust_row
 def device_data(folder: Path, topic: str, docs: int) -> Path:
     """The first `docs` articles of `topic` (by document id) as text files."""
     documents = sorted(bbc_topic(topic).documents, key=lambda d: d.id)[:docs]
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for document in documents:
         (folder / f"{document.id[:16]}.txt").write_text(document.text, encoding="utf-8")
     return folder
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="cap per split")
     parser.add_argument("--temperatures", default="0.003,0.01,0.03,0.1,0.3,1")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--work", type=Path, help="keep the runs here and reuse finished ones")
     args = parser.parse_args()
     temperatures = [float(t) for t in args.temperatures.split(",")]
     rule = SplitRule(val_fraction=0.15, test_fraction=0.15)
@@ -67,14 +68,18 @@ def main() -> None:
     spec = LoraSpec()
 
     with tempfile.TemporaryDirectory(prefix="edgefed-bench-temperature-") as scratch:
-        root = Path(scratch)
+        root = args.work or Path(scratch)
         adapters, data = {}, {}
         for topic in BBC_TOPICS:
-            print(f"training {topic} ...", file=sys.stderr, flush=True)
             data[topic] = device_data(root / "data" / topic, topic, args.docs)
+            run_dir = root / "runs" / topic
+            if (run_dir / "metrics.json").is_file():
+                adapters[topic] = read_adapter_folder(run_dir)[1]
+                continue
+            print(f"training {topic} ...", file=sys.stderr, flush=True)
             result = train_adapter(
                 data[topic],
-                root / "runs" / topic,
+                run_dir,
                 base=base,
                 config=TrainConfig(
                     seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps
@@ -112,10 +117,12 @@ def main() -> None:
                     scores = [-(math.exp(v) if scale == "ppl" else v) for v in nll]
                     mixes[name] = trust_row(scores, i, temperature=t)
                     matrices[name].append([round(w, 4) for w in mixes[name]])
-                for name, weights in mixes.items():
+                for index, (name, weights) in enumerate(mixes.items()):
                     mixed = merge_factors([adapters[t] for t in BBC_TOPICS], weights).tensors
-                    folder = save_lora_tensors(mixed, spec, root / "mix" / topic / name)
-                    gguf = convert_lora_to_gguf(folder, folder.with_suffix(".gguf"), base=base)
+                    folder = save_lora_tensors(mixed, spec, root / "mix" / topic / str(index))
+                    gguf = convert_lora_to_gguf(
+                        folder, root / "mix" / topic / f"{index}.gguf", base=base
+                    )
                     score = runtime.perplexity(test, runtime.load_adapter(gguf)).perplexity
                     results[name].append(score)
                 print(f"  {topic} done", file=sys.stderr, flush=True)

@@ -253,6 +253,7 @@ def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
         "refused to store federation.json (401": ["init", url, "--base", tiny_llama_gguf],
         "no device workspace": ["status"],
         "not a device workspace": ["sync", "--round", "0", "--workspace", tmp_path],
+        "--trust must be one of": ["init", tmp_path / "other", "--trust", "dynamic"],
     }
     for needle, args in cases.items():
         assert_one_line_error(run(*args), needle)

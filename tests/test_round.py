@@ -94,6 +94,9 @@ def test_a_round_killed_at_every_step_resumes_and_never_repeats_a_step(federatio
 
     shown = edgefed("evaluate", "--workspace", alice, "--json")
     assert json.loads(shown.stdout) == report["evaluation"]
+    mixed_up = edgefed("evaluate", "--round", 0, "--workspace", alice, "--data", alice,
+                       check=False)  # fmt: skip
+    assert mixed_up.returncode == 2 and "give one or the other" in mixed_up.stderr
 
 
 def test_a_poisoned_peer_gets_no_weight_and_does_no_harm(tmp_path, tiny_llama_gguf, train_corpus):
@@ -137,3 +140,41 @@ def test_a_poisoned_peer_gets_no_weight_and_does_no_harm(tmp_path, tiny_llama_gg
     fedavg = evaluate_round(spaces["alice"], 0, runtime_quant="keep", test_tokens=512)
     assert fedavg["models"]["aggregated"]["perplexity"] > 1.03 * models["local"]
     assert torch.isfinite(torch.tensor(fedavg["models"]["aggregated"]["perplexity"]))
+
+
+def test_a_round_over_a_shared_loaded_base_equals_one_that_loads_everything(
+    tmp_path, tiny_llama_gguf, train_corpus
+):
+    from edgefed.adapter import read_adapter_folder
+    from edgefed.device.federation import init_federation, join_federation
+    from edgefed.device.round import RoundOptions, run_round
+    from edgefed.sync.folder import FolderStore
+    from edgefed.train.loaded_base import LoadedBase
+    from edgefed.train.loop import TrainConfig
+
+    options = RoundOptions(
+        train=TrainConfig(seq_len=32, batch_size=2, learning_rate=1e-2),
+        runtime_quant="keep",
+        test_tokens=512,
+    )
+    results = {}
+    with LoadedBase(tiny_llama_gguf, runtime_quant="keep") as loaded:
+        for mode, shared in (("own loads", None), ("shared", loaded)):
+            store = FolderStore(tmp_path / mode / "shared")
+            init_federation(store, base=tiny_llama_gguf, warmup_steps=4, round_steps=2)
+            for device in ("bob", "alice"):  # bob first: alice must not see his state
+                space = join_federation(store, device, data=train_corpus, base=tiny_llama_gguf,
+                                        workspace=tmp_path / mode / device)  # fmt: skip
+                report = run_round(store, space, options=options, loaded=shared)
+            rounds = space.root / "rounds" / "0"
+            results[mode] = {
+                "trained": read_adapter_folder(rounds / "train")[1],
+                "aggregated": read_adapter_folder(rounds / "aggregated")[1],
+                "perplexity": {n: m["perplexity"] for n, m in report.evaluation["models"].items()},
+            }
+    own, shared = results["own loads"], results["shared"]
+    for adapter in ("trained", "aggregated"):
+        assert own[adapter].keys() == shared[adapter].keys()
+        assert all(torch.allclose(own[adapter][n], shared[adapter][n], atol=1e-6)
+                   for n in own[adapter])  # fmt: skip
+    assert own["perplexity"] == pytest.approx(shared["perplexity"], rel=1e-5)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from edgefed.cli.options import BaseOption, JsonOption
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.trust.schemes import DEFAULT_SCHEME, DEFAULT_TEMPERATURE, SCHEMES
 
 StoreArgument = Annotated[
     str,
@@ -73,6 +74,13 @@ def init(
         Path | None,
         typer.Option(help="Shared reference text for prediction trust.", show_default=False),
     ] = None,
+    trust: Annotated[
+        str,
+        typer.Option(help="Default trust scheme of every device's round (see README)."),
+    ] = DEFAULT_SCHEME,
+    temperature: Annotated[
+        float, typer.Option(help="Default softmax temperature over the trust scores.")
+    ] = DEFAULT_TEMPERATURE,
     federation_id: Annotated[
         str | None, typer.Option("--id", help="Federation id. Default: a random one.")
     ] = None,
@@ -95,6 +103,11 @@ def init(
         )
     except ValueError as exc:
         raise DataError(str(exc), "see edgefed init --help") from None
+    if trust not in SCHEMES or temperature <= 0:
+        raise DataError(
+            f"--trust must be one of {', '.join(SCHEMES)} and --temperature positive",
+            "see edgefed init --help",
+        )
     with open_store(store, token=store_token(token_file)) as opened:
         manifest = init_federation(
             opened,
@@ -102,6 +115,7 @@ def init(
             lora=lora,
             warmup_steps=warmup_steps,
             round_steps=round_steps,
+            trust={"scheme": trust, "temperature": temperature},
             reference=reference,
             federation_id=federation_id,
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from edgefed.device.workspace import Workspace
 from edgefed.errors import DataError
 from edgefed.faults import crash_point
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
+from edgefed.train.loaded_base import LoadedBase
 from edgefed.train.split import TRUST_VAL
 from edgefed.trust.merge import MERGES
 from edgefed.trust.schemes import (
@@ -87,13 +88,14 @@ def aggregate_round(
     by_tokens: bool = False,
     runtime_quant: str | None = None,
     val_tokens: int | None = DEFAULT_VAL_TOKENS,
+    loaded: LoadedBase | None = None,
 ) -> AggregateResult:
     """Compute this device's trust row for the round and write the mixed adapter.
 
     `scheme` and `temperature` default to the federation's trust defaults. Raises DataError
     for an unknown scheme or merge, a bad normalization, or missing inputs (no reference text
     for prediction trust, no own adapter), and AdapterMismatchError for adapters that do not
-    agree.
+    agree. `loaded` scores over an already loaded base (the simulation's).
     """
     if merge not in MERGES:
         raise DataError(f"unknown merge '{merge}'", f"choose one of {', '.join(MERGES)}")
@@ -127,9 +129,14 @@ def aggregate_round(
     options = {"by_tokens": by_tokens} if scheme == "fedavg" else {}
 
     if scheme in RUNTIME_SCHEMES:
-        row = _runtime_row(
-            workspace, scheme, adapters, spec, own_path, normalization, runtime_quant, val_tokens
-        )
+        with (
+            nullcontext(loaded)
+            if loaded is not None
+            else LoadedBase(workspace.config["base"], runtime_quant=runtime_quant)
+        ) as loaded:
+            row = _runtime_row(
+                workspace, scheme, adapters, spec, own_path, normalization, val_tokens, loaded
+            )
     else:
         inputs = TrustInputs(own=me, adapters=adapters, train_tokens=train_tokens)
         row = compute_trust(scheme, inputs, normalization, **options)
@@ -168,40 +175,27 @@ def aggregate_round(
     )
 
 
-def _runtime_row(
-    workspace, scheme, adapters, spec, own_path, normalization, runtime_quant, val_tokens
-):
-    from edgefed.runtime import DEFAULT_RUNTIME_QUANT, LlamaRuntime, runtime_copy
-
-    base = Path(workspace.config["base"])
+def _runtime_row(workspace, scheme, adapters, spec, own_path, normalization, val_tokens, loaded):
     reference_path = workspace.root / "reference.txt"
     if scheme == "prediction" and not reference_path.is_file():
         raise DataError(
             "prediction trust needs the federation's reference text, and it has none",
             "use --trust perplexity, or a federation made with `edgefed init --reference FILE`",
         )
-    with (
-        tempfile.TemporaryDirectory(prefix=".gguf-", dir=workspace.root) as scratch,
-        LlamaRuntime(runtime_copy(base, runtime_quant or DEFAULT_RUNTIME_QUANT)) as runtime,
-    ):
-        loaded = {}
-        for device, tensors in adapters.items():
-            folder = save_lora_tensors(tensors, spec, Path(scratch) / device)
-            gguf = convert_lora_to_gguf(folder, Path(scratch) / f"{device}.gguf", base=base)
-            loaded[device] = runtime.load_adapter(gguf)
-        inputs = TrustInputs(
-            own=workspace.device,
-            adapters=adapters,
-            runtime=runtime,
-            runtime_adapters=loaded,
-            val_tokens=device_split_tokens(workspace, own_path, runtime, TRUST_VAL, val_tokens)
-            if scheme == "perplexity"
-            else None,
-            reference_tokens=runtime.tokenize(reference_path.read_text(encoding="utf-8"))
-            if scheme == "prediction"
-            else None,
-        )
-        return compute_trust(scheme, inputs, normalization)
+    runtime = loaded.runtime
+    inputs = TrustInputs(
+        own=workspace.device,
+        adapters=adapters,
+        runtime=runtime,
+        runtime_adapters={d: loaded.load_tensors(t, spec) for d, t in adapters.items()},
+        val_tokens=device_split_tokens(workspace, own_path, runtime, TRUST_VAL, val_tokens)
+        if scheme == "perplexity"
+        else None,
+        reference_tokens=runtime.tokenize(reference_path.read_text(encoding="utf-8"))
+        if scheme == "prediction"
+        else None,
+    )
+    return compute_trust(scheme, inputs, normalization)
 
 
 def trust_history(workspace: Workspace) -> list[dict]:

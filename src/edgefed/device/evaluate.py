@@ -14,13 +14,14 @@ nothing mixed in yet, a purely local adapter); `aggregated` is what it carries o
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from contextlib import nullcontext
 
 from edgefed.atomic import atomic_write_text
 from edgefed.device.aggregate import AGGREGATED_GGUF, TRUST_FILE
 from edgefed.device.split_text import device_split_tokens
 from edgefed.device.workspace import Workspace
 from edgefed.errors import InputFileError
+from edgefed.train.loaded_base import LoadedBase
 from edgefed.train.split import TEST
 
 EVALUATION_FILE = "evaluation.json"
@@ -40,13 +41,13 @@ def evaluate_round(
     *,
     runtime_quant: str | None = None,
     test_tokens: int | None = DEFAULT_TEST_TOKENS,
+    loaded: LoadedBase | None = None,
 ) -> dict:
     """Score base, local and aggregated adapters of the round on the test split; record it.
 
-    Raises InputFileError when the round has not been trained and aggregated yet.
+    `loaded` scores over an already loaded base. Raises InputFileError when the round has not
+    been trained and aggregated yet.
     """
-    from edgefed.runtime import DEFAULT_RUNTIME_QUANT, LlamaRuntime, runtime_copy
-
     round_dir = workspace.round_dir(round_number)
     run_dir = round_dir / TRAIN_DIR
     models = {"local": run_dir / LOCAL_GGUF, "aggregated": round_dir / AGGREGATED_GGUF}
@@ -57,12 +58,16 @@ def evaluate_round(
             "run `edgefed round` to finish it",
         )
     trust = json.loads(trust_path.read_text(encoding="utf-8"))
-    quant = runtime_quant or DEFAULT_RUNTIME_QUANT
-    with LlamaRuntime(runtime_copy(Path(workspace.config["base"]), quant)) as runtime:
+    with (
+        nullcontext(loaded)
+        if loaded is not None
+        else LoadedBase(workspace.config["base"], runtime_quant=runtime_quant)
+    ) as loaded:
+        runtime, quant = loaded.runtime, loaded.runtime_quant
         tokens = device_split_tokens(workspace, run_dir, runtime, TEST, test_tokens)
         results = {"base": runtime.perplexity(tokens)}
         for name, path in models.items():
-            results[name] = runtime.perplexity(tokens, runtime.load_adapter(path))
+            results[name] = runtime.perplexity(tokens, loaded.load_file(path))
     record = {
         "round": round_number,
         "device": workspace.device,

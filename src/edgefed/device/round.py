@@ -40,6 +40,7 @@ from edgefed.errors import InputFileError
 from edgefed.faults import crash_point
 from edgefed.sync.manifest import now
 from edgefed.sync.store import Store
+from edgefed.train.loaded_base import LoadedBase
 from edgefed.train.loop import TrainConfig
 from edgefed.train.run import CHECKPOINT_FILE, METRICS_FILE, OPTIMIZER_FILE, train_adapter
 
@@ -106,8 +107,15 @@ def round_train_steps(schedule: dict, round_number: int) -> int:
 class _Round:
     """The steps of one round over one workspace; each returns what round.json records."""
 
-    def __init__(self, store, workspace, round_number, options, on_status, on_progress, stop):
-        self.store, self.workspace, self.round = store, workspace, round_number
+    def __init__(
+        self, store, workspace, round_number, options, on_status, on_progress, stop, loaded
+    ):
+        self.store, self.workspace, self.round, self.loaded = (
+            store,
+            workspace,
+            round_number,
+            loaded,
+        )
         self.options, self.on_status, self.on_progress, self.stop = (
             options,
             on_status,
@@ -158,6 +166,7 @@ class _Round:
             device=self.options.device,
             threads=self.options.threads,
             runtime_quant=self.options.runtime_quant,
+            loaded=self.loaded,
             on_status=self.on_status,
             on_progress=self.on_progress,
             should_stop=self.stop,
@@ -204,6 +213,7 @@ class _Round:
             merge=self.options.merge,
             by_tokens=self.options.by_tokens,
             runtime_quant=self.options.runtime_quant,
+            loaded=self.loaded,
         )
         return self.aggregate_record()
 
@@ -224,6 +234,7 @@ class _Round:
                 self.round,
                 runtime_quant=self.options.runtime_quant,
                 test_tokens=self.options.test_tokens,
+                loaded=self.loaded,
             )
         )
 
@@ -251,12 +262,14 @@ def run_round(
     on_status: Callable[[str], None] | None = None,
     on_progress: Callable | None = None,
     should_stop: Callable[[], bool] | None = None,
+    loaded: LoadedBase | None = None,
 ) -> RoundReport:
     """Run (or finish) a round of this device; `round_number` None: the next unfinished one.
 
     `on_step(round, step, skipped)` is called as each step starts or is found finished. Raises
     the EdgefedError subclasses of the steps, and TrainingInterrupted when `should_stop` turns
-    true during training (the checkpoint is kept; a rerun resumes it).
+    true during training (the checkpoint is kept; a rerun resumes it). `loaded` runs every
+    step over one already loaded base (the simulation's N devices share one).
     """
     options = options or RoundOptions()
     if round_number is None:
@@ -269,6 +282,7 @@ def run_round(
         on_status or (lambda message: None),
         on_progress,
         should_stop,
+        loaded,
     )
     record = read_round_record(workspace, round_number)
     ran, skipped = [], []

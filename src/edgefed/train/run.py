@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from edgefed.errors import AdapterMismatchError, InputFileError, TrainingError
 from edgefed.quant.gguf_file import read_base_info, resolve_base
 from edgefed.train.blocks import evaluation_stream, pack_blocks, token_stream
 from edgefed.train.checkpoint import load_checkpoint, load_optimizer_state, save_optimizer_state
+from edgefed.train.loaded_base import LoadedBase
 from edgefed.train.loop import TrainConfig, TrainProgress, TrainState, train_steps
 from edgefed.train.split import (
     SPLITS,
@@ -149,7 +151,8 @@ def _check_resume(checkpoint_meta: dict, run: dict, path: Path) -> None:
             )
 
 
-def _load_model(base_path: Path, precision: str, device: str):
+def load_training_copy(base_path: Path, precision: str, device: str):
+    """The base as PyTorch trains it: the NF4 (QLoRA) copy or the exact fp32 one."""
     from edgefed.quant.nf4 import build_training_model, load_training_model
 
     model = (
@@ -195,6 +198,7 @@ def train_adapter(
     threads: int | None = None,
     runtime_quant: str | None = None,
     eval_tokens: int | None = DEFAULT_EVAL_TOKENS,
+    loaded: LoadedBase | None = None,
     on_status: Callable[[str], None] | None = None,
     on_data: Callable[[SplitSummary], None] | None = None,
     on_progress: Callable[[TrainProgress], None] | None = None,
@@ -205,9 +209,11 @@ def train_adapter(
     `lora` is the adapter's shape and shared init seed (default `LoraSpec()`); with
     `from_adapter` the run continues that adapter instead, and `optimizer_state` may carry the
     previous run's AdamW state. `eval_tokens` caps the trust-validation tokens scored for the
-    reported perplexity (None: all). Raises the EdgefedError subclasses for bad data, paths or
-    adapters, TrainingError for a diverged loss or a mismatched resume, and TrainingInterrupted
-    (after writing a checkpoint) when `should_stop` turns true.
+    reported perplexity (None: all). `loaded` runs over an already loaded base (its runtime and
+    training copy; precision and runtime quant are then the LoadedBase's). Raises the
+    EdgefedError subclasses for bad data, paths or adapters, TrainingError for a diverged loss
+    or a mismatched resume, and TrainingInterrupted (after writing a checkpoint) when
+    `should_stop` turns true.
     """
     import torch
 
@@ -224,9 +230,17 @@ def train_adapter(
             f"unknown training precision '{precision}'", f"choose one of {TRAIN_PRECISIONS}"
         )
     _check_out_dir(out_dir, resume)
+    if loaded is not None:
+        if base is not None and resolve_base(base).resolve() != loaded.base_path.resolve():
+            raise InputFileError(
+                f"this run asks for base {base}, the loaded base is {loaded.base_path}",
+                "train over a LoadedBase of the same base",
+            )
+        base, precision, device = loaded.base_path, loaded.precision, loaded.device
+        runtime_quant = loaded.runtime_quant
     device = resolve_device(device)
     base_path = resolve_base(base)
-    base_info = read_base_info(base_path)
+    base_info = loaded.info if loaded is not None else read_base_info(base_path)
     spec, start_tensors = _resolve_lora(
         lora, Path(from_adapter) if from_adapter else None, base_info.fingerprint
     )
@@ -240,8 +254,10 @@ def train_adapter(
 
     eval_quant = runtime_quant or DEFAULT_RUNTIME_QUANT
     status(f"loading the base in llama.cpp ({eval_quant})")
-    with LlamaRuntime(
-        runtime_copy(base_path, eval_quant), window=EVAL_WINDOW, threads=threads
+    with (
+        nullcontext(loaded.runtime)
+        if loaded is not None
+        else LlamaRuntime(runtime_copy(base_path, eval_quant), window=EVAL_WINDOW, threads=threads)
     ) as runtime:
         streams = {
             name: token_stream(
@@ -278,11 +294,17 @@ def train_adapter(
             base_val = runtime.perplexity(val_tokens).perplexity
 
         status(f"loading the {precision} training copy of the base")
-        model = attach_lora(_load_model(base_path, precision, device), spec)
+        if loaded is not None:
+            model, initial_state = loaded.training_model(spec)
+            start_tensors = start_tensors if start_tensors is not None else initial_state
+        else:
+            model = attach_lora(load_training_copy(base_path, precision, device), spec)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        elif loaded is not None and model.is_gradient_checkpointing:
+            model.gradient_checkpointing_disable()  # left on by an earlier run over `loaded`
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             trainable, lr=config.learning_rate, weight_decay=config.weight_decay
