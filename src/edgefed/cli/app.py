@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from edgefed import __version__
-from edgefed.cli import base, evaluate, federation, quant, relay, round, train, trust
+from edgefed.cli import base, evaluate, federation, quant, relay, round, simulate, train, trust
 from edgefed.cli.output import configure_logging
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.command("train")(train.train)
 app.command("sync")(federation.sync)
 app.command("aggregate")(trust.aggregate)
 app.command("round")(round.round_command)
+app.command("simulate")(simulate.simulate)
 app.command("status")(federation.status)
 app.command("evaluate")(evaluate.evaluate)
 

@@ -263,14 +263,18 @@ def run_round(
     on_progress: Callable | None = None,
     should_stop: Callable[[], bool] | None = None,
     loaded: LoadedBase | None = None,
+    until: str | None = None,
 ) -> RoundReport:
     """Run (or finish) a round of this device; `round_number` None: the next unfinished one.
 
     `on_step(round, step, skipped)` is called as each step starts or is found finished. Raises
     the EdgefedError subclasses of the steps, and TrainingInterrupted when `should_stop` turns
     true during training (the checkpoint is kept; a rerun resumes it). `loaded` runs every
-    step over one already loaded base (the simulation's N devices share one).
+    step over one already loaded base (the simulation's N devices share one). `until` stops
+    after that step (the simulation trains every device before any of them syncs).
     """
+    if until is not None and until not in ROUND_STEPS:
+        raise ValueError(f"until must be one of {ROUND_STEPS}")
     options = options or RoundOptions()
     if round_number is None:
         round_number = next_round(workspace)
@@ -311,6 +315,8 @@ def run_round(
         atomic_write_text(
             workspace.round_dir(round_number) / ROUND_FILE, json.dumps(record, indent=1) + "\n"
         )
+        if step == until:
+            break
     return RoundReport(
         round=round_number,
         ran=ran,

@@ -191,11 +191,30 @@ def read_base_info(
     """Describe a GGUF base model; with `require_supported`, refuse architectures we can't use.
 
     Pass an open `reader` to avoid parsing the file twice (a reader costs ~150 MB of Python
-    objects on a 49k-token vocabulary).
+    objects on a 49k-token vocabulary). Without one, the description of an unchanged file
+    (same path, size and modification time) is remembered: parsing a 49k-token vocabulary takes
+    seconds, and a simulation asks for it once per adapter it converts.
     """
+    if reader is None:
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            stat = None  # open_gguf says what is wrong with the path
+        if stat is not None:
+            return _cached_base_info(
+                Path(path).resolve(), stat.st_size, stat.st_mtime_ns, require_supported
+            )
+    return _describe_base(path, require_supported, reader or open_gguf(path, "base model"))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_base_info(path: Path, size: int, mtime_ns: int, require_supported: bool) -> BaseInfo:
+    return _describe_base(path, require_supported, open_gguf(path, "base model"))
+
+
+def _describe_base(path, require_supported: bool, reader) -> BaseInfo:
     import gguf
 
-    reader = reader if reader is not None else open_gguf(path, "base model")
     arch = str(_field_value(reader, gguf.Keys.General.ARCHITECTURE, ""))
     general_type = str(_field_value(reader, gguf.Keys.General.TYPE, "model"))
     if general_type == "adapter":

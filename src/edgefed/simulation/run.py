@@ -1,0 +1,398 @@
+"""A whole federation of virtual devices on one machine, once per trust variant and seed.
+
+Every device is a real workspace joined to a real store (a folder under the run folder, or a
+relay), and every round runs `edgefed.device.round.run_round`: the code of a real device. What
+the simulation adds is scheduling and sharing:
+
+- all devices train round r and publish before any of them pulls, as a federation in lock-step;
+- one `LoadedBase` (llama.cpp runtime + training copy) serves every device, variant and seed;
+- round 0 (the warm-up) depends only on the data, the seed and the shared init, not on the
+  trust variant, so it is trained once per (seed, device) and copied into the other variants'
+  workspaces, where `run_round` finds it finished.
+
+Run folder:
+
+    clients/<client>/*.txt, clients/reference.txt     the data each device holds
+    federations/<variant>/seed-<s>/store/             the federation store (folder stores)
+    federations/<variant>/seed-<s>/devices/<client>/  each device's workspace
+    results.json                                       everything measured (see `summarize`)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from edgefed.adapter import LoraSpec
+from edgefed.atomic import atomic_write_text
+from edgefed.device.evaluate import TRAIN_DIR
+from edgefed.device.federation import (
+    init_federation,
+    join_federation,
+    publish_adapter,
+    publish_metrics,
+)
+from edgefed.device.round import RoundOptions, run_round
+from edgefed.device.workspace import Workspace
+from edgefed.errors import DataError, InputFileError
+from edgefed.simulation.clients import ClientSet
+from edgefed.sync.folder import FolderStore
+from edgefed.sync.layout import manifest_key
+from edgefed.sync.manifest import parse_document
+from edgefed.train.loaded_base import LoadedBase
+from edgefed.trust.merge import MERGES
+from edgefed.trust.schemes import SCHEMES
+
+RESULTS_FILE = "results.json"
+RESULTS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A trust scheme with its normalization and merge: `perplexity:t=0.05:merge=exact`."""
+
+    scheme: str
+    temperature: float | None = None
+    top_k: int | None = None
+    threshold: float | None = None
+    merge: str = "factors"
+
+    @property
+    def label(self) -> str:
+        parts = [self.scheme]
+        for key, value in (("t", self.temperature), ("top-k", self.top_k),
+                           ("threshold", self.threshold)):  # fmt: skip
+            if value is not None:
+                parts.append(f"{key}={value:g}")
+        if self.merge != "factors":
+            parts.append(f"merge={self.merge}")
+        return ":".join(parts)
+
+
+def parse_variants(text: str) -> tuple[Variant, ...]:
+    """`local,fedavg,perplexity:t=0.05:merge=exact` → variants; DataError on anything unknown."""
+    variants = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        scheme, *options = item.split(":")
+        if scheme not in SCHEMES:
+            raise DataError(f"unknown trust scheme '{scheme}'", f"use {', '.join(SCHEMES)}")
+        values: dict = {}
+        for option in options:
+            key, _, value = option.partition("=")
+            try:
+                if key == "t":
+                    values["temperature"] = float(value)
+                elif key == "top-k":
+                    values["top_k"] = int(value)
+                elif key == "threshold":
+                    values["threshold"] = float(value)
+                elif key == "merge" and value in MERGES:
+                    values["merge"] = value
+                else:
+                    raise ValueError
+            except ValueError:
+                raise DataError(
+                    f"'{option}' in --trust '{item}' is not an option",
+                    "write scheme:t=T:top-k=K:threshold=X:merge=factors|exact",
+                ) from None
+        variants.append(Variant(scheme, **values))
+    labels = [v.label for v in variants]
+    if not variants or len(set(labels)) != len(labels):
+        raise DataError("--trust needs distinct variants", "e.g. --trust local,fedavg,perplexity")
+    return tuple(variants)
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    variants: tuple[Variant, ...] = field(
+        default_factory=lambda: parse_variants("local,fedavg,perplexity")
+    )
+    seeds: int = 1
+    rounds: int = 2
+    warmup_steps: int = 10
+    round_steps: int = 5
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    round_options: RoundOptions = field(default_factory=RoundOptions)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the simulation is doing now, for a progress display."""
+
+    done: int
+    total: int
+    message: str
+
+
+def _federation_dir(out: Path, variant: Variant, seed: int) -> Path:
+    safe = variant.label.replace(":", "_").replace("=", "-")
+    return out / "federations" / safe / f"seed-{seed}"
+
+
+def _copy_warmup(source: Workspace, target: Workspace) -> None:
+    """Round 0's training (identical for every variant of a seed) into another workspace."""
+    destination = target.round_dir(0) / TRAIN_DIR
+    if not destination.exists():
+        tmp = destination.with_name(".train-copy")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source.round_dir(0) / TRAIN_DIR, tmp)
+        os.replace(tmp, destination)
+
+
+def _round_bytes(store, workspace: Workspace, round_number: int, peers: list[str]) -> dict:
+    """Bytes this device sent (its blob and manifest) and received (its peers') in the round."""
+
+    def published(manifest: bytes) -> int:
+        return len(manifest) + int(parse_document(manifest, "manifest")["bytes"])
+
+    sent = published(store.read(manifest_key(round_number, workspace.device)))
+    received = sum(
+        published(workspace.peer_adapter_path(round_number, p).with_suffix(".json").read_bytes())
+        for p in peers
+    )
+    return {"sent": sent, "received": received}
+
+
+def simulate(
+    client_set: ClientSet,
+    out: str | os.PathLike[str],
+    settings: SimulationSettings | None = None,
+    *,
+    base: str | os.PathLike[str] | None = None,
+    store_url: str | None = None,
+    token: str | None = None,
+    max_tokens: int | None = None,
+    threads: int | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> dict:
+    """Run every variant x seed federation over the clients; write and return the results.
+
+    Raises InputFileError for a run folder in use, DataError for settings that cannot work
+    (a relay store with more than one federation to run, prediction trust without reference).
+    """
+    from edgefed.sync.store import open_store
+
+    settings = settings or SimulationSettings()
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputFileError(f"{out_dir} is not empty", "choose a new --out folder")
+    federations = len(settings.variants) * settings.seeds
+    if store_url is not None and federations != 1:
+        raise DataError(
+            f"a relay holds one federation; this simulation runs {federations}",
+            "give one --trust variant and --seeds 1 with --store, or drop --store",
+        )
+    options = settings.round_options
+    total = federations * settings.rounds * len(client_set.clients) * 2
+    done = 0
+
+    def progress(message: str) -> None:
+        if on_progress is not None:
+            on_progress(Progress(done, total, message))
+
+    with LoadedBase(
+        base,
+        precision=options.precision,
+        runtime_quant=options.runtime_quant,
+        threads=threads,
+    ) as loaded:
+        progress("writing the clients' data")
+        if max_tokens:
+            client_set = _cap_tokens(client_set, loaded.runtime, max_tokens)
+        data = client_set.write(out_dir / "clients")
+        reference = out_dir / "clients" / "reference.txt"
+        runs: dict[str, dict[str, list]] = {v.label: {} for v in settings.variants}
+        warmup: dict[tuple[int, str], Workspace] = {}
+        for seed in range(settings.seeds):
+            for variant in settings.variants:
+                folder = _federation_dir(out_dir, variant, seed)
+                store = (
+                    open_store(store_url, token=token)
+                    if store_url
+                    else FolderStore(folder / "store")
+                )
+                with store:
+                    init_federation(
+                        store,
+                        base=loaded.base_path,
+                        lora=replace(settings.lora, init_seed=seed),
+                        warmup_steps=settings.warmup_steps,
+                        round_steps=settings.round_steps,
+                        trust={"scheme": variant.scheme, "temperature": variant.temperature}
+                        if variant.temperature is not None
+                        else {"scheme": variant.scheme},
+                        reference=reference,
+                    )
+                    spaces = [
+                        join_federation(
+                            store,
+                            c.name,
+                            data=data[c.name],
+                            workspace=folder / "devices" / c.name,
+                            base=loaded.base_path,
+                        )
+                        for c in client_set.clients
+                    ]
+                    round_options = replace(
+                        options,
+                        trust=variant.scheme,
+                        temperature=variant.temperature,
+                        top_k=variant.top_k,
+                        threshold=variant.threshold,
+                        merge=variant.merge,
+                        train=replace(options.train, seed=seed),
+                    )
+                    rounds = []
+                    for round_number in range(settings.rounds):
+                        for space in spaces:
+                            progress(f"{variant.label} seed {seed} round {round_number}: "
+                                     f"training {space.device}")  # fmt: skip
+                            cached = warmup.get((seed, space.device))
+                            if round_number == 0 and cached is not None:
+                                _copy_warmup(cached, space)
+                            run_round(store, space, round_number, options=round_options,
+                                      loaded=loaded, until="train")  # fmt: skip
+                            if round_number == 0:
+                                warmup.setdefault((seed, space.device), space)
+                            run_dir = space.round_dir(round_number) / TRAIN_DIR
+                            tokens, metrics = publish_metrics(run_dir)
+                            publish_adapter(store, space, round_number, run_dir,
+                                            train_tokens=tokens, metrics=metrics,
+                                            compress=options.compress)  # fmt: skip
+                            done += 1
+                        devices = {}
+                        for space in spaces:
+                            progress(f"{variant.label} seed {seed} round {round_number}: "
+                                     f"trust and evaluation of {space.device}")  # fmt: skip
+                            report = run_round(store, space, round_number,
+                                               options=round_options, loaded=loaded)  # fmt: skip
+                            peers = report.record["steps"]["sync"]["verified_peers"]
+                            devices[space.device] = {
+                                "perplexity": {
+                                    name: m["perplexity"]
+                                    for name, m in report.evaluation["models"].items()
+                                },
+                                "trust": report.evaluation["trust"],
+                                "bytes": _round_bytes(store, space, round_number, peers),
+                            }
+                            done += 1
+                        rounds.append({"round": round_number, "devices": devices})
+                    runs[variant.label][str(seed)] = rounds
+        base_bytes = loaded.base_path.stat().st_size
+        base_name = loaded.info.name
+
+    results = {
+        "format": RESULTS_FORMAT,
+        "dataset": client_set.dataset,
+        "settings": {
+            "variants": [v.label for v in settings.variants],
+            "seeds": settings.seeds,
+            "rounds": settings.rounds,
+            "warmup_steps": settings.warmup_steps,
+            "round_steps": settings.round_steps,
+            "lora": settings.lora.as_dict(),
+            "train": asdict(options.train),
+            "precision": options.precision,
+            "test_tokens": options.test_tokens,
+            "max_tokens": max_tokens,
+        },
+        "base": {"name": base_name, "bytes": base_bytes},
+        "clients": [
+            {"name": c.name, "documents": len(c.documents), "mixture": c.mixture}
+            for c in client_set.clients
+        ],
+        "runs": runs,
+    }
+    results["summary"] = summarize(results)
+    atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _cap_tokens(client_set: ClientSet, runtime, max_tokens: int) -> ClientSet:
+    """Each client keeps its documents, in order, while they fit in `max_tokens` tokens."""
+    clients = []
+    for client in client_set.clients:
+        kept, labels, used = [], [], 0
+        for document, label in zip(client.documents, client.labels, strict=True):
+            used += len(runtime.tokenize(document.text, add_bos=False)) + 1
+            if used > max_tokens and kept:
+                break
+            kept.append(document)
+            labels.append(label)
+        clients.append(replace(client, documents=tuple(kept), labels=tuple(labels)))
+    return replace(client_set, clients=tuple(clients))
+
+
+def _trust_matrix(devices: dict, clients: list[str]) -> list[list[float]]:
+    """W with rows and columns in client order: row i is device i's trust in each device."""
+    matrix = []
+    for client in clients:
+        trust = devices[client]["trust"]
+        weights = dict(zip(trust["devices"], trust["weights"], strict=True))
+        matrix.append([weights.get(other, 0.0) for other in clients])
+    return matrix
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(results: dict) -> dict:
+    """Per variant: test perplexity of the final round's mix, mean and std over seeds of the
+    mean over clients; per client (mean over seeds); gains over local and FedAvg; clients that
+    beat local; trust matrices; communication per device per round."""
+    clients = [c["name"] for c in results["clients"]]
+    summary = {}
+    per_client = {}
+    for label, seeds in results["runs"].items():
+        finals = [rounds[-1]["devices"] for rounds in seeds.values()]
+        per_client[label] = {
+            c: statistics.fmean(f[c]["perplexity"]["aggregated"] for f in finals) for c in clients
+        }
+        seed_means = [statistics.fmean(f[c]["perplexity"]["aggregated"] for c in clients)
+                      for f in finals]  # fmt: skip
+        by_round = [
+            statistics.fmean(
+                rounds[r]["devices"][c]["perplexity"]["aggregated"]
+                for rounds in seeds.values()
+                for c in clients
+            )
+            for r in range(results["settings"]["rounds"])
+        ]
+        traffic = [d["bytes"] for rounds in seeds.values() for rd in rounds
+                   for d in rd["devices"].values()]  # fmt: skip
+        summary[label] = {
+            "mean": statistics.fmean(seed_means),
+            "std": _std(seed_means),
+            "seed_means": seed_means,
+            "per_client": per_client[label],
+            "per_round": by_round,
+            "trust_matrices": [_trust_matrix(final, clients) for final in finals],
+            "bytes_per_device_round": {
+                "sent": statistics.fmean(t["sent"] for t in traffic),
+                "received": statistics.fmean(t["received"] for t in traffic),
+            },
+        }
+    for baseline in ("local", "fedavg"):
+        if baseline not in summary:
+            continue
+        for row in summary.values():
+            reference = summary[baseline]
+            row[f"gain_over_{baseline}"] = 1 - row["mean"] / reference["mean"]
+            row[f"beats_{baseline}"] = sum(
+                row["per_client"][c] < reference["per_client"][c] for c in clients
+            )
+            row[f"sigmas_over_{baseline}"] = (
+                (reference["mean"] - row["mean"]) / math.hypot(row["std"], reference["std"])
+                if row["std"] or reference["std"]
+                else None
+            )
+    return summary
