@@ -120,7 +120,12 @@ def folder_clients(root: str | Path, docs_per_client: int | None = None) -> Clie
         )
     clients, reference = [], []
     for folder in folders:
-        documents = sorted(read_documents(folder).documents, key=lambda d: d.id)
+        try:
+            documents = sorted(read_documents(folder).documents, key=lambda d: d.id)
+        except DataError as exc:
+            raise DataError(
+                f"client {folder.name}: {exc.problem}", f"fix or remove the folder {folder}"
+            ) from None
         if len(documents) < MIN_CLIENT_DOCUMENTS:
             raise DataError(
                 f"client {folder.name} has {len(documents)} document(s); each needs at least "

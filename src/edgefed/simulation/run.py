@@ -190,6 +190,7 @@ def simulate(
             f"a relay holds one federation; this simulation runs {federations}",
             "give one --trust variant and --seeds 1 with --store, or drop --store",
         )
+    _check_splits(client_set)
     options = settings.round_options
     total = federations * settings.rounds * len(client_set.clients) * 2
     done = 0
@@ -207,6 +208,7 @@ def simulate(
         progress("writing the clients' data")
         if max_tokens:
             client_set = _cap_tokens(client_set, loaded.runtime, max_tokens)
+            _check_splits(client_set)
         data = client_set.write(out_dir / "clients")
         reference = out_dir / "clients" / "reference.txt"
         runs: dict[str, dict[str, list]] = {v.label: {} for v in settings.variants}
@@ -314,6 +316,20 @@ def simulate(
     results["summary"] = summarize(results)
     atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
     return results
+
+
+def _check_splits(client_set: ClientSet) -> None:
+    """Every client must have a document in each split; say which client does not."""
+    from edgefed.train.split import SplitRule, split_documents
+
+    for client in client_set.clients:
+        try:
+            split_documents(client.documents, SplitRule())
+        except DataError as exc:
+            raise DataError(
+                f"client {client.name}: {exc.problem}",
+                "give every client more documents (--docs-per-client, or more files)",
+            ) from None
 
 
 def _cap_tokens(client_set: ClientSet, runtime, max_tokens: int) -> ClientSet:
