@@ -9,10 +9,14 @@ from rich.table import Table
 
 from edgefed.cli.federation import TokenFileOption, WorkspaceOption, store_token
 from edgefed.cli.options import (
+    BatchSizeOption,
     ByTokensOption,
     JsonOption,
+    LearningRateOption,
     MergeOption,
+    PrecisionOption,
     RuntimeQuantOption,
+    SeqLenOption,
     TemperatureOption,
     ThreadsOption,
     ThresholdOption,
@@ -44,23 +48,10 @@ def round_command(
     threshold: ThresholdOption = None,
     merge: MergeOption = "factors",
     by_tokens: ByTokensOption = False,
-    precision: Annotated[
-        str,
-        typer.Option(
-            help="Training copy of the base: nf4 (QLoRA, 4-bit) or fp32 (exact; better on the "
-            "small embedded base).",
-            rich_help_panel=_TRAINING,
-        ),
-    ] = "nf4",
-    seq_len: Annotated[
-        int, typer.Option(help="Tokens per training block.", min=2, rich_help_panel=_TRAINING)
-    ] = 256,
-    batch_size: Annotated[
-        int, typer.Option(help="Blocks per step.", min=1, rich_help_panel=_TRAINING)
-    ] = 4,
-    lr: Annotated[
-        float, typer.Option(help="Peak learning rate (AdamW).", rich_help_panel=_TRAINING)
-    ] = 1e-3,
+    precision: PrecisionOption = "nf4",
+    seq_len: SeqLenOption = 256,
+    batch_size: BatchSizeOption = 4,
+    lr: LearningRateOption = 1e-3,
     seed: Annotated[
         int,
         typer.Option(help="Seed of data order (plus the round number).", rich_help_panel=_TRAINING),

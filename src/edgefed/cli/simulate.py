@@ -11,7 +11,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edgefed.cli.federation import TokenFileOption, store_token
-from edgefed.cli.options import BaseOption, JsonOption, RuntimeQuantOption, ThreadsOption
+from edgefed.cli.options import (
+    BaseOption,
+    BatchSizeOption,
+    JsonOption,
+    LearningRateOption,
+    PrecisionOption,
+    RuntimeQuantOption,
+    SeqLenOption,
+    ThreadsOption,
+)
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
 
 _DATA = "Data"
@@ -65,7 +74,7 @@ def simulate(
     seeds: Annotated[
         int,
         typer.Option(
-            help="Seeds (init, data order, dealing of documents).",
+            help="Seeds 0..N-1 of the shared init and the data order.",
             min=1,
             rich_help_panel=_FEDERATION,
         ),
@@ -89,18 +98,10 @@ def simulate(
         ),
     ] = None,
     token_file: TokenFileOption = None,
-    precision: Annotated[
-        str, typer.Option(help="nf4 (QLoRA) or fp32 training copy.", rich_help_panel=_TRAINING)
-    ] = "nf4",
-    seq_len: Annotated[
-        int, typer.Option(help="Tokens per training block.", min=2, rich_help_panel=_TRAINING)
-    ] = 128,
-    batch_size: Annotated[
-        int, typer.Option(help="Blocks per step.", min=1, rich_help_panel=_TRAINING)
-    ] = 4,
-    lr: Annotated[
-        float, typer.Option(help="Peak learning rate (AdamW).", rich_help_panel=_TRAINING)
-    ] = 2e-3,
+    precision: PrecisionOption = "nf4",
+    seq_len: SeqLenOption = 128,
+    batch_size: BatchSizeOption = 4,
+    lr: LearningRateOption = 2e-3,
     test_tokens: Annotated[
         int, typer.Option(help="Test-split tokens scored per device and round (0: all).", min=0)
     ] = 1024,

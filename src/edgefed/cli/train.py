@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgefed.cli.options import BaseOption, JsonOption, RuntimeQuantOption, ThreadsOption
+from edgefed.cli.options import (
+    BaseOption,
+    BatchSizeOption,
+    JsonOption,
+    LearningRateOption,
+    PrecisionOption,
+    RuntimeQuantOption,
+    SeqLenOption,
+    ThreadsOption,
+)
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
 from edgefed.cli.progress import EXIT_INTERRUPTED, TrainDisplay, stop_on_signals
 
@@ -67,19 +76,13 @@ def train(
             help="Passes over the training split (instead of --steps).", rich_help_panel=_TRAINING
         ),
     ] = None,
-    seq_len: Annotated[
-        int, typer.Option(help="Tokens per training block.", min=2, rich_help_panel=_TRAINING)
-    ] = 256,
-    batch_size: Annotated[
-        int, typer.Option(help="Blocks per micro-batch.", min=1, rich_help_panel=_TRAINING)
-    ] = 4,
+    seq_len: SeqLenOption = 256,
+    batch_size: BatchSizeOption = 4,
     grad_accum: Annotated[
         int,
         typer.Option(help="Micro-batches per optimizer step.", min=1, rich_help_panel=_TRAINING),
     ] = 1,
-    lr: Annotated[
-        float, typer.Option(help="Peak learning rate (AdamW).", rich_help_panel=_TRAINING)
-    ] = 1e-3,
+    lr: LearningRateOption = 1e-3,
     warmup: Annotated[
         float,
         typer.Option(
@@ -157,15 +160,7 @@ def train(
         ),
     ] = None,
     base: BaseOption = None,
-    precision: Annotated[
-        str,
-        typer.Option(
-            help="Training copy of the base: nf4 (QLoRA, 4-bit weights) or fp32 (the exact "
-            "GGUF values: 8x the weight memory; on the small embedded base the better adapter "
-            "for +5% peak memory, see README).",
-            rich_help_panel=_RUN,
-        ),
-    ] = "nf4",
+    precision: PrecisionOption = "nf4",
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present), cpu or cuda.", rich_help_panel=_RUN)
     ] = "auto",
