@@ -11,7 +11,7 @@ from rich.table import Table
 
 from edgefed.cli.options import BaseOption, JsonOption
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
-from edgefed.trust.schemes import DEFAULT_SCHEME, DEFAULT_TEMPERATURE, SCHEMES
+from edgefed.trust.schemes import DEFAULT_SCHEME, SCHEMES
 
 StoreArgument = Annotated[
     str,
@@ -79,8 +79,13 @@ def init(
         typer.Option(help="Default trust scheme of every device's round (see README)."),
     ] = DEFAULT_SCHEME,
     temperature: Annotated[
-        float, typer.Option(help="Default softmax temperature over the trust scores.")
-    ] = DEFAULT_TEMPERATURE,
+        float | None,
+        typer.Option(
+            help="Default softmax temperature for --trust. Default: the scheme's measured one "
+            "(perplexity 0.01 nats; see README).",
+            show_default=False,
+        ),
+    ] = None,
     federation_id: Annotated[
         str | None, typer.Option("--id", help="Federation id. Default: a random one.")
     ] = None,
@@ -103,7 +108,7 @@ def init(
         )
     except ValueError as exc:
         raise DataError(str(exc), "see edgefed init --help") from None
-    if trust not in SCHEMES or temperature <= 0:
+    if trust not in SCHEMES or (temperature is not None and temperature <= 0):
         raise DataError(
             f"--trust must be one of {', '.join(SCHEMES)} and --temperature positive",
             "see edgefed init --help",
@@ -115,7 +120,8 @@ def init(
             lora=lora,
             warmup_steps=warmup_steps,
             round_steps=round_steps,
-            trust={"scheme": trust, "temperature": temperature},
+            trust={"scheme": trust}
+            | ({"temperature": temperature} if temperature is not None else {}),
             reference=reference,
             federation_id=federation_id,
         )

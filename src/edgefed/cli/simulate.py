@@ -84,11 +84,11 @@ def simulate(
     ] = 2,
     warmup_steps: Annotated[
         int, typer.Option(help="Local steps of round 0.", min=0, rich_help_panel=_FEDERATION)
-    ] = 10,
+    ] = 8,
     round_steps: Annotated[
         int,
         typer.Option(help="Local steps of every later round.", min=1, rich_help_panel=_FEDERATION),
-    ] = 5,
+    ] = 4,
     store: Annotated[
         str | None,
         typer.Option(
@@ -100,11 +100,17 @@ def simulate(
     token_file: TokenFileOption = None,
     precision: PrecisionOption = "nf4",
     seq_len: SeqLenOption = 128,
-    batch_size: BatchSizeOption = 4,
+    batch_size: BatchSizeOption = 2,
     lr: LearningRateOption = 2e-3,
+    val_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Trust-validation tokens each device scores its peers on (0: all).", min=0
+        ),
+    ] = 256,
     test_tokens: Annotated[
         int, typer.Option(help="Test-split tokens scored per device and round (0: all).", min=0)
-    ] = 1024,
+    ] = 384,
     out: Annotated[
         Path | None,
         typer.Option(help="Run folder. Default: simulations/<dataset>-<time>.", show_default=False),
@@ -146,6 +152,7 @@ def simulate(
             precision=precision,
             runtime_quant=runtime_quant,
             test_tokens=test_tokens or None,
+            val_tokens=val_tokens or None,
         ),
     )
     out = out or Path("simulations") / (

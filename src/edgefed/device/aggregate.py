@@ -33,11 +33,11 @@ from edgefed.train.split import TRUST_VAL
 from edgefed.trust.merge import MERGES
 from edgefed.trust.schemes import (
     DEFAULT_SCHEME,
-    DEFAULT_TEMPERATURE,
     Normalization,
     TrustInputs,
     TrustRow,
     compute_trust,
+    default_temperature,
 )
 
 AGGREGATED_DIR = "aggregated"
@@ -92,7 +92,8 @@ def aggregate_round(
 ) -> AggregateResult:
     """Compute this device's trust row for the round and write the mixed adapter.
 
-    `scheme` and `temperature` default to the federation's trust defaults. Raises DataError
+    `scheme` defaults to the federation's; `temperature` to the federation's for that scheme,
+    else the scheme's measured default (`DEFAULT_TEMPERATURES`). Raises DataError
     for an unknown scheme or merge, a bad normalization, or missing inputs (no reference text
     for prediction trust, no own adapter), and AdapterMismatchError for adapters that do not
     agree. `loaded` scores over an already loaded base (the simulation's).
@@ -102,10 +103,10 @@ def aggregate_round(
     federation = workspace.federation
     defaults = federation.get("trust") or {}
     scheme = scheme or defaults.get("scheme", DEFAULT_SCHEME)
+    if temperature is None and scheme == defaults.get("scheme"):
+        temperature = defaults.get("temperature")  # the federation's, for its own scheme
     normalization = Normalization(
-        temperature=float(defaults.get("temperature", DEFAULT_TEMPERATURE))
-        if temperature is None
-        else temperature,
+        temperature=default_temperature(scheme) if temperature is None else float(temperature),
         top_k=top_k,
         threshold=threshold,
     )

@@ -46,11 +46,11 @@ from edgefed.sync.manifest import (
 from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KeyExists, KeyMissing, Store
 from edgefed.sync.verify import Rejected, Verifier, encode_adapter
-from edgefed.trust.schemes import DEFAULT_SCHEME, DEFAULT_TEMPERATURE
+from edgefed.trust.schemes import DEFAULT_SCHEME
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRUST = {"scheme": DEFAULT_SCHEME, "temperature": DEFAULT_TEMPERATURE}
+DEFAULT_TRUST = {"scheme": DEFAULT_SCHEME}  # temperature: the scheme's default
 
 
 @dataclass(frozen=True)

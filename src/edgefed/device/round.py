@@ -26,7 +26,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 from edgefed.adapter import LoraSpec
 from edgefed.atomic import atomic_write_text
-from edgefed.device.aggregate import AGGREGATED_DIR, TRUST_FILE, aggregate_round
+from edgefed.device.aggregate import (
+    AGGREGATED_DIR,
+    DEFAULT_VAL_TOKENS,
+    TRUST_FILE,
+    aggregate_round,
+)
 from edgefed.device.evaluate import (
     DEFAULT_TEST_TOKENS,
     EVALUATION_FILE,
@@ -67,6 +72,7 @@ class RoundOptions:
     threads: int | None = None
     runtime_quant: str | None = None
     test_tokens: int | None = DEFAULT_TEST_TOKENS
+    val_tokens: int | None = DEFAULT_VAL_TOKENS  # trust-validation tokens scored (None: all)
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,7 @@ class _Round:
             device=self.options.device,
             threads=self.options.threads,
             runtime_quant=self.options.runtime_quant,
+            eval_tokens=self.options.val_tokens,
             loaded=self.loaded,
             on_status=self.on_status,
             on_progress=self.on_progress,
@@ -213,6 +220,7 @@ class _Round:
             merge=self.options.merge,
             by_tokens=self.options.by_tokens,
             runtime_quant=self.options.runtime_quant,
+            val_tokens=self.options.val_tokens,
             loaded=self.loaded,
         )
         return self.aggregate_record()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import time
@@ -81,8 +82,13 @@ class LlamaRuntime:
         window: int = DEFAULT_WINDOW,
         threads: int | None = None,
         ubatch: int | None = None,
+        remember_scores: bool = False,
     ) -> None:
         self._ll = ensure_backend()
+        # perplexity results by (adapter, stride, tokens): a simulation scores the same adapter
+        # on the same text once per variant; llama.cpp's answer is deterministic, so the
+        # second time is a lookup
+        self._scores: dict | None = {} if remember_scores else None
         ll = self._ll
         self.base_path = Path(base_path)
         self.info = read_base_info(self.base_path)
@@ -308,10 +314,19 @@ class LlamaRuntime:
         """Perplexity of a text under `adapter` (None: the bare base), by the rule above."""
         tokens = self._as_tokens(text_or_tokens)
         step = self._stride(stride)
+        key = None
+        if self._scores is not None:
+            digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
+            key = (adapter.path if adapter else None, step, digest.hexdigest())
+            if key in self._scores:
+                return self._scores[key]
         started = time.perf_counter()
         logprobs, _ = self.token_logprobs(tokens, adapter, stride=step)
         seconds = time.perf_counter() - started
-        return PerplexityResult.from_logprobs(logprobs, len(tokens), self.window, step, seconds)
+        result = PerplexityResult.from_logprobs(logprobs, len(tokens), self.window, step, seconds)
+        if key is not None:
+            self._scores[key] = result
+        return result
 
     def top_k(
         self,

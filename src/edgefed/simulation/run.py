@@ -117,8 +117,8 @@ class SimulationSettings:
     )
     seeds: int = 1
     rounds: int = 2
-    warmup_steps: int = 10
-    round_steps: int = 5
+    warmup_steps: int = 8
+    round_steps: int = 4
     lora: LoraSpec = field(default_factory=LoraSpec)
     round_options: RoundOptions = field(default_factory=RoundOptions)
 
@@ -304,6 +304,7 @@ def simulate(
             "train": asdict(options.train),
             "precision": options.precision,
             "test_tokens": options.test_tokens,
+            "val_tokens": options.val_tokens,
             "max_tokens": max_tokens,
         },
         "base": {"name": base_name, "bytes": base_bytes},

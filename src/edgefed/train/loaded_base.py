@@ -37,7 +37,9 @@ class LoadedBase:
         self.precision, self.device = precision, device
         self.runtime_quant = runtime_quant or DEFAULT_RUNTIME_QUANT
         self.runtime = LlamaRuntime(
-            runtime_copy(self.base_path, self.runtime_quant), threads=threads
+            runtime_copy(self.base_path, self.runtime_quant),
+            threads=threads,
+            remember_scores=True,
         )
         self._scratch_dir = tempfile.TemporaryDirectory(prefix="edgefed-loaded-")
         self._scratch = Path(self._scratch_dir.name)

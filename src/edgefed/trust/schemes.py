@@ -26,7 +26,14 @@ from edgefed.trust.similarity import delta_cosine
 
 DEFAULT_TOP_K_TOKENS = 16
 DEFAULT_SCHEME = "perplexity"
-DEFAULT_TEMPERATURE = 1.0  # in the scores' units (nats of mean loss for perplexity); README
+# softmax temperature per scheme, in its scores' units. perplexity: nats of mean loss, chosen by
+# bench/temperature.py (README); weights (cosine) and prediction (TV distance): the paper's
+# plain softmax until measured.
+DEFAULT_TEMPERATURES = {"perplexity": 0.01, "prediction": 1.0, "weights": 1.0}
+
+
+def default_temperature(scheme: str) -> float:
+    return DEFAULT_TEMPERATURES.get(scheme, 1.0)
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ class TrustRow:
 
 @dataclass(frozen=True)
 class Normalization:
-    temperature: float = DEFAULT_TEMPERATURE
+    temperature: float = 1.0
     top_k: int | None = None
     threshold: float | None = None
 
