@@ -16,7 +16,7 @@ $(BIN)/edgefed-installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 demo: $(BIN)/edgefed-installed
-	$(BIN)/edgefed evaluate
+	$(BIN)/edgefed simulate
 
 lint: $(BIN)/edgefed-installed
 	$(BIN)/ruff check src tests bench

@@ -56,5 +56,5 @@ def write_plots(results: dict, folder: Path) -> list[Path]:
 
 def _save(figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+        figure.savefig(tmp, format="png", bbox_inches="tight")
     return path
