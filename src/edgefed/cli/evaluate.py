@@ -115,13 +115,14 @@ def _evaluate_round(
 ) -> None:
     """A round's recorded evaluation, computed (and recorded) first if the round lacks one."""
     from edgefed.cli.round import render_evaluation
+    from edgefed.device.aggregate import TRUST_FILE
     from edgefed.device.evaluate import evaluate_round, read_evaluation
     from edgefed.device.workspace import find_workspace
     from edgefed.errors import InputFileError
 
     ws = find_workspace(workspace)
     if round_number is None:
-        finished = [r for r in ws.rounds() if (ws.round_dir(r) / "trust.json").is_file()]
+        finished = [r for r in ws.rounds() if (ws.round_dir(r) / TRUST_FILE).is_file()]
         if not finished:
             raise InputFileError(
                 f"{ws.device} has no aggregated round to evaluate", "run `edgefed round` first"

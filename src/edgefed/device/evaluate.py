@@ -22,11 +22,11 @@ from edgefed.device.split_text import device_split_tokens
 from edgefed.device.workspace import Workspace
 from edgefed.errors import InputFileError
 from edgefed.train.loaded_base import LoadedBase
+from edgefed.train.run import GGUF_ADAPTER_FILE
 from edgefed.train.split import TEST
 
 EVALUATION_FILE = "evaluation.json"
 TRAIN_DIR = "train"
-LOCAL_GGUF = "adapter.gguf"
 DEFAULT_TEST_TOKENS = 8192
 
 
@@ -50,7 +50,7 @@ def evaluate_round(
     """
     round_dir = workspace.round_dir(round_number)
     run_dir = round_dir / TRAIN_DIR
-    models = {"local": run_dir / LOCAL_GGUF, "aggregated": round_dir / AGGREGATED_GGUF}
+    models = {"local": run_dir / GGUF_ADAPTER_FILE, "aggregated": round_dir / AGGREGATED_GGUF}
     trust_path = round_dir / TRUST_FILE
     if not trust_path.is_file() or not all(p.is_file() for p in models.values()):
         raise InputFileError(

@@ -116,17 +116,17 @@ class _Round:
     def __init__(
         self, store, workspace, round_number, options, on_status, on_progress, stop, loaded
     ):
-        self.store, self.workspace, self.round, self.loaded = (
+        self.store, self.workspace, self.round, self.options = (
             store,
             workspace,
             round_number,
-            loaded,
-        )
-        self.options, self.on_status, self.on_progress, self.stop = (
             options,
+        )
+        self.on_status, self.on_progress, self.stop, self.loaded = (
             on_status,
             on_progress,
             stop,
+            loaded,
         )
         self.dir = workspace.round_dir(round_number)
         self.run_dir = self.dir / TRAIN_DIR

@@ -15,9 +15,8 @@ import numpy as np
 from edgefed.device.workspace import Workspace
 from edgefed.documents import read_documents
 from edgefed.train.blocks import evaluation_stream, token_stream
+from edgefed.train.run import SPLIT_FILE
 from edgefed.train.split import SplitRule, split_documents
-
-SPLIT_FILE = "split.json"
 
 
 def recorded_rule(run_dir: Path) -> SplitRule:
