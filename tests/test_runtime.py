@@ -60,6 +60,25 @@ def test_perplexity_is_exp_mean_nll_and_top_k_is_ordered(tiny_gguf):
     assert (top.logprobs[:, 0] >= logprobs - 1e-4).all()  # nothing beats the top-1
 
 
+def test_remembered_scores_are_the_computed_ones_per_adapter_text_and_k(tiny_lora):
+    _kind, folder, base, _, adapter_path = tiny_lora
+    tokens = hf_tokens(folder, SAMPLE_TEXT * 2)
+    with LlamaRuntime(base, window=64) as fresh:
+        adapter = fresh.load_adapter(adapter_path)
+        expected = fresh.perplexity(tokens, adapter).mean_nll, fresh.top_k(tokens, 4, adapter)
+    with LlamaRuntime(base, window=64, remember_scores=True) as runtime:
+        adapter = runtime.load_adapter(adapter_path)
+        first = runtime.top_k(tokens, 4, adapter)
+        assert runtime.top_k(tokens, 4, adapter) is first  # a lookup, not a second pass
+        assert runtime.top_k(tokens, 3, adapter).token_ids.shape[1] == 3  # k is in the key
+        assert runtime.top_k(tokens, 4).logprobs.tolist() != first.logprobs.tolist()  # base
+        assert runtime.top_k(tokens[:-5], 4, adapter).token_ids.shape[0] == len(tokens) - 6
+        nll = runtime.perplexity(tokens, adapter).mean_nll
+        assert runtime.perplexity(tokens, adapter).mean_nll == nll == expected[0]
+    assert first.token_ids.tolist() == expected[1].token_ids.tolist()
+    assert np.allclose(first.logprobs, expected[1].logprobs)
+
+
 def test_tokenize_adds_bos_only_when_the_model_asks(tiny_gguf):
     _, _, base = tiny_gguf
     with LlamaRuntime(base) as runtime:

@@ -105,7 +105,9 @@ def simulate(
     val_tokens: Annotated[
         int,
         typer.Option(
-            help="Trust-validation tokens each device scores its peers on (0: all).", min=0
+            help="Tokens each device scores its peers on: its trust-validation split, or the "
+            "reference text for prediction trust (0: all).",
+            min=0,
         ),
     ] = 256,
     test_tokens: Annotated[

@@ -192,7 +192,7 @@ def _runtime_row(workspace, scheme, adapters, spec, own_path, normalization, val
         val_tokens=device_split_tokens(workspace, own_path, runtime, TRUST_VAL, val_tokens)
         if scheme == "perplexity"
         else None,
-        reference_tokens=runtime.tokenize(reference_path.read_text(encoding="utf-8"))
+        reference_tokens=_reference_tokens(runtime, reference_path, val_tokens)
         if scheme == "prediction"
         else None,
     )
@@ -207,3 +207,10 @@ def trust_history(workspace: Workspace) -> list[dict]:
         if path.is_file():
             rows.append(json.loads(path.read_text(encoding="utf-8")))
     return rows
+
+
+def _reference_tokens(runtime, reference_path: Path, limit: int | None):
+    """The first `limit` tokens of the federation's reference text: every device cuts the same
+    prefix, so their predictions are compared on one text, at the trust budget's cost."""
+    tokens = runtime.tokenize(reference_path.read_text(encoding="utf-8"))
+    return tokens if limit is None else tokens[: limit + 1]  # + BOS, as the split streams

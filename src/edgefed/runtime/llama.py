@@ -85,9 +85,9 @@ class LlamaRuntime:
         remember_scores: bool = False,
     ) -> None:
         self._ll = ensure_backend()
-        # perplexity results by (adapter, stride, tokens): a simulation scores the same adapter
-        # on the same text once per variant; llama.cpp's answer is deterministic, so the
-        # second time is a lookup
+        # perplexity and top-k results by (adapter, stride, tokens): a simulation scores the
+        # same adapter on the same text once per variant; llama.cpp's answer is deterministic,
+        # so the second time is a lookup
         self._scores: dict | None = {} if remember_scores else None
         ll = self._ll
         self.base_path = Path(base_path)
@@ -314,19 +314,26 @@ class LlamaRuntime:
         """Perplexity of a text under `adapter` (None: the bare base), by the rule above."""
         tokens = self._as_tokens(text_or_tokens)
         step = self._stride(stride)
-        key = None
-        if self._scores is not None:
-            digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
-            key = (adapter.path if adapter else None, step, digest.hexdigest())
-            if key in self._scores:
-                return self._scores[key]
+        key = self._score_key("perplexity", tokens, adapter, step)
+        if key is not None and key in self._scores:
+            return self._scores[key]
         started = time.perf_counter()
         logprobs, _ = self.token_logprobs(tokens, adapter, stride=step)
         seconds = time.perf_counter() - started
         result = PerplexityResult.from_logprobs(logprobs, len(tokens), self.window, step, seconds)
+        self._remember(key, result)
+        return result
+
+    def _score_key(self, kind: str, tokens: np.ndarray, adapter, step: int, *extra) -> tuple | None:
+        """The memo key of a deterministic score, or None when results are not remembered."""
+        if self._scores is None:
+            return None
+        digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
+        return (kind, adapter.path if adapter else None, step, digest.hexdigest(), *extra)
+
+    def _remember(self, key: tuple | None, result) -> None:
         if key is not None:
             self._scores[key] = result
-        return result
 
     def top_k(
         self,
@@ -341,6 +348,9 @@ class LlamaRuntime:
             raise DataError(f"k={k} must be in 1..{self.n_vocab}", "pick a smaller k")
         tokens = self._as_tokens(text_or_tokens)
         step = self._stride(stride)
+        key = self._score_key("top_k", tokens, adapter, step, k)
+        if key is not None and key in self._scores:
+            return self._scores[key]
         self._activate(adapter)
         ids: list[np.ndarray] = []
         values: list[np.ndarray] = []
@@ -354,4 +364,6 @@ class LlamaRuntime:
             top = np.take_along_axis(top, order, axis=1)
             ids.append(top.astype(np.int32))
             values.append(np.take_along_axis(top_logits, order, axis=1) - lse[:, None])
-        return TopK(token_ids=np.concatenate(ids), logprobs=np.concatenate(values))
+        result = TopK(token_ids=np.concatenate(ids), logprobs=np.concatenate(values))
+        self._remember(key, result)
+        return result
