@@ -252,11 +252,68 @@ def relay_server(tmp_path):
     process.wait(timeout=30)
 
 
-@pytest.fixture(params=["folder", "relay"])
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> str:
+    """A real S3 API server on 127.0.0.1: the one `.ci/run` started (EDGEFED_TEST_S3), else a
+    `moto_server` process of our own. Its fake credentials reach every child process."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    import httpx
+
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="edgefed-test",
+        AWS_SECRET_ACCESS_KEY="edgefed-test-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    endpoint = os.environ.get("EDGEFED_TEST_S3")
+    process = None
+    if not endpoint:
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+        process = subprocess.Popen(
+            [shutil.which("moto_server") or "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(endpoint)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline or (process and process.poll() is not None):
+                raise RuntimeError(f"no S3 API server answers at {endpoint}") from None
+            time.sleep(0.2)
+    yield endpoint
+    if process is not None:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_url(s3_endpoint) -> str:
+    """A fresh bucket on the test S3 server, as an edgefed store URL."""
+    import uuid
+
+    import boto3
+
+    bucket = f"edgefed-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/federation?endpoint={s3_endpoint}"
+
+
+@pytest.fixture(params=["folder", "relay", "s3"])
 def store_url(request, tmp_path, monkeypatch) -> str:
-    """A shared folder, or a real relay process (its token reaches devices by EDGEFED_TOKEN)."""
+    """A shared folder, a real relay process (its token reaches devices by EDGEFED_TOKEN), or
+    a bucket on a real S3 API server."""
     if request.param == "folder":
         return str(tmp_path / "shared")
+    if request.param == "s3":
+        return request.getfixturevalue("s3_url")
     url, token, _ = request.getfixturevalue("relay_server")
     monkeypatch.setenv("EDGEFED_TOKEN", token)
     return url

@@ -20,6 +20,7 @@ from edgefed.sync.manifest import (
     registration,
 )
 from edgefed.sync.relay_client import RelayStore
+from edgefed.sync.s3 import S3Store
 from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KeyExists, KeyMissing
 from edgefed.sync.verify import Rejected, Verifier, encode_adapter
@@ -27,10 +28,14 @@ from edgefed.sync.verify import Rejected, Verifier, encode_adapter
 # ---------------------------------------------------------------------------- store contract
 
 
-@pytest.fixture(params=["folder", "relay"])
+@pytest.fixture(params=["folder", "relay", "s3"])
 def store(request, tmp_path):
     if request.param == "folder":
         yield FolderStore(tmp_path / "store")
+        return
+    if request.param == "s3":
+        with S3Store(request.getfixturevalue("s3_url")) as s3:
+            yield s3
         return
     url, token, _ = request.getfixturevalue("relay_server")
     with RelayStore(url, token=token) as relay:

@@ -17,7 +17,8 @@ StoreArgument = Annotated[
     str,
     typer.Argument(
         help="The federation store: a folder kept in step by a sync tool (Syncthing, Dropbox, "
-        "NFS, a USB stick), or an http(s):// relay URL.",
+        "NFS, a USB stick), an http(s):// relay URL, or s3://BUCKET/PREFIX (add "
+        "?endpoint=http://HOST:PORT for MinIO, Ceph and other S3-compatible stores).",
         show_default=False,
     ),
 ]

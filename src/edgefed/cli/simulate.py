@@ -92,7 +92,7 @@ def simulate(
     store: Annotated[
         str | None,
         typer.Option(
-            help="Run over this relay URL instead of a folder store (one variant, one seed).",
+            help="Run over this relay or s3:// store instead of a folder (one variant, one seed).",
             show_default=False,
             rich_help_panel=_FEDERATION,
         ),

@@ -187,7 +187,7 @@ def simulate(
     federations = len(settings.variants) * settings.seeds
     if store_url is not None and federations != 1:
         raise DataError(
-            f"a relay holds one federation; this simulation runs {federations}",
+            f"a store URL holds one federation; this simulation runs {federations}",
             "give one --trust variant and --seeds 1 with --store, or drop --store",
         )
     _check_splits(client_set)

@@ -60,12 +60,17 @@ class Store(ABC):
 
 
 def open_store(url: str | os.PathLike[str], *, token: str | None = None) -> Store:
-    """A folder path (or file:// URL) opens a FolderStore; http(s):// a RelayStore."""
+    """A folder path (or file:// URL) opens a FolderStore; http(s):// a RelayStore; s3:// an
+    S3Store (its credentials come from the AWS configuration, not from `token`)."""
     text = os.fspath(url)
     if text.startswith(("http://", "https://")):
         from edgefed.sync.relay_client import RelayStore
 
         return RelayStore(text, token=token)
+    if text.startswith("s3://"):
+        from edgefed.sync.s3 import S3Store
+
+        return S3Store(text)
     from edgefed.sync.folder import FolderStore
 
     return FolderStore(text.removeprefix("file://"))
