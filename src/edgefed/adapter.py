@@ -97,6 +97,15 @@ def lora_modules(peft_model) -> dict[str, object]:
     }
 
 
+def _initial_a(shape, init_seed: int, module: str):
+    import torch
+
+    bound = 1.0 / math.sqrt(shape[1])
+    generator = torch.Generator().manual_seed(_module_seed(init_seed, module))
+    drawn = torch.rand(tuple(shape), generator=generator, dtype=torch.float32)
+    return (drawn * 2.0 - 1.0) * bound
+
+
 def initialize_lora(peft_model, init_seed: int) -> None:
     """Set every A from the shared seed and every B to zero (see the module docstring)."""
     import torch
@@ -104,12 +113,23 @@ def initialize_lora(peft_model, init_seed: int) -> None:
     with torch.no_grad():
         for name, module in lora_modules(peft_model).items():
             for adapter_name, lora_a in module.lora_A.items():
-                weight = lora_a.weight
-                bound = 1.0 / math.sqrt(weight.shape[1])
-                generator = torch.Generator().manual_seed(_module_seed(init_seed, name))
-                drawn = torch.rand(weight.shape, generator=generator, dtype=torch.float32)
-                weight.copy_((drawn * 2.0 - 1.0) * bound)
+                lora_a.weight.copy_(_initial_a(lora_a.weight.shape, init_seed, name))
                 module.lora_B[adapter_name].weight.zero_()
+
+
+def initial_tensors(like: Mapping, init_seed: int) -> dict:
+    """The federation's initial adapter under the names and shapes of `like` (PEFT's saved
+    names): every device's common starting point, public to all of them."""
+    import torch
+
+    initial = {}
+    for name, tensor in like.items():
+        if name.endswith(".lora_A.weight"):
+            module = name.removeprefix(_PEFT_PREFIX).removesuffix(".lora_A.weight")
+            initial[name] = _initial_a(tensor.shape, init_seed, module)
+        else:
+            initial[name] = torch.zeros(tuple(tensor.shape), dtype=torch.float32)
+    return initial
 
 
 def attach_lora(model, spec: LoraSpec):

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgefed.cli.options import BaseOption, JsonOption
+from edgefed.cli.options import BaseOption, DpClipOption, DpNoiseOption, JsonOption, dp_noise
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
 from edgefed.trust.schemes import DEFAULT_SCHEME, SCHEMES
 
@@ -179,6 +179,8 @@ def sync(
             "lossy (see README)."
         ),
     ] = False,
+    dp_clip: DpClipOption = None,
+    dp_noise_multiplier: DpNoiseOption = 0.0,
     min_peers: Annotated[
         int, typer.Option(help="Wait until this many peers' adapters are verified.", min=0)
     ] = 0,
@@ -195,6 +197,9 @@ def sync(
     from edgefed.sync.store import open_store
 
     ws = find_workspace(workspace)
+    dp = dp_noise(dp_clip, dp_noise_multiplier)
+    if dp is not None:
+        stderr.print(dp.describe())
     tokens, metrics = publish_metrics(adapter) if adapter is not None else (0, {})
     with open_store(ws.config["store"], token=store_token(token_file)) as opened:
         report = sync_round(
@@ -205,6 +210,7 @@ def sync(
             train_tokens=tokens,
             metrics=metrics,
             compress=compress,
+            dp=dp,
             min_peers=min_peers,
             wait_seconds=wait,
             on_wait=lambda n, s: stderr.print(

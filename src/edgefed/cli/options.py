@@ -101,6 +101,52 @@ ByTokensOption = Annotated[
         rich_help_panel=_TRUST,
     ),
 ]
+ClipNormOption = Annotated[
+    float | None,
+    typer.Option(
+        "--clip-norm",
+        help="Rescale every peer's adapter whose ‖ΔW‖ (all modules, Frobenius) exceeds this "
+        "bound onto it before trust and mixing; a defence against peers that publish huge "
+        "updates. trust.json lists every norm. Default: no clipping.",
+        show_default=False,
+        rich_help_panel=_TRUST,
+    ),
+]
+
+_PRIVACY = "Privacy noise (see README: what it does and does not guarantee)"
+DpClipOption = Annotated[
+    float | None,
+    typer.Option(
+        "--dp-clip",
+        help="Clip the published adapter's change from the shared initial adapter to this L2 "
+        "norm (all tensors), then add --dp-noise. Default: publish the exact adapter.",
+        show_default=False,
+        rich_help_panel=_PRIVACY,
+    ),
+]
+DpNoiseOption = Annotated[
+    float,
+    typer.Option(
+        "--dp-noise",
+        help="Gaussian noise multiplier z: every published coordinate gets noise of std "
+        "z x --dp-clip. Prints the resulting (ε, δ=1e-5) per round.",
+        min=0,
+        rich_help_panel=_PRIVACY,
+    ),
+]
+
+
+def dp_noise(clip: float | None, noise: float):
+    """The privacy options as one value (None without --dp-clip); refuses --dp-noise alone."""
+    from edgefed.errors import DataError
+    from edgefed.privacy import DpNoise
+
+    if clip is None:
+        if noise:
+            raise DataError("--dp-noise needs --dp-clip", "e.g. --dp-clip 1 --dp-noise 0.001")
+        return None
+    return DpNoise(clip=clip, noise=noise)
+
 
 _TRAINING = "Training"
 PrecisionOption = Annotated[

@@ -11,6 +11,9 @@ from edgefed.cli.federation import TokenFileOption, WorkspaceOption, store_token
 from edgefed.cli.options import (
     BatchSizeOption,
     ByTokensOption,
+    ClipNormOption,
+    DpClipOption,
+    DpNoiseOption,
     JsonOption,
     LearningRateOption,
     MergeOption,
@@ -22,6 +25,7 @@ from edgefed.cli.options import (
     ThresholdOption,
     TopKOption,
     TrustOption,
+    dp_noise,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
 from edgefed.cli.progress import EXIT_INTERRUPTED, TrainDisplay, stop_on_signals
@@ -48,6 +52,7 @@ def round_command(
     threshold: ThresholdOption = None,
     merge: MergeOption = "factors",
     by_tokens: ByTokensOption = False,
+    clip_norm: ClipNormOption = None,
     precision: PrecisionOption = "nf4",
     seq_len: SeqLenOption = 256,
     batch_size: BatchSizeOption = 4,
@@ -84,6 +89,8 @@ def round_command(
             help="Wait at most this many seconds for --min-peers.", min=0, rich_help_panel=_SYNC
         ),
     ] = 0.0,
+    dp_clip: DpClipOption = None,
+    dp_noise_multiplier: DpNoiseOption = 0.0,
     test_tokens: Annotated[
         int,
         typer.Option(help="Test-split tokens scored by the evaluation (0: all).", min=0),
@@ -124,6 +131,8 @@ def round_command(
         threshold=threshold,
         merge=merge,
         by_tokens=by_tokens,
+        clip_norm=clip_norm,
+        dp=dp_noise(dp_clip, dp_noise_multiplier),
         train=config,
         precision=precision,
         device=device,
@@ -135,6 +144,8 @@ def round_command(
         test_tokens=test_tokens or None,
     )
     ws = find_workspace(workspace)
+    if options.dp is not None:
+        stderr.print(options.dp.describe())
     display = TrainDisplay()
 
     def on_step(number: int, step: str, done: bool) -> None:

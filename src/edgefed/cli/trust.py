@@ -11,6 +11,7 @@ from rich.table import Table
 from edgefed.cli.federation import WorkspaceOption
 from edgefed.cli.options import (
     ByTokensOption,
+    ClipNormOption,
     JsonOption,
     MergeOption,
     RuntimeQuantOption,
@@ -42,6 +43,7 @@ def aggregate(
     threshold: ThresholdOption = None,
     merge: MergeOption = "factors",
     by_tokens: ByTokensOption = False,
+    clip_norm: ClipNormOption = None,
     workspace: WorkspaceOption = None,
     runtime_quant: RuntimeQuantOption = "q8_0",
     as_json: JsonOption = False,
@@ -61,6 +63,7 @@ def aggregate(
         merge=merge,
         by_tokens=by_tokens,
         runtime_quant=runtime_quant,
+        clip_norm=clip_norm,
     )
     if as_json:
         emit_json(result.as_dict())

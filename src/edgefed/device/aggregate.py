@@ -7,7 +7,8 @@ loaded once, every adapter loaded once and swapped), mixes, and writes into the 
     rounds/<r>/aggregated/   the mixed adapter (PEFT folder: adapter_config.json + safetensors)
     rounds/<r>/aggregated.gguf   the same as a GGUF LoRA, for llama.cpp
     rounds/<r>/trust.json    {"round", "scheme", "devices", "scores", "weights", "normalization",
-                              "merge", "relative_error", "peers_used"}
+                              "merge", "relative_error", "delta_norms", "clip_norm",
+                              "peers_used"}
 
 Trust-validation text is this device's own split (the rule recorded by its training run), never
 its test split: the text that picks the weights must not be the text that reports the result.
@@ -30,6 +31,7 @@ from edgefed.faults import crash_point
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
 from edgefed.train.loaded_base import LoadedBase
 from edgefed.train.split import TRUST_VAL
+from edgefed.trust.clip import clip_peers
 from edgefed.trust.merge import MERGES
 from edgefed.trust.schemes import (
     DEFAULT_SCHEME,
@@ -88,6 +90,7 @@ def aggregate_round(
     by_tokens: bool = False,
     runtime_quant: str | None = None,
     val_tokens: int | None = DEFAULT_VAL_TOKENS,
+    clip_norm: float | None = None,
     loaded: LoadedBase | None = None,
 ) -> AggregateResult:
     """Compute this device's trust row for the round and write the mixed adapter.
@@ -96,7 +99,8 @@ def aggregate_round(
     else the scheme's measured default (`DEFAULT_TEMPERATURES`). Raises DataError
     for an unknown scheme or merge, a bad normalization, or missing inputs (no reference text
     for prediction trust, no own adapter), and AdapterMismatchError for adapters that do not
-    agree. `loaded` scores over an already loaded base (the simulation's).
+    agree. `clip_norm` bounds each peer's ΔW norm (`edgefed.trust.clip`). `loaded` scores over
+    an already loaded base (the simulation's).
     """
     if merge not in MERGES:
         raise DataError(f"unknown merge '{merge}'", f"choose one of {', '.join(MERGES)}")
@@ -110,6 +114,8 @@ def aggregate_round(
         top_k=top_k,
         threshold=threshold,
     )
+    if clip_norm is not None and not clip_norm > 0:
+        raise DataError(f"--clip-norm {clip_norm:g} must be positive", "e.g. --clip-norm 2")
     if normalization.temperature <= 0 or (top_k is not None and top_k < 1):
         raise DataError(
             "the temperature must be positive and top-k at least 1",
@@ -121,6 +127,7 @@ def aggregate_round(
     peers, peer_tokens = _peer_adapters(workspace, round_number)
     me = workspace.device
     adapters = {me: {n: t.float() for n, t in own_tensors.items()}} | peers
+    adapters, norms = clip_peers(adapters, me, clip_norm)
     train_tokens = peer_tokens
     own_metrics = own_path / "metrics.json"
     if own_metrics.is_file():
@@ -161,6 +168,8 @@ def aggregate_round(
         "normalization": asdict(normalization),
         "merge": merge,
         "relative_error": result.relative_error,
+        "delta_norms": norms,
+        "clip_norm": clip_norm,
         "peers_used": [
             d for d, w in zip(row.devices, row.weights, strict=True) if w > 0 and d != me
         ],

@@ -17,11 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgefed.adapter import LoraSpec, read_adapter_folder
+from edgefed.adapter import LoraSpec, initial_tensors, read_adapter_folder
 from edgefed.atomic import atomic_write_bytes
 from edgefed.device.workspace import WORKSPACE_FORMAT, Workspace, default_workspace, write_json
-from edgefed.errors import AdapterMismatchError, InputFileError, StoreError
+from edgefed.errors import AdapterMismatchError, DataError, InputFileError, StoreError
 from edgefed.faults import crash_point
+from edgefed.privacy import DpNoise, privatize
 from edgefed.quant.gguf_file import read_base_info, resolve_base
 from edgefed.sync.layout import (
     DEVICES_PREFIX,
@@ -51,6 +52,7 @@ from edgefed.trust.schemes import DEFAULT_SCHEME
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRUST = {"scheme": DEFAULT_SCHEME}  # temperature: the scheme's default
+RELEASE_FILE = "release.safetensors"  # rounds/<r>/: the noised adapter published with --dp-*
 
 
 @dataclass(frozen=True)
@@ -252,10 +254,12 @@ def publish_adapter(
     train_tokens: int = 0,
     metrics: Mapping | None = None,
     compress: bool = False,
+    dp: DpNoise | None = None,
 ) -> bool:
     """Publish this device's adapter for a round; False when it was already published.
 
     `compress` sends int8 codes with per-row scales instead of float16: half the bytes, lossy.
+    `dp` publishes a clipped and noised release instead (`edgefed.privacy`), without metrics.
     """
     federation = workspace.federation
     spec, tensors, trained_on = read_adapter_folder(adapter)
@@ -272,6 +276,9 @@ def publish_adapter(
             f"uses rank {federation['lora']['rank']} on {','.join(federation['lora']['targets'])}",
             "train with the federation's LoRA configuration",
         )
+    if dp is not None:
+        tensors = _private_release(workspace, round_number, tensors, dp)
+        metrics = {}  # the adapter's scores would leak what the noise hides
     device, key = workspace.device, workspace.key()
     encoding = ENCODING_INT8 if compress else ENCODING_FP16
     blob = encode_adapter(tensors, encoding)
@@ -299,6 +306,33 @@ def publish_adapter(
     except KeyExists:
         return False
     return True
+
+
+def _private_release(workspace: Workspace, round_number: int, tensors: dict, dp: DpNoise) -> dict:
+    """The round's noised release: drawn once and kept, so a resumed publish sends the same
+    draw (a second draw of the same adapter would spend privacy twice)."""
+    from safetensors.torch import load, save
+
+    path = workspace.round_dir(round_number) / RELEASE_FILE
+    settings = json.dumps(dp.as_dict(), sort_keys=True)
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as handle:
+            recorded = (handle.metadata() or {}).get("edgefed.dp")
+        if recorded != settings:
+            raise DataError(
+                f"round {round_number} was already released with other privacy settings "
+                f"({recorded})",
+                "publish this round with the same --dp-clip and --dp-noise",
+            )
+        return load(path.read_bytes())
+    initial = initial_tensors(tensors, int(workspace.federation["lora"]["init_seed"]))
+    released, norm = privatize(tensors, initial, dp)
+    logger.info("round %d: change norm %.4g, clipped to %g, noise x%g", round_number, norm,
+                dp.clip, dp.noise)  # fmt: skip
+    atomic_write_bytes(path, save(released, metadata={"edgefed.dp": settings}))
+    return released
 
 
 def pull_round(store: Store, workspace: Workspace, round_number: int) -> SyncReport:
@@ -354,6 +388,7 @@ def sync_round(
     train_tokens: int = 0,
     metrics: Mapping | None = None,
     compress: bool = False,
+    dp: DpNoise | None = None,
     min_peers: int = 0,
     wait_seconds: float = 0.0,
     poll_seconds: float = 2.0,
@@ -374,6 +409,7 @@ def sync_round(
             train_tokens=train_tokens,
             metrics=metrics,
             compress=compress,
+            dp=dp,
         )
     started = time.monotonic()
     report = pull_round(store, workspace, round_number)

@@ -43,6 +43,7 @@ from edgefed.device.federation import publish_metrics, sync_round
 from edgefed.device.workspace import Workspace
 from edgefed.errors import InputFileError
 from edgefed.faults import crash_point
+from edgefed.privacy import DpNoise
 from edgefed.sync.manifest import now
 from edgefed.sync.store import Store
 from edgefed.train.loaded_base import LoadedBase
@@ -73,6 +74,8 @@ class RoundOptions:
     runtime_quant: str | None = None
     test_tokens: int | None = DEFAULT_TEST_TOKENS
     val_tokens: int | None = DEFAULT_VAL_TOKENS  # trust-validation tokens scored (None: all)
+    clip_norm: float | None = None  # bound on each peer's ΔW norm before mixing
+    dp: DpNoise | None = None  # clipping and noise on the published adapter
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ class _Round:
             train_tokens=tokens,
             metrics=metrics,
             compress=self.options.compress,
+            dp=self.options.dp,
             min_peers=self.options.min_peers,
             wait_seconds=self.options.wait_seconds,
             on_wait=lambda n, s: self.on_status(
@@ -221,6 +225,7 @@ class _Round:
             by_tokens=self.options.by_tokens,
             runtime_quant=self.options.runtime_quant,
             val_tokens=self.options.val_tokens,
+            clip_norm=self.options.clip_norm,
             loaded=self.loaded,
         )
         return self.aggregate_record()

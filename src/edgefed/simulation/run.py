@@ -268,7 +268,8 @@ def simulate(
                             tokens, metrics = publish_metrics(run_dir)
                             publish_adapter(store, space, round_number, run_dir,
                                             train_tokens=tokens, metrics=metrics,
-                                            compress=options.compress)  # fmt: skip
+                                            compress=options.compress,
+                                            dp=options.dp)  # fmt: skip
                             done += 1
                         devices = {}
                         for space in spaces:
