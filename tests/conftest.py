@@ -214,9 +214,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def relay_server(tmp_path):
-    """A real relay (`edgefed relay serve`, uvicorn) on 127.0.0.1: yields (url, token, root)."""
+def start_relay(root: Path, token: str, port: int, *, env: dict | None = None, max_bytes=1 << 20):
+    """A real relay process (`edgefed relay serve`, uvicorn) on 127.0.0.1:port, once it answers."""
     import os
     import subprocess
     import sys
@@ -224,30 +223,36 @@ def relay_server(tmp_path):
 
     import httpx
 
-    token = "test-token-0123456789abcdef"
-    token_file = tmp_path / "relay.token"
+    token_file = root.parent / f"{root.name}.token"
     token_file.write_text(token + "\n")
-    root, port = tmp_path / "relay-root", free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "edgefed", "relay", "serve", "--root", str(root),
-         "--token-file", str(token_file), "--port", str(port), "--max-bytes", str(1 << 20)],
+         "--token-file", str(token_file), "--port", str(port), "--max-bytes", str(max_bytes)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=os.environ,
+        env=env if env is not None else os.environ,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
             if httpx.get(f"{url}/v1/keys", headers={"Authorization": f"Bearer {token}"}).is_success:
-                break
+                return process
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError(f"the relay did not start: {process.stderr.read().decode()}")
-        time.sleep(0.2)
-    yield url, token, root
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def relay_server(tmp_path):
+    """A real relay on 127.0.0.1: yields (url, token, root)."""
+    token = "test-token-0123456789abcdef"
+    root, port = tmp_path / "relay-root", free_port()
+    process = start_relay(root, token, port)
+    yield f"http://127.0.0.1:{port}", token, root
     process.terminate()
     process.wait(timeout=30)
 

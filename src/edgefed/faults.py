@@ -6,9 +6,11 @@ no cleanup handler, no finally block, no flush runs, exactly as if the power wen
 must then finish the work without repeating what was done. Unset, a crash point costs one
 environment lookup.
 
-Points: train-checkpoint (after the first checkpoint is written), publish-blob (adapter
-uploaded, manifest not yet), aggregate-mix (mixed adapter written, trust row not yet), and
-round-<step> (a round step's work done, its completion not yet recorded).
+Points: train-checkpoint (after the first checkpoint is written), store-write (a folder store's
+blob written to its temp file, not yet linked to its name: a device writing a shared folder, or
+a relay writing its own), publish-blob (adapter uploaded, manifest not yet), aggregate-mix
+(mixed adapter written, trust row not yet), and round-<step> (a round step's work done, its
+completion not yet recorded).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from edgefed.errors import StoreError
+from edgefed.faults import crash_point
 from edgefed.sync.layout import is_store_key
 from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KeyExists, KeyMissing, Store
@@ -73,6 +74,7 @@ class FolderStore(Store):
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            crash_point("store-write")
             try:
                 os.link(tmp, final)  # atomic and exclusive: fails if the key exists
             except FileExistsError:

@@ -1,0 +1,81 @@
+"""Uploads cut half-way and a relay killed mid-write: nothing partial is ever visible, and the
+clients' retries finish the work. Real relay and S3 processes; the cuts are real sockets closed
+half-way through a body, which is what the server sees when a device is killed mid-upload."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import free_port, start_relay
+
+from edgefed.faults import CRASH_ENV
+from edgefed.sync.relay_client import RelayStore
+from edgefed.sync.store import open_store
+
+BODY = os.urandom(300_000)
+
+
+def cut_upload(host: str, port: int, path: str, headers: dict[str, str]) -> None:
+    """Send a PUT whose body stops half-way, then drop the connection (a killed client)."""
+    head = [f"PUT {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(BODY)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    with socket.create_connection((host, port)) as connection:
+        connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + BODY[: len(BODY) // 2])
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("backend", ["relay", "s3"])
+def test_an_upload_cut_half_way_leaves_nothing_and_the_retry_completes(request, backend):
+    if backend == "relay":
+        url, token, _ = request.getfixturevalue("relay_server")
+        parts = urlsplit(url)
+        cut_upload(parts.hostname, parts.port, "/v1/blob/federation.json",
+                   {"Authorization": f"Bearer {token}"})  # fmt: skip
+    else:
+        url, token = request.getfixturevalue("s3_url"), None
+        endpoint = urlsplit(url.split("endpoint=")[1])
+        bucket = urlsplit(url).netloc
+        cut_upload(endpoint.hostname, endpoint.port, f"/{bucket}/federation/federation.json", {})
+    with open_store(url, token=token) as store:
+        assert store.keys() == []  # the half body was never stored
+        store.create("federation.json", BODY)
+        assert (
+            hashlib.sha256(store.read("federation.json")).digest() == hashlib.sha256(BODY).digest()
+        )
+
+
+def test_a_relay_killed_mid_write_restarts_and_the_client_retry_completes(tmp_path):
+    token, port = "restart-token-0123456789", free_port()
+    root = tmp_path / "relay-root"
+    dying = start_relay(root, token, port, env=dict(os.environ, **{CRASH_ENV: "store-write"}))
+    outcome: dict = {}
+
+    def upload() -> None:
+        try:
+            with RelayStore(f"http://127.0.0.1:{port}", token=token) as store:
+                store.create("federation.json", BODY)
+                outcome["read"] = store.read("federation.json")
+        except Exception as exc:
+            outcome["error"] = exc
+
+    client = threading.Thread(target=upload)
+    client.start()
+    assert dying.wait(timeout=60) == -signal.SIGKILL  # it died writing the blob
+    assert [p.name for p in root.glob(".*.tmp")]  # the write it was killed in is a hidden temp
+    restarted = start_relay(root, token, port)  # the client is backing off meanwhile
+    try:
+        client.join(timeout=60)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["read"] == BODY
+        with RelayStore(f"http://127.0.0.1:{port}", token=token) as store:
+            assert store.keys() == ["federation.json"]  # the temp file is never listed
+    finally:
+        restarted.terminate()
+        restarted.wait(timeout=30)
