@@ -74,3 +74,13 @@ def test_missing_bucket_and_dead_endpoint_are_one_clear_store_error(s3_endpoint)
     assert "create the bucket" in missing.value.fix
     with pytest.raises(StoreError, match="cannot list keys"):
         S3Store("s3://fed/x?endpoint=http://127.0.0.1:9").keys()
+
+
+def test_the_cli_names_a_missing_bucket_and_a_bad_url_in_one_line(s3_endpoint, tiny_llama_gguf):
+    from test_cli import assert_one_line_error, run
+
+    missing = run("init", f"s3://no-bucket-here/fed?endpoint={s3_endpoint}",
+                  "--base", tiny_llama_gguf)  # fmt: skip
+    assert_one_line_error(missing, "NoSuchBucket", "create the bucket")
+    assert_one_line_error(run("init", "s3://fed/x?region=eu", "--base", tiny_llama_gguf),
+                          "not an S3 store URL")  # fmt: skip
