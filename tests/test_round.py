@@ -154,6 +154,18 @@ def test_a_poisoned_peer_gets_no_weight_and_does_no_harm(tmp_path, tiny_llama_gg
     assert fedavg["models"]["aggregated"]["perplexity"] > 1.03 * models["local"]
     assert torch.isfinite(torch.tensor(fedavg["models"]["aggregated"]["perplexity"]))
 
+    # --clip-norm at the honest peer's norm takes most of the poison's power away, even in FedAvg
+    trust = json.loads((spaces["alice"].round_dir(0) / "trust.json").read_text())
+    norms = trust["delta_norms"]
+    assert norms["mallory"] == pytest.approx(1000 * norms["bob"], rel=1e-3)
+    aggregate_round(spaces["alice"], 0, spaces["alice"].round_dir(0) / "train", scheme="fedavg",
+                    runtime_quant="keep", clip_norm=norms["bob"])  # fmt: skip
+    clipped = evaluate_round(spaces["alice"], 0, runtime_quant="keep", test_tokens=512)
+    clipped_trust = json.loads((spaces["alice"].round_dir(0) / "trust.json").read_text())
+    assert clipped_trust["clip_norm"] == norms["bob"]
+    poisoned_ppl = fedavg["models"]["aggregated"]["perplexity"]
+    assert clipped["models"]["aggregated"]["perplexity"] < poisoned_ppl
+
 
 def test_a_round_over_a_shared_loaded_base_equals_one_that_loads_everything(
     tmp_path, tiny_llama_gguf, train_corpus
