@@ -1,20 +1,19 @@
 """The S3 backend against a real S3 API server (moto in server mode) on 127.0.0.1.
 
-The store contract itself (create once, read back, list layout keys only) runs on every backend
-in test_sync.py, and whole rounds run over S3 in test_round.py; here is what is S3's own.
+The store contract itself (create once, read back, list layout keys only, racing creates) runs
+on every backend in test_sync.py, and whole rounds run over S3 in test_round.py; here is what is
+S3's own.
 """
 
 from __future__ import annotations
-
-import threading
 
 import boto3
 import pytest
 
 from edgefed.errors import StoreError
-from edgefed.sync.layout import device_key, manifest_key
+from edgefed.sync.layout import manifest_key
 from edgefed.sync.s3 import S3Store, parse_s3_url
-from edgefed.sync.store import KeyExists, KeyMissing, open_store
+from edgefed.sync.store import KeyMissing
 
 
 def test_urls_name_bucket_prefix_and_endpoint_and_bad_ones_are_refused():
@@ -27,30 +26,6 @@ def test_urls_name_bucket_prefix_and_endpoint_and_bad_ones_are_refused():
     for bad in ("s3:///prefix", "s3://fed/p?region=x", "http://fed/p"):
         with pytest.raises(StoreError, match="not an S3 store URL"):
             parse_s3_url(bad)
-
-
-def test_racing_creates_of_one_key_have_exactly_one_winner_and_nothing_is_overwritten(s3_url):
-    store = open_store(s3_url)
-    assert isinstance(store, S3Store)
-    outcomes: list[str] = []
-
-    def attempt(i: int) -> None:
-        try:
-            store.create(device_key("carol"), f"key {i}".encode())
-            outcomes.append("won")
-        except KeyExists:
-            outcomes.append("lost")
-
-    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(outcomes) == ["lost"] * 11 + ["won"]
-    winner = store.read(device_key("carol"))
-    with pytest.raises(KeyExists):
-        store.create(device_key("carol"), b"late")
-    assert store.read(device_key("carol")) == winner
 
 
 def test_prefixes_keep_federations_apart_and_stray_objects_are_ignored(s3_url, s3_endpoint):

@@ -88,13 +88,12 @@ def test_folder_store_ignores_conflict_copies_and_temp_files(tmp_path):
     assert store.keys() == ["rounds/1/bob.json"]
 
 
-def test_concurrent_creates_of_one_key_have_exactly_one_winner(tmp_path):
-    store = FolderStore(tmp_path)
+def test_concurrent_creates_of_one_key_have_exactly_one_winner(store):
     outcomes: list[str] = []
 
     def attempt(i: int) -> None:
         try:
-            FolderStore(tmp_path).create(device_key("carol"), f"key {i}".encode())
+            store.create("federation.json", f"key {i}".encode())
             outcomes.append("won")
         except KeyExists:
             outcomes.append("lost")
@@ -105,8 +104,13 @@ def test_concurrent_creates_of_one_key_have_exactly_one_winner(tmp_path):
     for thread in threads:
         thread.join()
     assert sorted(outcomes) == ["lost"] * 15 + ["won"]
-    assert store.read(device_key("carol")).startswith(b"key ")
-    assert list(tmp_path.rglob(".*")) == []  # no temp file left behind
+    winner = store.read("federation.json")
+    assert winner.startswith(b"key ")
+    with pytest.raises(KeyExists):
+        store.create("federation.json", b"late")
+    assert store.read("federation.json") == winner  # nothing is ever overwritten
+    if isinstance(store, FolderStore):
+        assert list(store.root.rglob(".*")) == []  # no temp file left behind
 
 
 # ---------------------------------------------------------------------------- verification
