@@ -9,7 +9,7 @@ folder. Then every stored object is read back and compared with what was sent: l
 corrupted objects are counted (the target is zero). Prints requests/s, p50 and p99 latency and
 MB/s per phase, side by side.
 
-    python bench/relay.py [--devices 32] [--rounds 2] [--peers 8] [--concurrency 16] [--mb 1]
+    python bench/relay.py [--devices 32] [--rounds 2] [--peers 8] [--concurrency 16] [--mb 5]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--peers", type=int, default=8, help="blobs each device pulls")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--mb", type=float, default=1.0, help="blob size (an adapter: ~5 MB)")
+    parser.add_argument("--mb", type=float, default=5.0, help="blob size (an adapter: 4.94 MB)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     size = int(args.mb * 1e6)
