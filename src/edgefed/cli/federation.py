@@ -83,7 +83,7 @@ def init(
         float | None,
         typer.Option(
             help="Default softmax temperature for --trust. Default: the scheme's measured one "
-            "(perplexity 0.01 nats; see README).",
+            "(perplexity 0.01 nats, prediction 0.1, weights 1; see README).",
             show_default=False,
         ),
     ] = None,

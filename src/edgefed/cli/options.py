@@ -64,7 +64,8 @@ TemperatureOption = Annotated[
     typer.Option(
         "--temperature",
         help="Softmax temperature over the scores (perplexity: nats of mean loss; lower is "
-        "pickier). Default: the federation's, else the scheme's measured one (perplexity 0.01).",
+        "pickier). Default: the federation's, else the scheme's measured one (perplexity 0.01, "
+        "prediction 0.1, weights 1).",
         show_default=False,
         rich_help_panel=_TRUST,
     ),
