@@ -38,13 +38,13 @@ import torch
 # scores every peer on every device (N² passes): one round there fits the CPU budget.
 DATASETS = {
     "bbc-mixed": (
-        "local,fedavg,weights,prediction,perplexity,perplexity:merge=exact,"
+        "local,fedavg,weights,prediction:t=1,perplexity,perplexity:merge=exact,"
         "weights:t=0.1,prediction:t=0.1",
         2,
     ),
-    "bbc-specific": ("local,fedavg,weights,prediction,perplexity", 1),
+    "bbc-specific": ("local,fedavg,weights,prediction:t=1,perplexity", 1),
 }
-TARGET_SCHEMES = ("perplexity", "prediction")
+TARGET_SCHEMES = ("perplexity", "prediction")  # prediction:t=1 is the paper's softmax
 
 
 def run_dataset(work: Path, dataset: str, args: argparse.Namespace) -> dict:

@@ -65,7 +65,7 @@ def test_epsilon_falls_with_noise_grows_with_rounds_and_bad_settings_are_refused
     assert epsilon(3, 1) < epsilon(3, 10) < 10 * epsilon(3, 1)
     # z = 10 at sensitivity 2C is σ/Δ = 5: one release costs about ε = 1 at δ = 1e-5
     assert 0.8 < epsilon(10, 1) < 1.2
-    for clip, noise in ((0, 1), (-1, 1), (1, -1), (math.inf, 1)):
+    for clip, noise in ((0, 1), (-1, 1), (1, -1), (math.inf, 1), (1, 1e-170)):
         with pytest.raises(DataError):
             DpNoise(clip=clip, noise=noise)
 
@@ -105,3 +105,5 @@ def test_a_private_publish_sends_one_draw_even_when_resumed(
     assert publish_adapter(store, space, 0, own, dp=dp)
     with pytest.raises(DataError, match="other privacy settings"):
         publish_adapter(store, space, 0, own, dp=DpNoise(clip=0.5, noise=0.02))
+    with pytest.raises(DataError, match="from another adapter"):
+        publish_adapter(store, space, 0, adapters["bob", 0], dp=dp)

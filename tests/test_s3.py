@@ -1,8 +1,8 @@
 """The S3 backend against a real S3 API server (moto in server mode) on 127.0.0.1.
 
-The store contract itself (create once, read back, list layout keys only, racing creates) runs
-on every backend in test_sync.py, and whole rounds run over S3 in test_round.py; here is what is
-S3's own.
+The store contract itself (create once, read back, list layout keys only) runs on every
+backend in test_sync.py, and whole rounds run over S3 in test_round.py; here is what is S3's
+own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def test_urls_name_bucket_prefix_and_endpoint_and_bad_ones_are_refused():
         "http://127.0.0.1:9000",
     )
     assert parse_s3_url("s3://fed") == ("fed", "", None)
-    for bad in ("s3:///prefix", "s3://fed/p?region=x", "http://fed/p"):
+    for bad in ("s3:///prefix", "s3://fed/p?region=x", "http://fed/p", "s3://fed/p?endpoint=",
+                "s3://fed/p?endpoint=minio.lan:9000"):  # fmt: skip
         with pytest.raises(StoreError, match="not an S3 store URL"):
             parse_s3_url(bad)
 

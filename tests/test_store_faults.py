@@ -22,36 +22,46 @@ from edgefed.sync.store import open_store
 BODY = os.urandom(300_000)
 
 
-def cut_upload(host: str, port: int, path: str, headers: dict[str, str]) -> None:
-    """Send a PUT whose body stops half-way, then drop the connection (a killed client)."""
-    head = [f"PUT {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(BODY)}"]
-    head += [f"{k}: {v}" for k, v in headers.items()]
+def raw_put(host: str, port: int, path: str, headers: dict[str, str], *, cut: bool) -> bytes:
+    """Send a PUT by hand; with `cut` its body stops half-way and the connection drops (a
+    killed client), else the whole body goes and the status line comes back."""
+    head = [f"PUT {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(BODY)}",
+            "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
     with socket.create_connection((host, port)) as connection:
-        connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + BODY[: len(BODY) // 2])
-        time.sleep(0.2)
+        body = BODY[: len(BODY) // 2] if cut else BODY
+        connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        if cut:
+            time.sleep(0.2)
+            return b""
+        return connection.makefile("rb").readline()
 
 
 @pytest.mark.parametrize("backend", ["relay", "s3"])
 def test_an_upload_cut_half_way_leaves_nothing_and_the_retry_completes(request, backend):
     if backend == "relay":
         url, token, _ = request.getfixturevalue("relay_server")
-        parts = urlsplit(url)
-        cut_upload(parts.hostname, parts.port, "/v1/blob/federation.json",
-                   {"Authorization": f"Bearer {token}"})  # fmt: skip
+        server, prefix = urlsplit(url), "/v1/blob/"
+        headers = {"Authorization": f"Bearer {token}"}
     else:
         url, token = request.getfixturevalue("s3_url"), None
-        endpoint = urlsplit(url.split("endpoint=")[1])
-        bucket = urlsplit(url).netloc
-        cut_upload(endpoint.hostname, endpoint.port, f"/{bucket}/federation/federation.json", {})
+        server, prefix = urlsplit(url.split("endpoint=")[1]), f"/{urlsplit(url).netloc}/federation/"
+        headers = {}
+    # the control: the same request with its whole body is stored, so the cut one is not
+    # refused for some other reason
+    status = raw_put(server.hostname, server.port, prefix + "reference.txt", headers, cut=False)
+    assert status.split()[1] in (b"200", b"201"), status
+    raw_put(server.hostname, server.port, prefix + "federation.json", headers, cut=True)
     with open_store(url, token=token) as store:
-        assert store.keys() == []  # the half body was never stored
+        assert store.keys() == ["reference.txt"]  # the half body was never stored
         store.create("federation.json", BODY)
         assert (
             hashlib.sha256(store.read("federation.json")).digest() == hashlib.sha256(BODY).digest()
         )
 
 
-def test_a_relay_killed_mid_write_restarts_and_the_client_retry_completes(tmp_path):
+def test_a_relay_killed_mid_write_restarts_and_the_client_retry_completes(tmp_path, monkeypatch):
+    # the client's backoff must outlast a relay restart on a busy machine: 8 tries span 64 s
+    monkeypatch.setattr("edgefed.sync.relay_client.RETRIES", 8)
     token, port = "restart-token-0123456789", free_port()
     root = tmp_path / "relay-root"
     dying = start_relay(root, token, port, env=dict(os.environ, **{CRASH_ENV: "store-write"}))

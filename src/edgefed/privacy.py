@@ -40,7 +40,8 @@ class DpNoise:
     noise: float
 
     def __post_init__(self) -> None:
-        if not (self.clip > 0 and self.noise >= 0 and math.isfinite(self.clip * self.noise)):
+        usable = self.clip > 0 and self.noise >= 0 and math.isfinite(self.clip * self.noise)
+        if not usable or (self.noise > 0 and self.noise**2 == 0):
             raise DataError(
                 f"--dp-clip {self.clip:g} / --dp-noise {self.noise:g} cannot be used",
                 "give a positive --dp-clip and a non-negative --dp-noise",

@@ -22,6 +22,8 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgefed.adapter import BASE_FINGERPRINT_KEY, LoraSpec, read_adapter_folder, save_lora_tensors
 from edgefed.atomic import atomic_write_text
 from edgefed.device.split_text import device_split_tokens
@@ -29,6 +31,7 @@ from edgefed.device.workspace import Workspace
 from edgefed.errors import DataError
 from edgefed.faults import crash_point
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
+from edgefed.train.blocks import evaluation_stream
 from edgefed.train.loaded_base import LoadedBase
 from edgefed.train.split import TRUST_VAL
 from edgefed.trust.clip import clip_peers
@@ -221,5 +224,5 @@ def trust_history(workspace: Workspace) -> list[dict]:
 def _reference_tokens(runtime, reference_path: Path, limit: int | None):
     """The first `limit` tokens of the federation's reference text: every device cuts the same
     prefix, so their predictions are compared on one text, at the trust budget's cost."""
-    tokens = runtime.tokenize(reference_path.read_text(encoding="utf-8"))
-    return tokens if limit is None else tokens[: limit + 1]  # + BOS, as the split streams
+    tokens = runtime.tokenize(reference_path.read_text(encoding="utf-8"), add_bos=False)
+    return evaluation_stream(np.asarray(tokens, dtype=np.int32), runtime.bos, limit)

@@ -124,20 +124,23 @@ def init_federation(
         trust=trust or DEFAULT_TRUST,
         reference=reference_bytes,
     )
-    if reference_bytes is not None:
-        try:
-            store.create(REFERENCE_KEY, reference_bytes)
-        except KeyExists:
-            raise StoreError(
-                f"{store.url} already holds a federation", "use another store"
-            ) from None
-    try:
-        store.create(FEDERATION_KEY, encode_document(manifest))
-    except KeyExists:
+    if reference_bytes is not None and not _create_once(store, REFERENCE_KEY, reference_bytes):
+        raise StoreError(f"{store.url} already holds a federation", "use another store")
+    if not _create_once(store, FEDERATION_KEY, encode_document(manifest)):
         raise StoreError(
             f"{store.url} already holds a federation", "join it, or init another store"
-        ) from None
+        )
     return manifest
+
+
+def _create_once(store: Store, key: str, data: bytes, signer: DeviceKey | None = None) -> bool:
+    """Create `key`; True also when it already holds exactly `data`: a write whose answer was
+    lost and that the client retried (relay or S3) meets its own object, which is success."""
+    try:
+        store.create(key, data, signer=signer)
+    except KeyExists:
+        return store.read(key) == data
+    return True
 
 
 def join_federation(
@@ -180,13 +183,13 @@ def join_federation(
                 "the store is damaged or tampered with; ask the federation's creator",
             )
     key = DeviceKey.generate()
-    try:
-        store.create(device_key(device), encode_document(registration(device, key)), signer=key)
-    except KeyExists:
+    if not _create_once(
+        store, device_key(device), encode_document(registration(device, key)), signer=key
+    ):
         raise StoreError(
             f"device name '{device}' is already registered in {store.url}",
             "choose another --device name",
-        ) from None
+        )
     root.mkdir(parents=True, exist_ok=True)
     key.save(root / "device.key")
     write_json(root / "federation.json", federation)
@@ -314,7 +317,8 @@ def _private_release(workspace: Workspace, round_number: int, tensors: dict, dp:
     from safetensors.torch import load, save
 
     path = workspace.round_dir(round_number) / RELEASE_FILE
-    settings = json.dumps(dp.as_dict(), sort_keys=True)
+    exact = hashlib.sha256(save({n: t.float().contiguous() for n, t in tensors.items()}))
+    settings = json.dumps(dp.as_dict() | {"adapter_sha256": exact.hexdigest()}, sort_keys=True)
     if path.is_file():
         from safetensors import safe_open
 
@@ -322,9 +326,9 @@ def _private_release(workspace: Workspace, round_number: int, tensors: dict, dp:
             recorded = (handle.metadata() or {}).get("edgefed.dp")
         if recorded != settings:
             raise DataError(
-                f"round {round_number} was already released with other privacy settings "
-                f"({recorded})",
-                "publish this round with the same --dp-clip and --dp-noise",
+                f"round {round_number} was already released from another adapter or with other "
+                f"privacy settings ({recorded})",
+                "publish this round's adapter with the same --dp-clip and --dp-noise",
             )
         return load(path.read_bytes())
     initial = initial_tensors(tensors, int(workspace.federation["lora"]["init_seed"]))

@@ -16,12 +16,11 @@ from edgefed.errors import StoreError
 from edgefed.sync.layout import is_store_key, key_owner
 from edgefed.sync.relay import DEVICE_HEADER, SHA256_HEADER, SIGNATURE_HEADER
 from edgefed.sync.signing import DeviceKey, write_claim
-from edgefed.sync.store import KeyExists, KeyMissing, Store
+from edgefed.sync.store import MAX_DOWNLOAD_BYTES, KeyExists, KeyMissing, Store
 
 logger = logging.getLogger(__name__)
 
 RETRIES = 5
-MAX_DOWNLOAD_BYTES = 256 << 20  # far above any adapter; verification applies the real limit
 FIRST_BACKOFF_SECONDS = 0.5
 _FIXES = {
     401: "check the relay token (--token-file or EDGEFED_TOKEN)",

@@ -4,26 +4,33 @@
     s3://bucket/prefix?endpoint=http://host:9000    an S3-compatible store at that endpoint
 
 The layout is the one of every store, under `prefix/`. An S3 PUT is atomic (an object appears
-whole or not at all, so a writer killed mid-upload leaves nothing), and `create` sends
-`If-None-Match: *`, which makes it exclusive as well: of two devices racing for one key the
-store keeps exactly one (412 for the other), and nothing is ever overwritten. There is no server
-of ours to check signatures on write; every reader verifies signatures and hashes against the
-device registrations before it uses a blob, as with a shared folder. Credentials, region and
-retries come from boto3's own configuration (environment, ~/.aws, instance roles); an endpoint in
-the URL wins over AWS_ENDPOINT_URL_S3 so that a workspace records where its store is.
+whole or not at all, so a writer killed mid-upload leaves nothing), and `create` sends `If-None-
+Match: *`, which makes it exclusive as well on stores with conditional writes (AWS S3 since
+2024, MinIO): of two devices racing for one key the store keeps exactly one (412 for the other),
+and nothing is ever overwritten. (A PUT that boto3 retries after its answer was lost meets its
+own object: 412, KeyExists; the callers that create keys read the key back and count their own
+bytes as created.) There is no server of ours to check signatures on write; every reader
+verifies signatures and hashes against the device registrations before it uses a blob, as with a
+shared folder, and reads nothing over `MAX_DOWNLOAD_BYTES`. Credentials and region come from
+boto3's own configuration (environment, ~/.aws, instance roles); retries are boto3's standard
+mode with 5 attempts; an endpoint in the URL wins over AWS_ENDPOINT_URL_S3 so that a workspace
+records where its store is, and with one, checksums are sent only where the API requires them
+(some S3-compatible servers refuse boto3's default CRC headers).
 """
 
 from __future__ import annotations
 
+import time
 from urllib.parse import parse_qs, urlsplit
 
 from edgefed.errors import StoreError
 from edgefed.sync.layout import is_store_key
 from edgefed.sync.signing import DeviceKey
-from edgefed.sync.store import KeyExists, KeyMissing, Store
+from edgefed.sync.store import MAX_DOWNLOAD_BYTES, KeyExists, KeyMissing, Store
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_TAKEN = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_TAKEN = {"PreconditionFailed", "412"}
+_CONFLICT_RETRIES = 5  # 409 ConditionalRequestConflict: another write in flight; AWS says retry
 _FIXES = {
     "NoSuchBucket": "create the bucket first (e.g. `aws s3 mb s3://BUCKET`)",
     "AccessDenied": "check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and bucket policy",
@@ -35,14 +42,16 @@ _FIXES = {
 def parse_s3_url(url: str) -> tuple[str, str, str | None]:
     """`s3://bucket/prefix?endpoint=URL` → (bucket, prefix without slashes, endpoint or None)."""
     parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    unknown = set(query) - {"endpoint"}
-    if parts.scheme != "s3" or not parts.netloc or unknown:
+    query = parse_qs(parts.query, keep_blank_values=True)
+    endpoint = query.get("endpoint", [None])[-1]
+    bad_endpoint = endpoint is not None and (
+        urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).netloc
+    )
+    if parts.scheme != "s3" or not parts.netloc or set(query) - {"endpoint"} or bad_endpoint:
         raise StoreError(
             f"'{url}' is not an S3 store URL",
             "write s3://BUCKET/PREFIX, optionally ?endpoint=http://HOST:PORT",
         )
-    endpoint = query.get("endpoint", [None])[-1]
     return parts.netloc, parts.path.strip("/"), endpoint
 
 
@@ -50,15 +59,21 @@ class S3Store(Store):
     """A federation store under `prefix/` of an S3 bucket."""
 
     def __init__(self, url: str) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.url = url
         self.bucket, self.prefix, endpoint = parse_s3_url(url)
-        self._client = boto3.client(
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise StoreError(
+                "s3:// stores need boto3, which is not installed", "pip install 'edgefed[s3]'"
+            ) from None
+        checksums = {"request_checksum_calculation": "when_required"} if endpoint else {}
+        # a session of our own: boto3's default session is not safe to share between threads
+        self._client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint,
-            config=Config(retries={"mode": "standard", "max_attempts": 5}),
+            config=Config(retries={"mode": "standard", "max_attempts": 5}, **checksums),
         )
 
     def _object(self, key: str) -> str:
@@ -80,7 +95,13 @@ class S3Store(Store):
 
         try:
             answer = self._client.get_object(Bucket=self.bucket, Key=self._object(key))
-            return answer["Body"].read()
+            if int(answer.get("ContentLength", 0)) > MAX_DOWNLOAD_BYTES:
+                answer["Body"].close()
+                raise StoreError(
+                    f"{key} in {self.url} is over {MAX_DOWNLOAD_BYTES} bytes",
+                    "remove it from the bucket: no adapter is that large",
+                )
+            return answer["Body"].read(MAX_DOWNLOAD_BYTES + 1)[:MAX_DOWNLOAD_BYTES]
         except ClientError as exc:
             if exc.response["Error"].get("Code") in _NOT_FOUND:
                 raise KeyMissing(f"{key} is not in the store {self.url}") from None
@@ -109,16 +130,21 @@ class S3Store(Store):
     def create(self, key: str, data: bytes, *, signer: DeviceKey | None = None) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            self._client.put_object(
-                Bucket=self.bucket, Key=self._object(key), Body=data, IfNoneMatch="*"
-            )
-        except ClientError as exc:
-            if exc.response["Error"].get("Code") in _TAKEN:
-                raise KeyExists(f"{key} already exists in {self.url}") from None
-            raise self._error(exc, f"store {key}") from None
-        except BotoCoreError as exc:
-            raise self._error(exc, f"store {key}") from None
+        for attempt in range(1, _CONFLICT_RETRIES + 1):
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket, Key=self._object(key), Body=data, IfNoneMatch="*"
+                )
+                return
+            except ClientError as exc:
+                code = exc.response["Error"].get("Code")
+                if code in _TAKEN:
+                    raise KeyExists(f"{key} already exists in {self.url}") from None
+                if code != "ConditionalRequestConflict" or attempt == _CONFLICT_RETRIES:
+                    raise self._error(exc, f"store {key}") from None
+            except BotoCoreError as exc:
+                raise self._error(exc, f"store {key}") from None
+            time.sleep(0.2 * attempt)
 
     def close(self) -> None:
         self._client.close()

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from edgefed.sync.signing import DeviceKey
 
 
+# far above any adapter; verification applies the federation's real limit afterwards, but a
+# store that anyone can write to must not make a reader hold gigabytes first
+MAX_DOWNLOAD_BYTES = 256 << 20
+
+
 class KeyMissing(StoreError):
     """The key is not in the store (yet)."""
 
