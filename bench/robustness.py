@@ -160,25 +160,21 @@ def main() -> None:
 
         # the cost of privacy noise: each device's own release, scored on its test split
         federation = spaces[names[0]].federation
-        changes, exact = {}, {}
+        exact, tokens = {}, {}
         for d in names:
             run_dir = spaces[d].round_dir(0) / TRAIN_DIR
-            _, tensors, _ = read_adapter_folder(run_dir)
-            exact[d] = {n: t.float() for n, t in tensors.items()}
-            changes[d] = change_norm(
-                exact[d], initial_tensors(exact[d], int(federation["lora"]["init_seed"]))
-            )
-        clip = statistics.median(changes.values())
+            exact[d] = {n: t.float() for n, t in read_adapter_folder(run_dir)[1].items()}
+            tokens[d] = device_split_tokens(spaces[d], run_dir, loaded.runtime, TEST, TEST_TOKENS)
+        # one federation, one shared initial adapter
+        initial = initial_tensors(exact[names[0]], int(federation["lora"]["init_seed"]))
+        clip = statistics.median(change_norm(exact[d], initial) for d in names)
         privacy = {}
         for noise in (0.0, *NOISES):
             scores = []
             for d in names:
-                initial = initial_tensors(exact[d], int(federation["lora"]["init_seed"]))
                 released, _ = privatize(exact[d], initial, DpNoise(clip=clip, noise=noise))
-                tokens = device_split_tokens(spaces[d], spaces[d].round_dir(0) / TRAIN_DIR,
-                                             loaded.runtime, TEST, TEST_TOKENS)  # fmt: skip
                 adapter = loaded.load_tensors(released, spec)
-                scores.append(loaded.runtime.perplexity(tokens, adapter).perplexity)
+                scores.append(loaded.runtime.perplexity(tokens[d], adapter).perplexity)
             privacy[noise] = {
                 "mean": statistics.fmean(scores),
                 "epsilon_per_round": epsilon(noise, 1),

@@ -187,31 +187,12 @@ def test_the_relay_answers_any_request_without_a_server_error(
 @pytest.fixture(scope="module")
 def fuzz_relay(tmp_path_factory):
     """One relay process for the whole fuzzing run; checked healthy at the end."""
-    import subprocess
-    import sys
-    import time
+    from conftest import free_port, start_relay
 
-    from conftest import free_port
-
-    root = tmp_path_factory.mktemp("fuzz-relay")
-    token = "fuzz-token-0123456789abcdef"
-    (root / "token").write_text(token)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edgefed", "relay", "serve", "--root", str(root / "store"),
-         "--token-file", str(root / "token"), "--port", str(port), "--max-bytes", "4096"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    token, port = "fuzz-token-0123456789abcdef", free_port()
+    process = start_relay(tmp_path_factory.mktemp("fuzz-relay") / "store", token, port,
+                          max_bytes=4096)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(f"{url}/v1/keys", headers={"Authorization": f"Bearer {token}"})
-            break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline and process.poll() is None, "relay did not start"
-            time.sleep(0.2)
     yield url, token
     alive = httpx.get(f"{url}/v1/keys", headers={"Authorization": f"Bearer {token}"})
     process.terminate()

@@ -297,17 +297,16 @@ def publish_adapter(
         key=key,
         encoding=encoding,
     )
-    try:  # blob first: a manifest never points at a blob that is not there yet
-        store.create(adapter_key(round_number, device), blob, signer=key)
-    except KeyExists:
-        # published before; finish an interrupted publish of this same adapter, else keep it
-        if store.read(adapter_key(round_number, device)) != blob:
-            return False
+    # blob first: a manifest never points at a blob that is not there yet. A blob already there
+    # with these bytes is an interrupted publish of this same adapter, finished here; another
+    # adapter published before is kept.
+    if not _create_once(store, adapter_key(round_number, device), blob, signer=key):
+        return False
     crash_point("publish-blob")
     try:
         store.create(manifest_key(round_number, device), encode_document(manifest), signer=key)
     except KeyExists:
-        return False
+        return False  # published before (its manifest, whenever made, stays)
     return True
 
 
