@@ -1,10 +1,17 @@
 """Trust benchmark: the cost of one `perplexity` trust row as the number of peers grows.
 
-For N = 2, 4, 8, 16 peers on the embedded base, in one run: (a) one runtime, the base loaded
-once, N + 1 adapters loaded once and swapped in and out (what edgefed does), against (b) a
-fresh runtime per adapter, as a tool that loads "model + adapter" per evaluation would. Both
-score the same trust-validation tokens; the adapters are rank-8 LoRA on all projections with
-random non-zero factors (a trained adapter's cost, not its values). Usage:
+For N = 2, 4, 8, 16 peers on the embedded base, in one run, three ways to score the same
+trust-validation tokens with N + 1 adapters (rank-8 LoRA on all projections, random non-zero
+factors: a trained adapter's cost, not its values):
+
+- "edgefed": what a device does now: one runtime, the base loaded once, the adapters in the
+  fast layout (rank padded to 16, float32) swapped in and out, windows shared over the
+  runtime's default lanes (parallel contexts over one model);
+- "one lane, r8 f16": the same with one context on all threads and the plain layout (rank 8,
+  float16): what edgefed did before;
+- "reload": a fresh runtime per adapter, as a tool that loads "model + adapter" per evaluation.
+
+Usage:
 
     python bench/trust.py [--peers 2,4,8,16] [--tokens 1024] [--json FILE]
 """
@@ -28,7 +35,7 @@ from edgefed.runtime import LlamaRuntime, runtime_copy
 from edgefed.trust.schemes import TrustInputs, compute_trust
 
 
-def make_adapters(folder: Path, count: int, base: Path) -> list[Path]:
+def make_adapters(folder: Path, count: int, base: Path, **layout) -> list[Path]:
     spec = LoraSpec()
     shapes = lora_tensor_shapes(lora_module_shapes(read_base_info(base), spec), spec.rank)
     paths = []
@@ -36,8 +43,26 @@ def make_adapters(folder: Path, count: int, base: Path) -> list[Path]:
         generator = torch.Generator().manual_seed(index)
         tensors = {n: torch.randn(s, generator=generator) * 0.01 for n, s in shapes.items()}
         peft_dir = save_lora_tensors(tensors, spec, folder / f"a{index}")
-        paths.append(convert_lora_to_gguf(peft_dir, folder / f"a{index}.gguf", base=base))
+        suffix = "-".join(str(v) for v in layout.values())
+        paths.append(
+            convert_lora_to_gguf(peft_dir, folder / f"a{index}{suffix}.gguf", base=base, **layout)
+        )
     return paths
+
+
+def trust_row_seconds(evaluated: Path, adapters: list[Path], tokens, lanes: int | None) -> float:
+    started = time.perf_counter()
+    with LlamaRuntime(evaluated, lanes=lanes) as runtime:
+        loaded = {f"d{i}": runtime.load_adapter(p) for i, p in enumerate(adapters)}
+        inputs = TrustInputs(
+            own="d0",
+            adapters={d: {} for d in loaded},
+            runtime=runtime,
+            runtime_adapters=loaded,
+            val_tokens=tokens,
+        )
+        compute_trust("perplexity", inputs)
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -53,44 +78,40 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgefed-bench-trust-") as scratch:
         print("making adapters ...", file=sys.stderr, flush=True)
-        gguf_adapters = make_adapters(Path(scratch), max(counts) + 1, base)
-        with LlamaRuntime(evaluated) as probe:
+        fast = make_adapters(Path(scratch), max(counts) + 1, base)
+        plain = make_adapters(Path(scratch), max(counts) + 1, base, out_type="f16", rank_multiple=1)
+        with LlamaRuntime(evaluated, lanes=1) as probe:
             tokens = probe.tokenize(demo_evaluation_text())[: args.tokens]
         for n in counts:
             print(f"{n} peers ...", file=sys.stderr, flush=True)
-            chosen = gguf_adapters[: n + 1]
+            edgefed = trust_row_seconds(evaluated, fast[: n + 1], tokens, None)
+            one_lane = trust_row_seconds(evaluated, plain[: n + 1], tokens, 1)
             started = time.perf_counter()
-            with LlamaRuntime(evaluated) as runtime:
-                loaded = {f"d{i}": runtime.load_adapter(p) for i, p in enumerate(chosen)}
-                inputs = TrustInputs(
-                    own="d0",
-                    adapters={d: {} for d in loaded},
-                    runtime=runtime,
-                    runtime_adapters=loaded,
-                    val_tokens=tokens,
-                )
-                compute_trust("perplexity", inputs)
-            swapped = time.perf_counter() - started
-
-            started = time.perf_counter()
-            for path in chosen:
-                with LlamaRuntime(evaluated) as runtime:
+            for path in plain[: n + 1]:
+                with LlamaRuntime(evaluated, lanes=1) as runtime:
                     runtime.perplexity(tokens, runtime.load_adapter(path))
             reloaded = time.perf_counter() - started
-            rows.append({"peers": n, "swapped_s": swapped, "reloaded_s": reloaded})
+            rows.append(
+                {"peers": n, "edgefed_s": edgefed, "one_lane_s": one_lane, "reloaded_s": reloaded}
+            )
 
+    with LlamaRuntime(evaluated) as runtime:
+        lanes, threads = runtime.lanes, runtime.threads
     print(
-        f"\none perplexity trust row on {len(tokens)} tokens, embedded base (Q8_0 runtime copy)\n"
+        f"\none perplexity trust row on {len(tokens)} tokens, embedded base (Q8_0 runtime copy), "
+        f"{threads} threads; edgefed: {lanes} lane(s)\n"
     )
     print(
-        f"{'peers':>5} {'swap s':>8} {'s/adapter':>10} {'reload s':>9} {'s/adapter':>10} {'x':>6}"
+        f"{'peers':>5} {'edgefed s':>10} {'s/adapter':>10} {'1 lane r8 f16 s':>16} "
+        f"{'s/adapter':>10} {'reload s':>9} {'s/adapter':>10} {'speed-up':>9}"
     )
     for row in rows:
         per = row["peers"] + 1
         print(
-            f"{row['peers']:>5} {row['swapped_s']:>8.2f} {row['swapped_s'] / per:>10.3f} "
+            f"{row['peers']:>5} {row['edgefed_s']:>10.2f} {row['edgefed_s'] / per:>10.3f} "
+            f"{row['one_lane_s']:>16.2f} {row['one_lane_s'] / per:>10.3f} "
             f"{row['reloaded_s']:>9.2f} {row['reloaded_s'] / per:>10.3f} "
-            f"{row['reloaded_s'] / row['swapped_s']:>6.2f}"
+            f"{row['one_lane_s'] / row['edgefed_s']:>8.2f}x"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

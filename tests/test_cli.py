@@ -62,6 +62,9 @@ def test_evaluate_table_and_json_with_adapters(tiny_lora, tmp_path):
     assert len(scored) == 1 and scored.pop() > 100
     assert all(row["perplexity"] > 1 for row in document["results"])
     assert "skipped 1 file" in result.stderr
+    # not a terminal: a line per scored model instead of a progress bar
+    assert "evaluating: scored base (1/2" in result.stderr
+    assert f"evaluating: scored {adapter.stem} (2/2" in result.stderr
     table = run("evaluate", "--data", data, "--base", base, "--adapter", adapter, "--window", "64")
     assert "perplexity" in table.stdout and adapter.stem in table.stdout
 

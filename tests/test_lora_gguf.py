@@ -73,3 +73,33 @@ def test_adapter_for_another_base_is_refused(tiny_lora, tmp_path, tokenizer_dir)
     assert not (tmp_path / "x.gguf").exists()
     with LlamaRuntime(other_base) as runtime, pytest.raises(AdapterMismatchError):
         runtime.load_adapter(gguf_adapter)
+
+
+def test_rank_padding_changes_nothing_on_an_f32_base(tiny_hf, tmp_path):
+    """The fast layout (rank padded to 16, float32) scores what the plain rank-4 file does."""
+    import gguf
+
+    from edgefed.quant.hf_convert import convert_hf_to_gguf
+    from edgefed.quant.lora_gguf import RANK_MULTIPLE
+
+    _kind, folder = tiny_hf
+    base = convert_hf_to_gguf(folder, tmp_path / "base.f32.gguf", out_type="f32")
+    attach_random_lora(load_hf(folder), seed=3, rank=4, alpha=8.0).save_pretrained(tmp_path / "p")
+    plain = convert_lora_to_gguf(
+        tmp_path / "p", tmp_path / "plain.gguf", base=base, rank_multiple=1
+    )
+    padded = convert_lora_to_gguf(tmp_path / "p", tmp_path / "padded.gguf", base=base)
+    reader = gguf.GGUFReader(padded)
+    assert reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents() == 8.0 * RANK_MULTIPLE / 4
+    a = next(t for t in reader.tensors if t.name.endswith(".lora_a"))
+    b = next(t for t in reader.tensors if t.name.endswith(".lora_b"))
+    assert a.tensor_type == gguf.GGMLQuantizationType.F32
+    assert a.data.shape[0] == RANK_MULTIPLE and b.data.shape[1] == RANK_MULTIPLE
+    assert not a.data[4:].any() and not b.data[:, 4:].any()  # the padding is zeros
+    tokens = hf_tokens(folder, SAMPLE_TEXT * 2)
+    with LlamaRuntime(base, window=WINDOW) as runtime:
+        plain_nll = runtime.perplexity(tokens, runtime.load_adapter(plain)).mean_nll
+        padded_nll = runtime.perplexity(tokens, runtime.load_adapter(padded)).mean_nll
+        base_nll = runtime.perplexity(tokens).mean_nll
+    assert abs(padded_nll / plain_nll - 1) < 1e-5
+    assert abs(base_nll / plain_nll - 1) > 1e-4  # the adapter does change the scores

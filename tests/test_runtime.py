@@ -116,3 +116,65 @@ def test_runtime_copy_is_made_once_and_keep_uses_the_file(tiny_gguf, edgefed_hom
     made = copy.stat().st_mtime_ns
     assert runtime_copy(base, "q8_0") == copy and copy.stat().st_mtime_ns == made
     assert runtime_copy(copy, "q8_0") == copy  # already of that type: used as is
+
+
+def _three_jobs(runtime, tokens, adapters):
+    from edgefed.runtime import ScoreJob
+
+    loaded = [runtime.load_adapter(a) for a in adapters]
+    return [ScoreJob(tokens, None, "base")] + [
+        ScoreJob(tokens, a, f"adapter-{i}") for i, a in enumerate(loaded)
+    ]
+
+
+def test_parallel_lanes_score_exactly_what_one_lane_does(tiny_lora, tmp_path):
+    from conftest import attach_random_lora, load_hf
+
+    from edgefed.quant.lora_gguf import convert_lora_to_gguf
+
+    _kind, folder, base, _, adapter_a = tiny_lora
+    attach_random_lora(load_hf(folder), seed=11).save_pretrained(tmp_path / "b")
+    adapter_b = convert_lora_to_gguf(tmp_path / "b", tmp_path / "b.gguf", base=base)
+    tokens = np.asarray(hf_tokens(folder, SAMPLE_TEXT * 4), dtype=np.int32)
+    results, events = {}, []
+    for lanes, threads in ((1, 1), (2, 2), (3, 2)):
+        with LlamaRuntime(
+            base, window=64, lanes=lanes, threads=threads, cache_base_scores=False
+        ) as runtime:
+            assert runtime.lanes == min(lanes, threads)
+            jobs = _three_jobs(runtime, tokens, [adapter_a, adapter_b])
+            scored = runtime.perplexities(jobs, stride=16, on_progress=events.append)
+            tops = runtime.top_ks(jobs, 4, stride=16)
+            logprobs = runtime.token_logprobs(tokens, jobs[2].adapter, stride=16)[0]
+        results[lanes] = ([r.mean_nll for r in scored], tops, logprobs)
+    one, *parallel = results.values()
+    assert len(set(one[0])) == 3  # base and two different adapters
+    for other in parallel:
+        assert other[0] == one[0]  # bit for bit, not approximately
+        for mine, theirs in zip(one[1], other[1], strict=True):
+            assert np.array_equal(mine.token_ids, theirs.token_ids)
+            assert np.array_equal(mine.logprobs, theirs.logprobs)
+        assert np.array_equal(other[2], one[2])
+    last_run = events[-len(events) // 3 :]
+    assert [e.tokens_done for e in last_run] == sorted(e.tokens_done for e in last_run)
+    assert last_run[-1].tokens_done == last_run[-1].tokens_total
+    assert [e.finished for e in last_run if e.finished] == ["base", "adapter-0", "adapter-1"]
+
+
+def test_base_scores_are_remembered_across_runtimes_and_a_bad_cache_is_ignored(
+    tiny_gguf, edgefed_home
+):
+    _kind, folder, base = tiny_gguf
+    tokens = hf_tokens(folder, SAMPLE_TEXT * 2)
+    with LlamaRuntime(base, window=64) as runtime:
+        first = runtime.perplexity(tokens)
+    with LlamaRuntime(base, window=64) as runtime:
+        assert runtime.perplexity(tokens) == first  # `seconds` too: read back, not recomputed
+        assert runtime.perplexity(tokens, stride=16) != first  # the stride is in the key
+    with LlamaRuntime(base, window=64, cache_base_scores=False) as runtime:
+        fresh = runtime.perplexity(tokens)
+    assert fresh.mean_nll == first.mean_nll and fresh.seconds != first.seconds
+    (cache,) = (edgefed_home / "cache" / "scores").iterdir()
+    cache.write_text("{not json")
+    with LlamaRuntime(base, window=64) as runtime:
+        assert runtime.perplexity(tokens).mean_nll == first.mean_nll

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edgefed.adapter import LoraSpec, lora_module_shapes, lora_tensor_shapes, save_lora_tensors
+from edgefed.errors import DataError
 from edgefed.quant.gguf_file import read_base_info
 from edgefed.trust.merge import merge_exact, merge_factors
 from edgefed.trust.normalize import trust_row
@@ -58,6 +59,19 @@ def test_local_is_bit_exact_and_fedavg_is_the_mean(shapes):
     assert dict(zip(by_tokens.devices, by_tokens.weights, strict=True)) == pytest.approx(
         {"d0": 0.1, "d1": 0.3, "d2": 0.6}
     )
+
+
+def test_a_device_alone_gets_weight_one_without_any_scoring(shapes):
+    alone = TrustInputs(own="d0", adapters={"d0": random_adapter(shapes, 0)})  # no runtime at all
+    for scheme in SCHEMES:
+        row = compute_trust(scheme, alone)
+        assert row.devices == ["d0"] and row.weights == [1.0], scheme
+    assert compute_trust("perplexity", alone).scores == [None]  # not scored, not invented
+    with_peer = TrustInputs(
+        own="d0", adapters={"d0": random_adapter(shapes, 0), "d1": random_adapter(shapes, 1)}
+    )
+    with pytest.raises(DataError, match="trust-validation text is missing"):
+        compute_trust("perplexity", with_peer)  # a peer does need the runtime
 
 
 def test_weight_similarity_compares_low_rank_products(shapes):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edgefed.errors import DataError
 from edgefed.quant.gguf_file import require_file, resolve_base
+from edgefed.scoring import ScoreProgress
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,16 @@ def evaluate_text(
     stride: int | None = None,
     threads: int | None = None,
     runtime_quant: str | None = None,
-    on_progress: Callable[[str], None] | None = None,
+    on_progress: Callable[[ScoreProgress], None] | None = None,
 ) -> list[EvaluationRow]:
     """Perplexity of `text` under the base alone and under each adapter, in that order.
 
     The base is loaded once (as its cached `runtime_quant` copy, see `runtime_copy`);
-    adapters are hot-swapped. Every adapter is checked before any evaluation starts, so a bad
-    adapter fails in seconds, not after the others ran.
+    adapters are hot-swapped and scored in parallel over the runtime's lanes. Every adapter is
+    checked before any evaluation starts, so a bad adapter fails in seconds, not after the
+    others ran.
     """
-    from edgefed.runtime import DEFAULT_RUNTIME_QUANT, LlamaRuntime, runtime_copy
+    from edgefed.runtime import DEFAULT_RUNTIME_QUANT, LlamaRuntime, ScoreJob, runtime_copy
 
     if not text.strip():
         raise DataError("the text to evaluate is empty", "point --data at non-empty text")
@@ -55,15 +57,15 @@ def evaluate_text(
     with LlamaRuntime(base_path, window=window, threads=threads) as runtime:
         loaded = [runtime.load_adapter(p) for p in adapter_paths]
         tokens = runtime.tokenize(text)
-        for label, path, adapter in [("base", base_path, None)] + [
-            (a.name, a.path, a) for a in loaded
-        ]:
-            if on_progress is not None:
-                on_progress(label)
-            result = runtime.perplexity(tokens, adapter, stride=stride)
+        jobs = [ScoreJob(tokens, None, "base")] + [ScoreJob(tokens, a, a.name) for a in loaded]
+        paths = [base_path] + [a.path for a in loaded]
+        results = runtime.perplexities(
+            jobs, stride=stride, task="evaluating", on_progress=on_progress
+        )
+        for job, path, result in zip(jobs, paths, results, strict=True):
             rows.append(
                 EvaluationRow(
-                    model=label,
+                    model=job.label,
                     path=str(Path(path)),
                     perplexity=result.perplexity,
                     mean_nll=result.mean_nll,

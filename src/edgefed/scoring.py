@@ -62,6 +62,26 @@ class PerplexityResult:
         )
 
 
+@dataclass(frozen=True)
+class ScoreProgress:
+    """Where a batch of scoring jobs stands; `finished` labels the job that just completed.
+
+    `task` says what the batch is for ("trust row", "test split"), for the user.
+    """
+
+    task: str
+    tokens_done: int
+    tokens_total: int
+    jobs_done: int
+    jobs_total: int
+    seconds: float
+    finished: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_done / self.seconds if self.seconds > 0 else 0.0
+
+
 def windows(n_tokens: int, window: int, stride: int) -> Iterator[Window]:
     """The windows that score tokens 1..n_tokens-1 once each (see the module docstring)."""
     if window < 2 or not 0 < stride < window:

@@ -18,6 +18,7 @@ from edgefed.cli.options import (
     WindowOption,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.cli.progress import ProgressDisplay
 
 
 @user_errors
@@ -70,7 +71,7 @@ def evaluate(
                 "--round evaluates a device's own round; --data/--adapter evaluate any text",
                 "give one or the other",
             )
-        _evaluate_round(round_number, workspace, runtime_quant, as_json)
+        _evaluate_round(round_number, workspace, runtime_quant, threads, as_json)
         return
     from edgefed.demo_text import demo_evaluation_text
     from edgefed.documents import read_documents
@@ -83,7 +84,9 @@ def evaluate(
         if documents.skipped:
             stderr.print(f"warning: skipped {documents.skipped} file(s) that are not UTF-8 text")
         text, source = documents.joined(), str(data)
-    with stderr.status("evaluating ...") as status:
+    display = ProgressDisplay()
+    display.status("loading the base in llama.cpp")
+    try:
         rows = evaluate_text(
             text,
             base=base,
@@ -92,8 +95,10 @@ def evaluate(
             stride=stride,
             threads=threads,
             runtime_quant=runtime_quant,
-            on_progress=lambda name: status.update(f"evaluating {name} ..."),
+            on_progress=display.progress,
         )
+    finally:
+        display.close()
     if as_json:
         emit_json({"data": source, "results": [row.as_dict() for row in rows]})
         return
@@ -111,7 +116,11 @@ def evaluate(
 
 
 def _evaluate_round(
-    round_number: int | None, workspace: Path | None, runtime_quant: str, as_json: bool
+    round_number: int | None,
+    workspace: Path | None,
+    runtime_quant: str,
+    threads: int | None,
+    as_json: bool,
 ) -> None:
     """A round's recorded evaluation, computed (and recorded) first if the round lacks one."""
     from edgefed.cli.round import render_evaluation
@@ -130,8 +139,18 @@ def _evaluate_round(
         round_number = finished[-1]
     evaluation = read_evaluation(ws, round_number)
     if evaluation is None:
-        with stderr.status(f"evaluating round {round_number} on the test split ..."):
-            evaluation = evaluate_round(ws, round_number, runtime_quant=runtime_quant)
+        display = ProgressDisplay()
+        display.status(f"evaluating round {round_number} on the test split")
+        try:
+            evaluation = evaluate_round(
+                ws,
+                round_number,
+                runtime_quant=runtime_quant,
+                threads=threads,
+                on_progress=display.progress,
+            )
+        finally:
+            display.close()
     if as_json:
         emit_json(evaluation)
         return

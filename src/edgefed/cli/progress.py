@@ -1,4 +1,8 @@
-"""Long work in the terminal: a spinner per phase, a bar for training, polite Ctrl-C."""
+"""Long work in the terminal: a spinner per phase, bars for training and scoring, polite Ctrl-C.
+
+On a terminal scoring shows a bar with tokens/s and an ETA; elsewhere (a log file, CI, cron) a
+bar would be noise, so it prints one line per scored adapter instead.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from rich.progress import (
 )
 
 from edgefed.cli.output import stderr
+from edgefed.scoring import ScoreProgress
 
 EXIT_INTERRUPTED = 130
 
@@ -38,23 +43,85 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
-class TrainDisplay:
-    """A spinner for each phase and a progress bar for the steps: rich shows one at a time."""
+class ScoringDisplay:
+    """Progress of one scoring batch (ScoreProgress events): a bar, or a line per adapter."""
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+        self._task = None
+        self._batch: tuple[str, int] | None = None
+
+    def update(self, event: ScoreProgress) -> None:
+        batch = (event.task, event.tokens_total)
+        if not stderr.is_terminal:
+            if event.finished is not None:
+                stderr.print(
+                    f"{event.task}: scored {event.finished} "
+                    f"({event.jobs_done}/{event.jobs_total}, "
+                    f"{event.tokens_per_second:,.0f} tok/s)",
+                    highlight=False,
+                )
+            return
+        if self._progress is None or batch != self._batch:
+            self.close()
+            self._batch = batch
+            self._progress = Progress(
+                TextColumn(f"[bold]{event.task}"),
+                BarColumn(),
+                TextColumn("{task.fields[jobs]}"),
+                TextColumn("{task.fields[speed]:,.0f} tok/s"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=stderr,
+                transient=True,
+            )
+            self._task = self._progress.add_task(
+                event.task, total=event.tokens_total, jobs="", speed=0
+            )
+            self._progress.start()
+        self._progress.update(
+            self._task,
+            completed=event.tokens_done,
+            jobs=f"{event.jobs_done}/{event.jobs_total}",
+            speed=event.tokens_per_second,
+        )
+        if event.tokens_done >= event.tokens_total:
+            self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            self._batch = None
+
+
+class ProgressDisplay:
+    """A spinner for each phase, a bar for training steps or for scoring: one at a time.
+
+    `progress` takes training's TrainProgress and scoring's ScoreProgress events alike.
+    """
 
     def __init__(self) -> None:
         self._status = stderr.status("starting ...")
         self._progress: Progress | None = None
         self._task = None
+        self._scoring = ScoringDisplay()
         self._status.start()
 
     def status(self, message: str) -> None:
+        self._scoring.close()
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-            self._status.start()
+        self._status.start()  # no-op while it runs; back after a bar
         self._status.update(f"{message} ...")
 
     def progress(self, event) -> None:
+        if isinstance(event, ScoreProgress):
+            self._status.stop()
+            self._scoring.update(event)
+            return
         if self._progress is None:
             self._status.stop()
             if event.step > 1:
@@ -79,6 +146,7 @@ class TrainDisplay:
         )
 
     def close(self) -> None:
+        self._scoring.close()
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -80,11 +80,20 @@ def lora(
     output: OutputArg,
     base: BaseOption = None,
     out_type: Annotated[
-        str, typer.Option("--type", help="Tensor type of A and B: f16 or f32.")
-    ] = "f16",
+        str,
+        typer.Option(
+            "--type",
+            help="Tensor type of A and B: f32 (fastest in llama.cpp's CPU kernels) or f16 "
+            "(half the file). Both are exact for adapters trained in float16 or float32.",
+        ),
+    ] = "f32",
     as_json: JsonOption = False,
 ) -> None:
-    """Turn a PEFT LoRA adapter into a GGUF LoRA adapter for llama.cpp (checked against --base)."""
+    """Turn a PEFT LoRA adapter into a GGUF LoRA adapter for llama.cpp (checked against --base).
+
+    The rank is padded with zeros to a multiple of 16, which lets llama.cpp's fast CPU matrix
+    kernels run the adapter (rank 8 fell back to a slow path); the adapter computes the same.
+    """
     from edgefed.quant.gguf_file import resolve_base
     from edgefed.quant.lora_gguf import convert_lora_to_gguf
 

@@ -28,7 +28,7 @@ from edgefed.cli.options import (
     dp_noise,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
-from edgefed.cli.progress import EXIT_INTERRUPTED, TrainDisplay, stop_on_signals
+from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
 
 _TRAINING = "Training"
 _SYNC = "Sync"
@@ -146,7 +146,7 @@ def round_command(
     ws = find_workspace(workspace)
     if options.dp is not None:
         stderr.print(options.dp.describe())
-    display = TrainDisplay()
+    display = ProgressDisplay()
 
     def on_step(number: int, step: str, done: bool) -> None:
         if done:

@@ -19,7 +19,7 @@ from edgefed.cli.options import (
     ThreadsOption,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
-from edgefed.cli.progress import EXIT_INTERRUPTED, TrainDisplay, stop_on_signals
+from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
 
 _TRAINING = "Training"
 _LORA = "LoRA adapter"
@@ -227,7 +227,7 @@ def train(
     except ValueError as exc:
         raise DataError(str(exc), "see edgefed train --help") from None
 
-    display = TrainDisplay()
+    display = ProgressDisplay()
 
     def on_data(summary) -> None:
         parts = ", ".join(

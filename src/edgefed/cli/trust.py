@@ -16,11 +16,13 @@ from edgefed.cli.options import (
     MergeOption,
     RuntimeQuantOption,
     TemperatureOption,
+    ThreadsOption,
     ThresholdOption,
     TopKOption,
     TrustOption,
 )
 from edgefed.cli.output import emit_json, stdout, user_errors
+from edgefed.cli.progress import ProgressDisplay
 
 app = typer.Typer(help="Trust rows: how much this device trusts each peer, round by round.")
 
@@ -46,25 +48,33 @@ def aggregate(
     clip_norm: ClipNormOption = None,
     workspace: WorkspaceOption = None,
     runtime_quant: RuntimeQuantOption = "q8_0",
+    threads: ThreadsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Compute this device's trust row over the round's verified peers and write the mix."""
     from edgefed.device.aggregate import aggregate_round
     from edgefed.device.workspace import find_workspace
 
-    result = aggregate_round(
-        find_workspace(workspace),
-        round_number,
-        adapter,
-        scheme=trust,
-        temperature=temperature,
-        top_k=top_k,
-        threshold=threshold,
-        merge=merge,
-        by_tokens=by_tokens,
-        runtime_quant=runtime_quant,
-        clip_norm=clip_norm,
-    )
+    display = ProgressDisplay()
+    display.status("computing the trust row")
+    try:
+        result = aggregate_round(
+            find_workspace(workspace),
+            round_number,
+            adapter,
+            scheme=trust,
+            temperature=temperature,
+            top_k=top_k,
+            threshold=threshold,
+            merge=merge,
+            by_tokens=by_tokens,
+            runtime_quant=runtime_quant,
+            clip_norm=clip_norm,
+            threads=threads,
+            on_progress=display.progress,
+        )
+    finally:
+        display.close()
     if as_json:
         emit_json(result.as_dict())
         return
@@ -74,7 +84,7 @@ def aggregate(
     for device, score, weight in zip(
         result.row.devices, result.row.scores, result.row.weights, strict=True
     ):
-        table.add_row(device, f"{score:.4f}", f"{weight:.3f}")
+        table.add_row(device, "-" if score is None else f"{score:.4f}", f"{weight:.3f}")
     stdout.print(table)
     stdout.print(
         f"mixed adapter: {result.adapter_dir} ({merge} merge, relative ΔW error "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from edgefed.device.workspace import Workspace
 from edgefed.errors import DataError
 from edgefed.faults import crash_point
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
+from edgefed.scoring import ScoreProgress
 from edgefed.train.blocks import evaluation_stream
 from edgefed.train.loaded_base import LoadedBase
 from edgefed.train.split import TRUST_VAL
@@ -95,6 +97,8 @@ def aggregate_round(
     val_tokens: int | None = DEFAULT_VAL_TOKENS,
     clip_norm: float | None = None,
     loaded: LoadedBase | None = None,
+    threads: int | None = None,
+    on_progress: Callable[[ScoreProgress], None] | None = None,
 ) -> AggregateResult:
     """Compute this device's trust row for the round and write the mixed adapter.
 
@@ -103,7 +107,8 @@ def aggregate_round(
     for an unknown scheme or merge, a bad normalization, or missing inputs (no reference text
     for prediction trust, no own adapter), and AdapterMismatchError for adapters that do not
     agree. `clip_norm` bounds each peer's ΔW norm (`edgefed.trust.clip`). `loaded` scores over
-    an already loaded base (the simulation's).
+    an already loaded base (the simulation's); `on_progress` gets the scoring's progress. A
+    device without peers loads and scores nothing: its row is itself.
     """
     if merge not in MERGES:
         raise DataError(f"unknown merge '{merge}'", f"choose one of {', '.join(MERGES)}")
@@ -139,14 +144,22 @@ def aggregate_round(
         }
     options = {"by_tokens": by_tokens} if scheme == "fedavg" else {}
 
-    if scheme in RUNTIME_SCHEMES:
+    if scheme in RUNTIME_SCHEMES and len(adapters) > 1:
         with (
             nullcontext(loaded)
             if loaded is not None
-            else LoadedBase(workspace.config["base"], runtime_quant=runtime_quant)
+            else LoadedBase(workspace.config["base"], runtime_quant=runtime_quant, threads=threads)
         ) as loaded:
             row = _runtime_row(
-                workspace, scheme, adapters, spec, own_path, normalization, val_tokens, loaded
+                workspace,
+                scheme,
+                adapters,
+                spec,
+                own_path,
+                normalization,
+                val_tokens,
+                loaded,
+                on_progress,
             )
     else:
         inputs = TrustInputs(own=me, adapters=adapters, train_tokens=train_tokens)
@@ -188,7 +201,9 @@ def aggregate_round(
     )
 
 
-def _runtime_row(workspace, scheme, adapters, spec, own_path, normalization, val_tokens, loaded):
+def _runtime_row(
+    workspace, scheme, adapters, spec, own_path, normalization, val_tokens, loaded, on_progress
+):
     reference_path = workspace.root / "reference.txt"
     if scheme == "prediction" and not reference_path.is_file():
         raise DataError(
@@ -207,6 +222,7 @@ def _runtime_row(workspace, scheme, adapters, spec, own_path, normalization, val
         reference_tokens=_reference_tokens(runtime, reference_path, val_tokens)
         if scheme == "prediction"
         else None,
+        on_progress=on_progress,
     )
     return compute_trust(scheme, inputs, normalization)
 

@@ -14,6 +14,7 @@ nothing mixed in yet, a purely local adapter); `aggregated` is what it carries o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import nullcontext
 
 from edgefed.atomic import atomic_write_text
@@ -21,6 +22,8 @@ from edgefed.device.aggregate import AGGREGATED_GGUF, TRUST_FILE
 from edgefed.device.split_text import device_split_tokens
 from edgefed.device.workspace import Workspace
 from edgefed.errors import InputFileError
+from edgefed.runtime.llama import ScoreJob
+from edgefed.scoring import ScoreProgress
 from edgefed.train.loaded_base import LoadedBase
 from edgefed.train.run import GGUF_ADAPTER_FILE
 from edgefed.train.split import TEST
@@ -42,11 +45,13 @@ def evaluate_round(
     runtime_quant: str | None = None,
     test_tokens: int | None = DEFAULT_TEST_TOKENS,
     loaded: LoadedBase | None = None,
+    threads: int | None = None,
+    on_progress: Callable[[ScoreProgress], None] | None = None,
 ) -> dict:
     """Score base, local and aggregated adapters of the round on the test split; record it.
 
-    `loaded` scores over an already loaded base. Raises InputFileError when the round has not
-    been trained and aggregated yet.
+    `loaded` scores over an already loaded base; `on_progress` gets the scoring's progress.
+    Raises InputFileError when the round has not been trained and aggregated yet.
     """
     round_dir = workspace.round_dir(round_number)
     run_dir = round_dir / TRAIN_DIR
@@ -61,13 +66,15 @@ def evaluate_round(
     with (
         nullcontext(loaded)
         if loaded is not None
-        else LoadedBase(workspace.config["base"], runtime_quant=runtime_quant)
+        else LoadedBase(workspace.config["base"], runtime_quant=runtime_quant, threads=threads)
     ) as loaded:
         runtime, quant = loaded.runtime, loaded.runtime_quant
         tokens = device_split_tokens(workspace, run_dir, runtime, TEST, test_tokens)
-        results = {"base": runtime.perplexity(tokens)}
-        for name, path in models.items():
-            results[name] = runtime.perplexity(tokens, loaded.load_file(path))
+        jobs = [ScoreJob(tokens, None, "base")] + [
+            ScoreJob(tokens, loaded.load_file(path), name) for name, path in models.items()
+        ]
+        scored = runtime.perplexities(jobs, task="test split", on_progress=on_progress)
+        results = {job.label: result for job, result in zip(jobs, scored, strict=True)}
     record = {
         "round": round_number,
         "device": workspace.device,

@@ -227,6 +227,8 @@ class _Round:
             val_tokens=self.options.val_tokens,
             clip_norm=self.options.clip_norm,
             loaded=self.loaded,
+            threads=self.options.threads,
+            on_progress=self.on_progress,
         )
         return self.aggregate_record()
 
@@ -248,6 +250,8 @@ class _Round:
                 runtime_quant=self.options.runtime_quant,
                 test_tokens=self.options.test_tokens,
                 loaded=self.loaded,
+                threads=self.options.threads,
+                on_progress=self.on_progress,
             )
         )
 
@@ -280,7 +284,8 @@ def run_round(
 ) -> RoundReport:
     """Run (or finish) a round of this device; `round_number` None: the next unfinished one.
 
-    `on_step(round, step, skipped)` is called as each step starts or is found finished. Raises
+    `on_step(round, step, skipped)` is called as each step starts or is found finished;
+    `on_progress` gets training's TrainProgress and scoring's ScoreProgress events. Raises
     the EdgefedError subclasses of the steps, and TrainingInterrupted when `should_stop` turns
     true during training (the checkpoint is kept; a rerun resumes it). `loaded` runs every
     step over one already loaded base (the simulation's N devices share one). `until` stops

@@ -7,6 +7,11 @@ PEFT exactly. Llama's q/k rows are permuted for RoPE in the base GGUF (see `hf_c
 the rows of the q/k B matrices are permuted the same way. Everything is checked against the
 base's own tensor shapes before a byte is written: an adapter for another base never reaches
 llama.cpp. DoRA and other variants llama.cpp cannot apply are refused.
+
+The file is laid out for speed, not size (it never leaves the device; the wire carries the PEFT
+tensors): the rank is padded with zeros to `RANK_MULTIPLE` and A and B are stored in float32.
+Both change no value: zero rows of A and zero columns of B add nothing to B·A, float16 values
+are exact in float32, and the global alpha is scaled with the rank so alpha/r stays the same.
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from edgefed.quant.hf_convert import permute_for_rope
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-OUT_TYPES = ("f16", "f32")
+OUT_TYPES = ("f32", "f16")
+DEFAULT_OUT_TYPE = "f32"
+# llama.cpp applies a LoRA as mul_mat(B, mul_mat(A, x)). On the CPU a mul_mat takes its fast
+# tiled kernel (llamafile sgemm) only when the inner dimension is a multiple of the kernel's
+# block: 16 floats with AVX-512 (8 with AVX2, 4 with NEON). For the B product the inner dimension
+# is the rank, so rank 8 fell back to the generic dot-product path, which runs an 8-long row in
+# its scalar tail: 4.8 ms against 1.0 ms per 576x1536 layer at rank 16 (bench/runtime.py has the
+# end-to-end figures). 16 suits every CPU we know; the padding doubles the adapter's few FLOPs.
+RANK_MULTIPLE = 16
 # gguf architecture -> whether its q/k rows are stored permuted (mirrors hf_convert)
 _PERMUTED_ARCHS = {"llama": True, "qwen2": False}
 # PEFT name: <prefix>layers.<i>.<path to module>.lora_A|lora_B.weight
@@ -147,9 +160,13 @@ def convert_lora_to_gguf(
     destination: str | os.PathLike[str],
     *,
     base: str | os.PathLike[str],
-    out_type: str = "f16",
+    out_type: str = DEFAULT_OUT_TYPE,
+    rank_multiple: int = RANK_MULTIPLE,
 ) -> Path:
-    """Write the PEFT adapter in `folder` as a GGUF LoRA adapter for GGUF `base` (atomically)."""
+    """Write the PEFT adapter in `folder` as a GGUF LoRA adapter for GGUF `base` (atomically).
+
+    Each module's rank is padded with zeros to a multiple of `rank_multiple` (1: no padding).
+    """
     import gguf
 
     src = Path(folder)
@@ -157,12 +174,19 @@ def convert_lora_to_gguf(
         raise InputFileError(f"{src} is not a folder", "pass a PEFT adapter folder")
     if out_type not in OUT_TYPES:
         raise InputFileError(f"unknown output type '{out_type}'", f"choose one of {OUT_TYPES}")
+    if rank_multiple < 1:
+        raise InputFileError(
+            f"rank multiple {rank_multiple} must be at least 1", "use 1 for no padding"
+        )
     config = read_peft_config(src)
     pairs = _read_pairs(src)
     info = read_base_info(base)
     arch = gguf.MODEL_ARCH[info.architecture.upper()]
     name_map = gguf.get_tensor_name_map(arch, info.n_layers)
     float_type = np.float16 if out_type == "f16" else np.float32
+    # llama.cpp scales by alpha / (the stored rank): scale alpha with the padding of the
+    # adapter's own rank, so that for every module of that rank nothing needs folding into B
+    alpha = config.alpha * _padded(config.rank, rank_multiple) / config.rank
 
     tensors: list[tuple[str, np.ndarray]] = []
     for module in sorted(pairs):
@@ -187,8 +211,11 @@ def convert_lora_to_gguf(
                 f"{base_name} is {n_out}x{n_in}",
                 "the adapter was made for another base model",
             )
-        # llama.cpp applies alpha/r; fold PEFT's own scale (rsLoRA, patterns) into B
-        b = b * (config.scale_for(module, rank) / (config.alpha / rank))
+        # llama.cpp applies alpha / r_stored; fold PEFT's own scale (rsLoRA, patterns) into B
+        stored_rank = _padded(rank, rank_multiple)
+        fold = config.scale_for(module, rank) / (alpha / stored_rank)
+        if fold != 1.0:
+            b = b * fold
         if _PERMUTED_ARCHS.get(info.architecture, False):
             if module.endswith(".q_proj"):
                 b = permute_for_rope(b, info.n_head)
@@ -198,14 +225,22 @@ def convert_lora_to_gguf(
             raise ModelFormatError(
                 f"adapter module {module} holds NaN or inf", "retrain the adapter"
             )
-        tensors.append((f"{base_name}.lora_a", a.astype(float_type)))
-        tensors.append((f"{base_name}.lora_b", b.astype(float_type)))
+        padded_a = np.zeros((stored_rank, n_in), dtype=float_type)
+        padded_a[:rank] = a
+        padded_b = np.zeros((n_out, stored_rank), dtype=float_type)
+        padded_b[:, :rank] = b
+        tensors.append((f"{base_name}.lora_a", padded_a))
+        tensors.append((f"{base_name}.lora_b", padded_b))
 
     with write_gguf(destination, info.architecture) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, config.alpha)
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_name(src.name)
         for name, tensor in tensors:
             writer.add_tensor(name, tensor)
     return Path(destination)
+
+
+def _padded(rank: int, multiple: int) -> int:
+    return -(-rank // multiple) * multiple

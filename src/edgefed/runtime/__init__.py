@@ -4,7 +4,7 @@
 it by swapping them in and out; `requantize` is llama.cpp's own quantizer.
 """
 
-from edgefed.runtime.llama import Adapter, LlamaRuntime, TopK
+from edgefed.runtime.llama import Adapter, LlamaRuntime, ScoreJob, TopK
 from edgefed.runtime.quantize import (
     DEFAULT_RUNTIME_QUANT,
     KEEP,
@@ -21,6 +21,7 @@ __all__ = [
     "Adapter",
     "LlamaRuntime",
     "PerplexityResult",
+    "ScoreJob",
     "TopK",
     "requantize",
     "runtime_copy",

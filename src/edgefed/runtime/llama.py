@@ -6,36 +6,45 @@ all scored tokens.
 
 Speed: a window is one `llama_decode` call whose batch asks logits only for the scored rows;
 they are read in place from llama.cpp's buffer (no copy per token), and the log-softmax runs
-over the whole block at once in numpy.
+over the whole block at once in numpy. Work is a list of jobs (a text under an adapter); their
+windows are shared out over `lanes` llama contexts on one loaded model, each run from its own
+Python thread with its share of the threads (see `default_lanes` for why). A window's result
+does not depend on the lane that computed it, so parallel scoring returns exactly what one lane
+would (tested).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgefed.errors import (
-    AdapterMismatchError,
-    DataError,
-    ModelFormatError,
-    RuntimeBackendError,
-)
+from edgefed.errors import AdapterMismatchError, DataError, ModelFormatError
 from edgefed.quant.gguf_file import open_gguf, read_base_info
 from edgefed.runtime.backend import ensure_backend, take_recent_errors
-from edgefed.scoring import PerplexityResult, windows
+from edgefed.runtime.base_scores import BaseScoreCache
+from edgefed.runtime.context import ScoringContext
+from edgefed.scoring import PerplexityResult, ScoreProgress, Window, windows
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 512
+# Lanes (llama contexts scoring in parallel over one model) by default: one per thread, at most
+# this many. Measured on 2 cores (bench/runtime.py): two one-thread lanes score faster than one
+# two-thread context, since a 576-wide model's graph nodes are too small to split over threads
+# without the split costing more than it saves. Each lane holds its own output buffer (window
+# x vocabulary floats: 100 MB for the embedded base) and compute buffer, so the default stops
+# at 4 lanes to fit a laptop; with more threads each lane gets several.
+MAX_DEFAULT_LANES = 4
 
 
 def default_threads() -> int:
@@ -44,6 +53,11 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def default_lanes(threads: int) -> int:
+    """One lane per thread, at most MAX_DEFAULT_LANES (see there)."""
+    return max(1, min(threads, MAX_DEFAULT_LANES))
 
 
 @dataclass(frozen=True)
@@ -62,17 +76,62 @@ class TopK:
     logprobs: np.ndarray  # (n_scored, k) float32
 
 
-def _log_sum_exp_rows(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-sum-exp of a (rows, vocab) block, stable in float32."""
-    row_max = logits.max(axis=1)
-    return row_max + np.log(np.exp(logits - row_max[:, None]).sum(axis=1))
+@dataclass(frozen=True)
+class ScoreJob:
+    """One text under one adapter (None: the bare base); `label` names it in progress events."""
+
+    tokens: np.ndarray
+    adapter: Adapter | None = None
+    label: str = ""
+
+
+def _log_sum_exp_rows(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp of a (rows, vocab) block, stable in float32.
+
+    A few rows at a time through the lane's `scratch` buffer: one pass over a whole block
+    allocated two window-sized temporaries (50 MB each for the embedded base's 256 scored rows,
+    fresh zeroed pages every window) and ran 3x slower than chunks that stay in cache. Same
+    values, bit for bit.
+    """
+    out = np.empty(len(logits), dtype=np.float32)
+    step = len(scratch)
+    for start in range(0, len(logits), step):
+        rows = logits[start : start + step]
+        buffer = scratch[: len(rows)]
+        row_max = rows.max(axis=1)
+        np.subtract(rows, row_max[:, None], out=buffer)
+        np.exp(buffer, out=buffer)
+        out[start : start + step] = row_max + np.log(buffer.sum(axis=1))
+    return out
+
+
+def _target_logprobs(
+    logits: np.ndarray, window_tokens: np.ndarray, w: Window, scratch: np.ndarray
+) -> np.ndarray:
+    targets = window_tokens[w.first_scored + 1 :]
+    picked = logits[np.arange(len(targets)), targets]
+    return (picked - _log_sum_exp_rows(logits, scratch)).astype(np.float64)
+
+
+def _top_k_rows(k: int) -> Callable:
+    def reduce(logits: np.ndarray, _tokens: np.ndarray, _w: Window, scratch: np.ndarray):
+        lse = _log_sum_exp_rows(logits, scratch)
+        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+        top_logits = np.take_along_axis(logits, top, axis=1)
+        order = np.argsort(-top_logits, axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        values = np.take_along_axis(top_logits, order, axis=1) - lse[:, None]
+        return top.astype(np.int32), values
+
+    return reduce
 
 
 class LlamaRuntime:
     """The base model in llama.cpp, loaded once; adapters hot-swapped per evaluation.
 
-    Not thread-safe: one runtime serves one caller at a time. Use as a context manager, or call
-    `close()`, to free the model, its context and every adapter.
+    One caller at a time: the runtime parallelises its own work over its lanes, but two threads
+    must not call it at once. Use as a context manager, or call `close()`, to free the model,
+    its contexts and every adapter.
     """
 
     def __init__(
@@ -81,8 +140,10 @@ class LlamaRuntime:
         *,
         window: int = DEFAULT_WINDOW,
         threads: int | None = None,
+        lanes: int | None = None,
         ubatch: int | None = None,
         remember_scores: bool = False,
+        cache_base_scores: bool = True,
     ) -> None:
         self._ll = ensure_backend()
         # perplexity and top-k results by (adapter, stride, tokens): a simulation scores the
@@ -96,6 +157,13 @@ class LlamaRuntime:
             raise DataError(f"window {window} is too small", "use a window of at least 2 tokens")
         self.window = min(window, self.info.context_length or window)
         self.threads = threads or default_threads()
+        self.lanes = min(lanes or default_lanes(self.threads), self.threads)
+        self._ubatch = min(ubatch or self.window, self.window)
+        # the bare base's perplexity of a text never changes: remembered across processes
+        # (`cache_base_scores=False` for benchmarks, which time the computation itself)
+        self._base_scores = (
+            BaseScoreCache(self.info.fingerprint, self.window) if cache_base_scores else None
+        )
 
         model_params = ll.llama_model_default_params()
         take_recent_errors()
@@ -112,37 +180,16 @@ class LlamaRuntime:
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
         self.bos = int(ll.llama_vocab_bos(self._vocab))
         self.eos = int(ll.llama_vocab_eos(self._vocab))
-
-        ctx_params = ll.llama_context_default_params()
-        ctx_params.n_ctx = self.window
-        ctx_params.n_batch = self.window
-        ctx_params.n_ubatch = min(ubatch or self.window, self.window)
-        ctx_params.n_seq_max = 1
-        ctx_params.n_threads = self.threads
-        ctx_params.n_threads_batch = self.threads
-        ctx_params.no_perf = True
-        ctx = ll.llama_init_from_model(model, ctx_params)
-        if not ctx:
-            ll.llama_model_free(model)
-            raise RuntimeBackendError(
-                f"llama.cpp could not create a context ({take_recent_errors() or 'no reason'})",
-                "try a smaller --window",
-            )
-        self._ctx = ctx
-        self._memory = ll.llama_get_memory(ctx)
-        self._batch = ll.llama_batch_init(self.window, 0, 1)
-        for i in range(self.window):
-            self._batch.n_seq_id[i] = 1
-            self._batch.seq_id[i][0] = 0
-        self._batch_tokens = np.ctypeslib.as_array(self._batch.token, shape=(self.window,))
-        self._batch_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.window,))
-        self._batch_logits = np.ctypeslib.as_array(
-            ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.window,)
-        )
+        self._contexts: list[ScoringContext] = []
         self._adapters: dict[Path, Adapter] = {}
         self._handles: dict[Path, object] = {}  # llama_adapter_lora pointers, owned by the model
-        self._active: Adapter | None = None
         self._closed = False
+        try:
+            self._contexts_for(1)  # fail now, not at the first score, if no context fits
+        except Exception:
+            ll.llama_model_free(model)
+            self._closed = True
+            raise
 
     # -- life cycle -------------------------------------------------------------------------
     def __enter__(self) -> LlamaRuntime:
@@ -152,24 +199,46 @@ class LlamaRuntime:
         self.close()
 
     def close(self) -> None:
-        """Free context, model and adapters. Safe to call twice.
+        """Free contexts, model and adapters. Safe to call twice.
 
         Adapters are not freed one by one: llama.cpp owns them through the model and frees
         them with it (freeing them first crashes this llama.cpp build).
         """
         if self._closed:
             return
-        ll = self._ll
-        ll.llama_batch_free(self._batch)
-        ll.llama_free(self._ctx)
+        for context in self._contexts:
+            context.close()
+        self._contexts.clear()
         self._adapters.clear()
         self._handles.clear()
-        ll.llama_model_free(self._model)
+        self._ll.llama_model_free(self._model)
         self._closed = True
 
     def __del__(self) -> None:  # a forgotten close() must not leak a few hundred MB
         with contextlib.suppress(Exception):
             self.close()
+
+    def _contexts_for(self, tasks: int) -> list[ScoringContext]:
+        """The lanes for `tasks` windows: made on first need, kept for the runtime's life.
+
+        Threads are shared out evenly (lane i gets one more while the remainder lasts).
+        """
+        wanted = max(1, min(self.lanes, tasks))
+        while len(self._contexts) < wanted:
+            index = len(self._contexts)
+            threads = self.threads // self.lanes + (index < self.threads % self.lanes)
+            take_recent_errors()
+            self._contexts.append(
+                ScoringContext(
+                    self._ll,
+                    self._model,
+                    window=self.window,
+                    ubatch=self._ubatch,
+                    threads=threads,
+                    n_vocab=self.n_vocab,
+                )
+            )
+        return self._contexts[:wanted]
 
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, path: str | os.PathLike[str]) -> Adapter:
@@ -203,23 +272,6 @@ class LlamaRuntime:
         self._handles[p] = handle
         return adapter
 
-    def _activate(self, adapter: Adapter | None, scale: float = 1.0) -> None:
-        if adapter is self._active:
-            return
-        ll = self._ll
-        if adapter is None:
-            rc = ll.llama_set_adapters_lora(self._ctx, None, 0, None)
-        else:
-            handles = (ll.llama_adapter_lora_p_ctypes * 1)(self._handles[adapter.path])
-            scales = (ctypes.c_float * 1)(scale)
-            rc = ll.llama_set_adapters_lora(self._ctx, handles, 1, scales)
-        if rc != 0:
-            raise RuntimeBackendError(
-                f"llama.cpp refused to apply adapter {adapter.name if adapter else 'none'}",
-                take_recent_errors() or "reload the runtime",
-            )
-        self._active = adapter
-
     # -- tokens -----------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = False):
         """Token ids of `text` as the base's own tokenizer makes them (int32 array)."""
@@ -237,25 +289,6 @@ class LlamaRuntime:
             )
         tokens = np.ctypeslib.as_array(buffer)[:n].astype(np.int32)
         return np.concatenate([[self.bos], tokens]).astype(np.int32) if with_bos else tokens
-
-    # -- evaluation -------------------------------------------------------------------------
-    def _decode_window(self, tokens: np.ndarray, first_scored: int) -> np.ndarray:
-        """Run one window; return the logits rows (view into llama.cpp's buffer)."""
-        n = len(tokens)
-        self._ll.llama_memory_clear(self._memory, True)
-        self._batch_tokens[:n] = tokens
-        self._batch_pos[:n] = np.arange(n, dtype=np.int32)
-        self._batch_logits[:n] = 0
-        self._batch_logits[first_scored : n - 1] = 1
-        self._batch.n_tokens = n
-        rc = self._ll.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise RuntimeBackendError(
-                f"llama_decode failed with code {rc}", take_recent_errors() or "see --debug log"
-            )
-        rows = n - 1 - first_scored
-        pointer = self._ll.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab))
 
     def _as_tokens(self, text_or_tokens: str | Sequence[int] | np.ndarray) -> np.ndarray:
         tokens = (
@@ -280,29 +313,128 @@ class LlamaRuntime:
             )
         return stride
 
-    def token_logprobs(
+    def _job(self, job: ScoreJob) -> ScoreJob:
+        if job.adapter is not None and self._handles.get(job.adapter.path) is None:
+            raise DataError(
+                f"adapter {job.adapter.name} is not loaded in this runtime", "load it first"
+            )
+        return ScoreJob(self._as_tokens(job.tokens), job.adapter, job.label)
+
+    # -- the scheduler ----------------------------------------------------------------------
+    def _score_windows(
         self,
-        text_or_tokens: str | Sequence[int] | np.ndarray,
-        adapter: Adapter | None = None,
+        jobs: Sequence[ScoreJob],
+        step: int,
+        reduce: Callable[[np.ndarray, np.ndarray, Window, np.ndarray], object],
+        *,
+        task: str,
+        on_progress: Callable[[ScoreProgress], None] | None,
+    ) -> tuple[list[list], list[float]]:
+        """Every job's windows through `reduce`, in window order; and each job's seconds.
+
+        Windows are handed out in job order to the lanes, so lanes work on one adapter at a
+        time and jobs finish one after another (progress reads naturally). The calling thread
+        drives the first lane itself; an error or Ctrl-C in any lane stops the others after
+        their window in flight.
+        """
+        plan = [
+            (j, i, w)
+            for j, job in enumerate(jobs)
+            for i, w in enumerate(windows(len(job.tokens), self.window, step))
+        ]
+        per_job = [0] * len(jobs)
+        for j, _, _ in plan:
+            per_job[j] += 1
+        results: list[list] = [[None] * n for n in per_job]
+        remaining = list(per_job)
+        first_start = [0.0] * len(jobs)
+        last_end = [0.0] * len(jobs)
+        total = sum(w.end - w.start for _, _, w in plan)
+        state = {"next": 0, "done_tokens": 0, "done_jobs": 0, "stop": False}
+        lock = threading.Lock()
+        started = time.perf_counter()
+        handles = [self._handles[job.adapter.path] if job.adapter else None for job in jobs]
+
+        def work(context: ScoringContext) -> None:
+            while True:
+                with lock:
+                    if state["stop"] or state["next"] >= len(plan):
+                        return
+                    j, i, w = plan[state["next"]]
+                    state["next"] += 1
+                    if not first_start[j]:
+                        first_start[j] = time.perf_counter()
+                job = jobs[j]
+                context.activate(handles[j], job.label or "adapter")
+                window_tokens = job.tokens[w.start : w.end]
+                logits = context.decode(window_tokens, w.first_scored)
+                results[j][i] = reduce(logits, window_tokens, w, context.scratch)
+                with lock:
+                    state["done_tokens"] += w.end - w.start
+                    remaining[j] -= 1
+                    finished = None
+                    if remaining[j] == 0:
+                        last_end[j] = time.perf_counter()
+                        state["done_jobs"] += 1
+                        finished = job.label
+                    if on_progress is not None:
+                        on_progress(
+                            ScoreProgress(
+                                task=task,
+                                tokens_done=state["done_tokens"],
+                                tokens_total=total,
+                                jobs_done=state["done_jobs"],
+                                jobs_total=len(jobs),
+                                seconds=time.perf_counter() - started,
+                                finished=finished,
+                            )
+                        )
+
+        contexts = self._contexts_for(len(plan))
+        with ThreadPoolExecutor(max_workers=max(1, len(contexts) - 1)) as pool:
+            helpers = [pool.submit(work, context) for context in contexts[1:]]
+            try:
+                work(contexts[0])
+            finally:
+                with lock:
+                    state["stop"] = state["stop"] or state["next"] < len(plan)
+                for helper in helpers:
+                    helper.result()  # re-raises a lane's error
+        seconds = [end - begin for begin, end in zip(first_start, last_end, strict=True)]
+        return results, seconds
+
+    # -- evaluation -------------------------------------------------------------------------
+    def perplexities(
+        self,
+        jobs: Sequence[ScoreJob],
         *,
         stride: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(log p(token | context), token index) for every scored token, under `adapter`."""
-        tokens = self._as_tokens(text_or_tokens)
+        task: str = "scoring",
+        on_progress: Callable[[ScoreProgress], None] | None = None,
+    ) -> list[PerplexityResult]:
+        """Perplexity of each job's text under its adapter, scored in parallel over the lanes.
+
+        Results equal those of scoring the jobs one by one. Remembered results (see
+        `remember_scores`; the bare base's always, also across processes) are not recomputed.
+        """
         step = self._stride(stride)
-        self._activate(adapter)
-        logprobs: list[np.ndarray] = []
-        positions: list[np.ndarray] = []
-        for w in windows(len(tokens), self.window, step):
-            start, end, first = w.start, w.end, w.first_scored
-            window_tokens = tokens[start:end]
-            logits = self._decode_window(window_tokens, first)
-            lse = _log_sum_exp_rows(logits)
-            targets = window_tokens[first + 1 :]
-            picked = logits[np.arange(len(targets)), targets]
-            logprobs.append((picked - lse).astype(np.float64))
-            positions.append(np.arange(start + first + 1, end))
-        return np.concatenate(logprobs), np.concatenate(positions)
+        jobs = [self._job(job) for job in jobs]
+        results: list[PerplexityResult | None] = [self._recall(job, step) for job in jobs]
+        todo = [j for j, result in enumerate(results) if result is None]
+        if todo:
+            rows, seconds = self._score_windows(
+                [jobs[j] for j in todo],
+                step,
+                _target_logprobs,
+                task=task,
+                on_progress=on_progress,
+            )
+            for j, logprobs, secs in zip(todo, rows, seconds, strict=True):
+                results[j] = PerplexityResult.from_logprobs(
+                    np.concatenate(logprobs), len(jobs[j].tokens), self.window, step, secs
+                )
+                self._store(jobs[j], step, results[j])
+        return results
 
     def perplexity(
         self,
@@ -312,28 +444,57 @@ class LlamaRuntime:
         stride: int | None = None,
     ) -> PerplexityResult:
         """Perplexity of a text under `adapter` (None: the bare base), by the rule above."""
-        tokens = self._as_tokens(text_or_tokens)
+        job = ScoreJob(self._as_tokens(text_or_tokens), adapter)
+        return self.perplexities([job], stride=stride)[0]
+
+    def token_logprobs(
+        self,
+        text_or_tokens: str | Sequence[int] | np.ndarray,
+        adapter: Adapter | None = None,
+        *,
+        stride: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(log p(token | context), token index) for every scored token, under `adapter`."""
+        job = self._job(ScoreJob(self._as_tokens(text_or_tokens), adapter))
         step = self._stride(stride)
-        key = self._score_key("perplexity", tokens, adapter, step)
-        if key is not None and key in self._scores:
-            return self._scores[key]
-        started = time.perf_counter()
-        logprobs, _ = self.token_logprobs(tokens, adapter, stride=step)
-        seconds = time.perf_counter() - started
-        result = PerplexityResult.from_logprobs(logprobs, len(tokens), self.window, step, seconds)
-        self._remember(key, result)
-        return result
+        (rows,), _ = self._score_windows(
+            [job], step, _target_logprobs, task="scoring", on_progress=None
+        )
+        positions = [
+            np.arange(w.start + w.first_scored + 1, w.end)
+            for w in windows(len(job.tokens), self.window, step)
+        ]
+        return np.concatenate(rows), np.concatenate(positions)
 
-    def _score_key(self, kind: str, tokens: np.ndarray, adapter, step: int, *extra) -> tuple | None:
-        """The memo key of a deterministic score, or None when results are not remembered."""
-        if self._scores is None:
-            return None
-        digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
-        return (kind, adapter.path if adapter else None, step, digest.hexdigest(), *extra)
-
-    def _remember(self, key: tuple | None, result) -> None:
-        if key is not None:
-            self._scores[key] = result
+    def top_ks(
+        self,
+        jobs: Sequence[ScoreJob],
+        k: int,
+        *,
+        stride: int | None = None,
+        task: str = "scoring",
+        on_progress: Callable[[ScoreProgress], None] | None = None,
+    ) -> list[TopK]:
+        """The k most likely next tokens at every scored position of each job (prediction trust)."""
+        if not 0 < k <= self.n_vocab:
+            raise DataError(f"k={k} must be in 1..{self.n_vocab}", "pick a smaller k")
+        step = self._stride(stride)
+        jobs = [self._job(job) for job in jobs]
+        keys = [self._score_key("top_k", job.tokens, job.adapter, step, k) for job in jobs]
+        results = [self._scores.get(key) if key is not None else None for key in keys]
+        todo = [j for j, result in enumerate(results) if result is None]
+        if todo:
+            rows, _ = self._score_windows(
+                [jobs[j] for j in todo], step, _top_k_rows(k), task=task, on_progress=on_progress
+            )
+            for j, parts in zip(todo, rows, strict=True):
+                results[j] = TopK(
+                    token_ids=np.concatenate([ids for ids, _ in parts]),
+                    logprobs=np.concatenate([values for _, values in parts]),
+                )
+                if keys[j] is not None:
+                    self._scores[keys[j]] = results[j]
+        return results
 
     def top_k(
         self,
@@ -344,26 +505,32 @@ class LlamaRuntime:
         stride: int | None = None,
     ) -> TopK:
         """The k most likely next tokens at every scored position (for prediction trust)."""
-        if not 0 < k <= self.n_vocab:
-            raise DataError(f"k={k} must be in 1..{self.n_vocab}", "pick a smaller k")
-        tokens = self._as_tokens(text_or_tokens)
-        step = self._stride(stride)
-        key = self._score_key("top_k", tokens, adapter, step, k)
+        return self.top_ks([ScoreJob(self._as_tokens(text_or_tokens), adapter)], k, stride=stride)[
+            0
+        ]
+
+    # -- remembered scores ------------------------------------------------------------------
+    def _score_key(self, kind: str, tokens: np.ndarray, adapter, step: int, *extra) -> tuple | None:
+        """The memo key of a deterministic score, or None when results are not remembered."""
+        if self._scores is None:
+            return None
+        return (kind, adapter.path if adapter else None, step, _digest(tokens), *extra)
+
+    def _recall(self, job: ScoreJob, step: int) -> PerplexityResult | None:
+        key = self._score_key("perplexity", job.tokens, job.adapter, step)
         if key is not None and key in self._scores:
             return self._scores[key]
-        self._activate(adapter)
-        ids: list[np.ndarray] = []
-        values: list[np.ndarray] = []
-        for w in windows(len(tokens), self.window, step):
-            start, end, first = w.start, w.end, w.first_scored
-            logits = self._decode_window(tokens[start:end], first)
-            lse = _log_sum_exp_rows(logits)
-            top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-            top_logits = np.take_along_axis(logits, top, axis=1)
-            order = np.argsort(-top_logits, axis=1, kind="stable")
-            top = np.take_along_axis(top, order, axis=1)
-            ids.append(top.astype(np.int32))
-            values.append(np.take_along_axis(top_logits, order, axis=1) - lse[:, None])
-        result = TopK(token_ids=np.concatenate(ids), logprobs=np.concatenate(values))
-        self._remember(key, result)
-        return result
+        if job.adapter is None and self._base_scores is not None:
+            return self._base_scores.get(_digest(job.tokens), step)
+        return None
+
+    def _store(self, job: ScoreJob, step: int, result: PerplexityResult) -> None:
+        key = self._score_key("perplexity", job.tokens, job.adapter, step)
+        if key is not None:
+            self._scores[key] = result
+        if job.adapter is None and self._base_scores is not None:
+            self._base_scores.put(_digest(job.tokens), step, result)
+
+
+def _digest(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()

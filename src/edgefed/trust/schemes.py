@@ -10,7 +10,9 @@
 Scores are "higher is more trusted" and go through `trust_row` (top-k, threshold, softmax with
 temperature); fedavg and local set their weights directly. Each name is bound to its own
 function in `SCHEMES` and the row records the scheme that produced it: the paper's public code
-matched names by substring and silently ran one scheme under another's name.
+matched names by substring and silently ran one scheme under another's name. A device with no
+peers gets weight 1 without any scoring: nothing the runtime could say would change its row
+(its score is None).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class TrustInputs:
     runtime_adapters: Mapping[str, object] = field(default_factory=dict)  # device -> loaded
     val_tokens: np.ndarray | None = None
     reference_tokens: np.ndarray | None = None
+    on_progress: Callable | None = None  # ScoreProgress events while the runtime scores
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class TrustRow:
 
     scheme: str
     devices: list[str]
-    scores: list[float]
+    scores: list[float | None]  # None: not scored (a device alone)
     weights: list[float]
 
     def as_dict(self) -> dict:
@@ -115,16 +118,29 @@ def _require_runtime(inputs: TrustInputs, tokens, what: str, fix: str) -> None:
         raise DataError(f"no runtime adapter for {', '.join(missing)}", "load every adapter")
 
 
+def _alone(name: str, inputs: TrustInputs) -> TrustRow | None:
+    """The row of a device without peers, which needs no scoring; None when it has peers."""
+    devices = _devices(inputs)
+    return TrustRow(name, devices, [None], [1.0]) if len(devices) == 1 else None
+
+
+def _jobs(inputs: TrustInputs, devices: list[str], tokens) -> list:
+    from edgefed.runtime.llama import ScoreJob
+
+    return [ScoreJob(tokens, inputs.runtime_adapters[d], label=d) for d in devices]
+
+
 def perplexity_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
+    if (row := _alone("perplexity", inputs)) is not None:
+        return row
     _require_runtime(
         inputs, inputs.val_tokens, "the trust-validation text", "train to make the split"
     )
     devices = _devices(inputs)
-    scores = [
-        -inputs.runtime.perplexity(inputs.val_tokens, inputs.runtime_adapters[d]).mean_nll
-        for d in devices
-    ]
-    return _softmax_row("perplexity", devices, scores, norm)
+    results = inputs.runtime.perplexities(
+        _jobs(inputs, devices, inputs.val_tokens), task="trust row", on_progress=inputs.on_progress
+    )
+    return _softmax_row("perplexity", devices, [-r.mean_nll for r in results], norm)
 
 
 def _top_k_distributions(top) -> list[dict[int, float]]:
@@ -148,6 +164,8 @@ def total_variation(first: list[dict[int, float]], second: list[dict[int, float]
 def prediction_trust(
     inputs: TrustInputs, norm: Normalization, *, k: int = DEFAULT_TOP_K_TOKENS
 ) -> TrustRow:
+    if (row := _alone("prediction", inputs)) is not None:
+        return row
     _require_runtime(
         inputs,
         inputs.reference_tokens,
@@ -155,13 +173,13 @@ def prediction_trust(
         "create the federation with `edgefed init --reference FILE`",
     )
     devices = _devices(inputs)
-    runtime = inputs.runtime
-    tops = {
-        d: _top_k_distributions(
-            runtime.top_k(inputs.reference_tokens, k, inputs.runtime_adapters[d])
-        )
-        for d in devices
-    }
+    results = inputs.runtime.top_ks(
+        _jobs(inputs, devices, inputs.reference_tokens),
+        k,
+        task="trust row",
+        on_progress=inputs.on_progress,
+    )
+    tops = {d: _top_k_distributions(top) for d, top in zip(devices, results, strict=True)}
     scores = [-total_variation(tops[inputs.own], tops[d]) for d in devices]
     return _softmax_row("prediction", devices, scores, norm)
 
