@@ -7,8 +7,8 @@ factors: a trained adapter's cost, not its values):
 - "edgefed": what a device does now: one runtime, the base loaded once, the adapters in the
   fast layout (rank padded to 16, float32) swapped in and out, windows shared over the
   runtime's default lanes (parallel contexts over one model);
-- "one lane, r8 f16": the same with one context on all threads and the plain layout (rank 8,
-  float16): what edgefed did before;
+- "1 lane": the same with one context on all threads;
+- "1 lane, r8 f16": one context and the plain layout (rank 8, float16): what edgefed did before;
 - "reload": a fresh runtime per adapter, as a tool that loads "model + adapter" per evaluation.
 
 Usage:
@@ -85,14 +85,21 @@ def main() -> None:
         for n in counts:
             print(f"{n} peers ...", file=sys.stderr, flush=True)
             edgefed = trust_row_seconds(evaluated, fast[: n + 1], tokens, None)
-            one_lane = trust_row_seconds(evaluated, plain[: n + 1], tokens, 1)
+            one_lane = trust_row_seconds(evaluated, fast[: n + 1], tokens, 1)
+            before = trust_row_seconds(evaluated, plain[: n + 1], tokens, 1)
             started = time.perf_counter()
             for path in plain[: n + 1]:
                 with LlamaRuntime(evaluated, lanes=1) as runtime:
                     runtime.perplexity(tokens, runtime.load_adapter(path))
             reloaded = time.perf_counter() - started
             rows.append(
-                {"peers": n, "edgefed_s": edgefed, "one_lane_s": one_lane, "reloaded_s": reloaded}
+                {
+                    "peers": n,
+                    "edgefed_s": edgefed,
+                    "one_lane_s": one_lane,
+                    "before_s": before,
+                    "reloaded_s": reloaded,
+                }
             )
 
     with LlamaRuntime(evaluated) as runtime:
@@ -101,17 +108,23 @@ def main() -> None:
         f"\none perplexity trust row on {len(tokens)} tokens, embedded base (Q8_0 runtime copy), "
         f"{threads} threads; edgefed: {lanes} lane(s)\n"
     )
+    columns = (
+        ("edgefed_s", "edgefed"),
+        ("one_lane_s", "1 lane"),
+        ("before_s", "1 lane r8 f16"),
+        ("reloaded_s", "reload r8 f16"),
+    )
     print(
-        f"{'peers':>5} {'edgefed s':>10} {'s/adapter':>10} {'1 lane r8 f16 s':>16} "
-        f"{'s/adapter':>10} {'reload s':>9} {'s/adapter':>10} {'speed-up':>9}"
+        f"{'peers':>5}"
+        + "".join(f"{label + ' s':>16}{'s/adapter':>10}" for _, label in columns)
+        + f"{'before/edgefed':>16}"
     )
     for row in rows:
         per = row["peers"] + 1
         print(
-            f"{row['peers']:>5} {row['edgefed_s']:>10.2f} {row['edgefed_s'] / per:>10.3f} "
-            f"{row['one_lane_s']:>16.2f} {row['one_lane_s'] / per:>10.3f} "
-            f"{row['reloaded_s']:>9.2f} {row['reloaded_s'] / per:>10.3f} "
-            f"{row['one_lane_s'] / row['edgefed_s']:>8.2f}x"
+            f"{row['peers']:>5}"
+            + "".join(f"{row[key]:>16.2f}{row[key] / per:>10.3f}" for key, _ in columns)
+            + f"{row['before_s'] / row['edgefed_s']:>15.2f}x"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -84,9 +84,8 @@ def evaluate(
         if documents.skipped:
             stderr.print(f"warning: skipped {documents.skipped} file(s) that are not UTF-8 text")
         text, source = documents.joined(), str(data)
-    display = ProgressDisplay()
-    display.status("loading the base in llama.cpp")
-    try:
+    with ProgressDisplay() as display:
+        display.status("loading the base in llama.cpp")
         rows = evaluate_text(
             text,
             base=base,
@@ -97,8 +96,6 @@ def evaluate(
             runtime_quant=runtime_quant,
             on_progress=display.progress,
         )
-    finally:
-        display.close()
     if as_json:
         emit_json({"data": source, "results": [row.as_dict() for row in rows]})
         return
@@ -139,9 +136,8 @@ def _evaluate_round(
         round_number = finished[-1]
     evaluation = read_evaluation(ws, round_number)
     if evaluation is None:
-        display = ProgressDisplay()
-        display.status(f"evaluating round {round_number} on the test split")
-        try:
+        with ProgressDisplay() as display:
+            display.status(f"evaluating round {round_number} on the test split")
             evaluation = evaluate_round(
                 ws,
                 round_number,
@@ -149,8 +145,6 @@ def _evaluate_round(
                 threads=threads,
                 on_progress=display.progress,
             )
-        finally:
-            display.close()
     if as_json:
         emit_json(evaluation)
         return

@@ -151,3 +151,9 @@ class ProgressDisplay:
             self._progress.stop()
             self._progress = None
         self._status.stop()
+
+    def __enter__(self) -> ProgressDisplay:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -55,9 +55,8 @@ def aggregate(
     from edgefed.device.aggregate import aggregate_round
     from edgefed.device.workspace import find_workspace
 
-    display = ProgressDisplay()
-    display.status("computing the trust row")
-    try:
+    with ProgressDisplay() as display:
+        display.status("computing the trust row")
         result = aggregate_round(
             find_workspace(workspace),
             round_number,
@@ -73,8 +72,6 @@ def aggregate(
             threads=threads,
             on_progress=display.progress,
         )
-    finally:
-        display.close()
     if as_json:
         emit_json(result.as_dict())
         return

@@ -39,11 +39,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 512
 # Lanes (llama contexts scoring in parallel over one model) by default: one per thread, at most
-# this many. Measured on 2 cores (bench/runtime.py): two one-thread lanes score faster than one
-# two-thread context, since a 576-wide model's graph nodes are too small to split over threads
-# without the split costing more than it saves. Each lane holds its own output buffer (window
-# x vocabulary floats: 100 MB for the embedded base) and compute buffer, so the default stops
-# at 4 lanes to fit a laptop; with more threads each lane gets several.
+# this many. Measured on 2 idle cores (bench/trust.py, bench/runtime.py): two one-thread lanes
+# score a trust row of many adapters 5% faster than one two-thread context (one lane's numpy
+# log-softmax overlaps the other's forward pass) and a single text as fast; on a busy machine
+# fewer thread barriers per graph node gain more. Each lane holds its own KV cache, compute and
+# logits buffers (68 MiB on the embedded base), so the default stops at 4 lanes to fit a
+# laptop; with more threads each lane gets several.
 MAX_DEFAULT_LANES = 4
 
 
