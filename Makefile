@@ -8,19 +8,22 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 # llama.cpp's AMX kernels crash in their first matrix product on some CPUs that have AMX
 # (ggml-org/llama.cpp#20824; seen on this project's Intel Xeon machines): where the CPU has AMX,
-# llama-cpp-python is compiled for it without them (the AVX-512 kernels stay). Installed with
-# --no-cache-dir: pip's wheel cache does not know build flags, and could hand back a wheel
-# built with AMX.
+# llama-cpp-python is compiled for it without them (the AVX-512 kernels stay); a CMAKE_ARGS of
+# your own is kept. It is installed first, on its own, with --no-cache-dir: pip's wheel cache
+# does not know build flags and could hand back a wheel built with AMX.
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-LLAMA_CMAKE_ARGS ?= $(if $(shell grep -s -m1 -o amx_int8 /proc/cpuinfo),-DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)")
+LLAMA_CMAKE_ARGS ?= $(CMAKE_ARGS) $(if $(shell grep -s -m1 -o amx_int8 /proc/cpuinfo),-DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)")
+# the llama-cpp-python requirement as pyproject.toml states it
+LLAMA_REQUIREMENT = $(shell $(PYTHON) -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('llama-cpp-python')))")
 
 .PHONY: demo test lint bench
 
 $(BIN)/edgefed-installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/python -m pip install --no-cache-dir \
-		$(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	CMAKE_ARGS='$(strip $(LLAMA_CMAKE_ARGS))' $(BIN)/python -m pip install --no-cache-dir \
+		'$(LLAMA_REQUIREMENT)'
+	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
 	touch $@
 
 demo: $(BIN)/edgefed-installed

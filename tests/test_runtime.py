@@ -178,3 +178,21 @@ def test_base_scores_are_remembered_across_runtimes_and_a_bad_cache_is_ignored(
     cache.write_text("{not json")
     with LlamaRuntime(base, window=64) as runtime:
         assert runtime.perplexity(tokens).mean_nll == first.mean_nll
+
+
+def test_an_error_in_any_lane_stops_every_lane_and_the_runtime_stays_usable(tiny_lora):
+    _kind, folder, base, _, adapter = tiny_lora
+    tokens = np.asarray(hf_tokens(folder, SAMPLE_TEXT * 4), dtype=np.int32)
+    calls = []
+
+    def broken_display(event):
+        calls.append(event)
+        raise RuntimeError("the display broke")
+
+    with LlamaRuntime(base, window=64, lanes=2, threads=2, cache_base_scores=False) as runtime:
+        jobs = _three_jobs(runtime, tokens, [adapter, adapter])
+        expected = [r.mean_nll for r in runtime.perplexities(jobs, stride=16)]
+        with pytest.raises(RuntimeError, match="the display broke"):
+            runtime.perplexities(jobs, stride=16, on_progress=broken_display)
+        assert len(calls) <= 2  # each lane stopped after its window in flight, of dozens
+        assert [r.mean_nll for r in runtime.perplexities(jobs, stride=16)] == expected

@@ -118,10 +118,14 @@ class ProgressDisplay:
         self._status.update(f"{message} ...")
 
     def progress(self, event) -> None:
-        if isinstance(event, ScoreProgress):
+        if isinstance(event, ScoreProgress):  # one live display at a time
             self._status.stop()
+            if self._progress is not None:
+                self._progress.stop()
+                self._progress = None
             self._scoring.update(event)
             return
+        self._scoring.close()
         if self._progress is None:
             self._status.stop()
             if event.step > 1:

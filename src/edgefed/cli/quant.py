@@ -83,8 +83,8 @@ def lora(
         str,
         typer.Option(
             "--type",
-            help="Tensor type of A and B: f32 (fastest in llama.cpp's CPU kernels) or f16 "
-            "(half the file). Both are exact for adapters trained in float16 or float32.",
+            help="Tensor type of A and B: f32 (fastest in llama.cpp's CPU kernels, exact) or "
+            "f16 (half the file; rounds an adapter trained in float32).",
         ),
     ] = "f32",
     as_json: JsonOption = False,

@@ -2,7 +2,8 @@
 
 A device scores its base on the same trust-validation text (training's report) and the same
 test text (the round's evaluation) every round, each time in a new process. The answer depends
-only on the runtime file, the window, the stride, the tokens and the llama.cpp build, so it is
+only on the runtime file, the window, the micro-batch, the stride, the tokens and the
+llama.cpp build, so it is
 kept in $EDGEFED_HOME/cache/scores/<runtime file sha256>.json and read back instead of
 recomputed. The file is a cache: a damaged one is ignored and rewritten, and deleting it is
 always safe.
@@ -34,11 +35,16 @@ def _build() -> str:
 
 
 class BaseScoreCache:
-    """Remembered base perplexities of one runtime file at one window size."""
+    """Remembered base perplexities of one runtime file at one window and micro-batch size.
 
-    def __init__(self, fingerprint: str, window: int) -> None:
-        self._path = cache_dir("scores") / f"{fingerprint}.json"
-        self._prefix = f"{_build()}:{window}"
+    The file's sha256 is asked of `info` only when a base score is first looked up: hashing a
+    base of gigabytes costs seconds that a runtime which never scores its base must not pay.
+    """
+
+    def __init__(self, info, window: int, ubatch: int) -> None:
+        self._info = info
+        self._prefix = f"{_build()}:{window}:{ubatch}"
+        self._path = None
         self._entries: dict[str, dict] | None = None
 
     def _key(self, digest: str, stride: int) -> str:
@@ -46,6 +52,7 @@ class BaseScoreCache:
 
     def _load(self) -> dict[str, dict]:
         if self._entries is None:
+            self._path = cache_dir("scores") / f"{self._info.fingerprint}.json"
             try:
                 entries = json.loads(self._path.read_text(encoding="utf-8"))
                 self._entries = entries if isinstance(entries, dict) else {}

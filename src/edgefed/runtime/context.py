@@ -57,6 +57,12 @@ class ScoringContext:
         self._active: object | None = None  # the llama_adapter_lora pointer applied, or None
         self._closed = False
 
+    def set_threads(self, threads: int) -> None:
+        """Threads this lane computes with from its next window on (cheap; no realloc)."""
+        if threads != self.threads:
+            self._ll.llama_set_n_threads(self._ctx, threads, threads)
+            self.threads = threads
+
     def activate(self, handle: object | None, label: str) -> None:
         """Apply one adapter (None: the bare base); a no-op when it is already applied."""
         if handle is self._active:

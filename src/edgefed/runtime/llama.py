@@ -22,13 +22,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgefed.errors import AdapterMismatchError, DataError, ModelFormatError
+from edgefed.errors import AdapterMismatchError, DataError, ModelFormatError, RuntimeBackendError
 from edgefed.quant.gguf_file import open_gguf, read_base_info
 from edgefed.runtime.backend import ensure_backend, take_recent_errors
 from edgefed.runtime.base_scores import BaseScoreCache
@@ -163,7 +163,7 @@ class LlamaRuntime:
         # the bare base's perplexity of a text never changes: remembered across processes
         # (`cache_base_scores=False` for benchmarks, which time the computation itself)
         self._base_scores = (
-            BaseScoreCache(self.info.fingerprint, self.window) if cache_base_scores else None
+            BaseScoreCache(self.info, self.window, self._ubatch) if cache_base_scores else None
         )
 
         model_params = ll.llama_model_default_params()
@@ -222,23 +222,28 @@ class LlamaRuntime:
     def _contexts_for(self, tasks: int) -> list[ScoringContext]:
         """The lanes for `tasks` windows: made on first need, kept for the runtime's life.
 
-        Threads are shared out evenly (lane i gets one more while the remainder lasts).
+        A lane that cannot be made (memory) leaves the runtime with the lanes it has.
         """
         wanted = max(1, min(self.lanes, tasks))
         while len(self._contexts) < wanted:
             index = len(self._contexts)
-            threads = self.threads // self.lanes + (index < self.threads % self.lanes)
             take_recent_errors()
-            self._contexts.append(
-                ScoringContext(
+            try:
+                context = ScoringContext(
                     self._ll,
                     self._model,
                     window=self.window,
                     ubatch=self._ubatch,
-                    threads=threads,
+                    threads=_share(self.threads, self.lanes, index),
                     n_vocab=self.n_vocab,
                 )
-            )
+            except RuntimeBackendError as exc:
+                if not self._contexts:
+                    raise
+                logger.warning("scoring with %d lane(s): %s", index, exc)
+                self.lanes = wanted = index  # out of memory for another lane: use fewer
+                break
+            self._contexts.append(context)
         return self._contexts[:wanted]
 
     # -- adapters ---------------------------------------------------------------------------
@@ -357,6 +362,14 @@ class LlamaRuntime:
         handles = [self._handles[job.adapter.path] if job.adapter else None for job in jobs]
 
         def work(context: ScoringContext) -> None:
+            try:
+                lane(context)
+            except BaseException:
+                with lock:
+                    state["stop"] = True  # the other lanes stop after their window in flight
+                raise
+
+        def lane(context: ScoringContext) -> None:
             while True:
                 with lock:
                     if state["stop"] or state["next"] >= len(plan):
@@ -392,15 +405,16 @@ class LlamaRuntime:
                         )
 
         contexts = self._contexts_for(len(plan))
+        for index, context in enumerate(contexts):  # fewer windows than lanes: fewer, wider lanes
+            context.set_threads(_share(self.threads, len(contexts), index))
         with ThreadPoolExecutor(max_workers=max(1, len(contexts) - 1)) as pool:
             helpers = [pool.submit(work, context) for context in contexts[1:]]
             try:
                 work(contexts[0])
             finally:
-                with lock:
-                    state["stop"] = state["stop"] or state["next"] < len(plan)
-                for helper in helpers:
-                    helper.result()  # re-raises a lane's error
+                wait(helpers)  # each stops after its window in flight once `stop` is set
+        for helper in helpers:
+            helper.result()  # the calling lane succeeded: re-raise a helper lane's error
         seconds = [end - begin for begin, end in zip(first_start, last_end, strict=True)]
         return results, seconds
 
@@ -531,6 +545,11 @@ class LlamaRuntime:
             self._scores[key] = result
         if job.adapter is None and self._base_scores is not None:
             self._base_scores.put(_digest(job.tokens), step, result)
+
+
+def _share(threads: int, lanes: int, index: int) -> int:
+    """Lane `index`'s share of `threads` over `lanes` (one more while the remainder lasts)."""
+    return max(1, threads // lanes + (index < threads % lanes))
 
 
 def _digest(tokens: np.ndarray) -> str:
