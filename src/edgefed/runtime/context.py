@@ -24,7 +24,6 @@ class ScoringContext:
 
     def __init__(self, ll, model, *, window: int, ubatch: int, threads: int, n_vocab: int):
         self._ll = ll
-        self.window = window
         self.threads = threads
         self.n_vocab = n_vocab
         params = ll.llama_context_default_params()

@@ -79,9 +79,10 @@ class TopK:
 
 @dataclass(frozen=True)
 class ScoreJob:
-    """One text under one adapter (None: the bare base); `label` names it in progress events."""
+    """One text (or its tokens) under one adapter (None: the bare base); `label` names it in
+    progress events."""
 
-    tokens: np.ndarray
+    tokens: str | Sequence[int] | np.ndarray
     adapter: Adapter | None = None
     label: str = ""
 
@@ -419,6 +420,37 @@ class LlamaRuntime:
         return results, seconds
 
     # -- evaluation -------------------------------------------------------------------------
+    def _scored(
+        self,
+        kind: tuple,
+        jobs: Sequence[ScoreJob],
+        step: int,
+        reduce: Callable,
+        finish: Callable,
+        *,
+        task: str,
+        on_progress: Callable[[ScoreProgress], None] | None,
+    ) -> list:
+        """Each job's result: remembered ones looked up, the rest scored over the lanes.
+
+        `kind` names the score in memo keys; `finish(window results, job, seconds)` makes a
+        job's result from its windows' `reduce` outputs.
+        """
+        jobs = [self._job(job) for job in jobs]
+        digests = [_digest(job.tokens) for job in jobs]
+        results = [
+            self._recall(kind, job, digest, step) for job, digest in zip(jobs, digests, strict=True)
+        ]
+        todo = [j for j, result in enumerate(results) if result is None]
+        if todo:
+            rows, seconds = self._score_windows(
+                [jobs[j] for j in todo], step, reduce, task=task, on_progress=on_progress
+            )
+            for j, parts, secs in zip(todo, rows, seconds, strict=True):
+                results[j] = finish(parts, jobs[j], secs)
+                self._store(kind, jobs[j], digests[j], step, results[j])
+        return results
+
     def perplexities(
         self,
         jobs: Sequence[ScoreJob],
@@ -433,23 +465,22 @@ class LlamaRuntime:
         `remember_scores`; the bare base's always, also across processes) are not recomputed.
         """
         step = self._stride(stride)
-        jobs = [self._job(job) for job in jobs]
-        results: list[PerplexityResult | None] = [self._recall(job, step) for job in jobs]
-        todo = [j for j, result in enumerate(results) if result is None]
-        if todo:
-            rows, seconds = self._score_windows(
-                [jobs[j] for j in todo],
-                step,
-                _target_logprobs,
-                task=task,
-                on_progress=on_progress,
+
+        def finish(parts: list, job: ScoreJob, seconds: float) -> PerplexityResult:
+            logprobs = np.concatenate(parts)
+            return PerplexityResult.from_logprobs(
+                logprobs, len(job.tokens), self.window, step, seconds
             )
-            for j, logprobs, secs in zip(todo, rows, seconds, strict=True):
-                results[j] = PerplexityResult.from_logprobs(
-                    np.concatenate(logprobs), len(jobs[j].tokens), self.window, step, secs
-                )
-                self._store(jobs[j], step, results[j])
-        return results
+
+        return self._scored(
+            ("perplexity",),
+            jobs,
+            step,
+            _target_logprobs,
+            finish,
+            task=task,
+            on_progress=on_progress,
+        )
 
     def perplexity(
         self,
@@ -459,8 +490,7 @@ class LlamaRuntime:
         stride: int | None = None,
     ) -> PerplexityResult:
         """Perplexity of a text under `adapter` (None: the bare base), by the rule above."""
-        job = ScoreJob(self._as_tokens(text_or_tokens), adapter)
-        return self.perplexities([job], stride=stride)[0]
+        return self.perplexities([ScoreJob(text_or_tokens, adapter)], stride=stride)[0]
 
     def token_logprobs(
         self,
@@ -470,7 +500,7 @@ class LlamaRuntime:
         stride: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(log p(token | context), token index) for every scored token, under `adapter`."""
-        job = self._job(ScoreJob(self._as_tokens(text_or_tokens), adapter))
+        job = self._job(ScoreJob(text_or_tokens, adapter))
         step = self._stride(stride)
         (rows,), _ = self._score_windows(
             [job], step, _target_logprobs, task="scoring", on_progress=None
@@ -493,23 +523,22 @@ class LlamaRuntime:
         """The k most likely next tokens at every scored position of each job (prediction trust)."""
         if not 0 < k <= self.n_vocab:
             raise DataError(f"k={k} must be in 1..{self.n_vocab}", "pick a smaller k")
-        step = self._stride(stride)
-        jobs = [self._job(job) for job in jobs]
-        keys = [self._score_key("top_k", job.tokens, job.adapter, step, k) for job in jobs]
-        results = [self._scores.get(key) if key is not None else None for key in keys]
-        todo = [j for j, result in enumerate(results) if result is None]
-        if todo:
-            rows, _ = self._score_windows(
-                [jobs[j] for j in todo], step, _top_k_rows(k), task=task, on_progress=on_progress
+
+        def finish(parts: list, _job: ScoreJob, _seconds: float) -> TopK:
+            return TopK(
+                token_ids=np.concatenate([ids for ids, _ in parts]),
+                logprobs=np.concatenate([values for _, values in parts]),
             )
-            for j, parts in zip(todo, rows, strict=True):
-                results[j] = TopK(
-                    token_ids=np.concatenate([ids for ids, _ in parts]),
-                    logprobs=np.concatenate([values for _, values in parts]),
-                )
-                if keys[j] is not None:
-                    self._scores[keys[j]] = results[j]
-        return results
+
+        return self._scored(
+            ("top_k", k),
+            jobs,
+            self._stride(stride),
+            _top_k_rows(k),
+            finish,
+            task=task,
+            on_progress=on_progress,
+        )
 
     def top_k(
         self,
@@ -520,31 +549,24 @@ class LlamaRuntime:
         stride: int | None = None,
     ) -> TopK:
         """The k most likely next tokens at every scored position (for prediction trust)."""
-        return self.top_ks([ScoreJob(self._as_tokens(text_or_tokens), adapter)], k, stride=stride)[
-            0
-        ]
+        return self.top_ks([ScoreJob(text_or_tokens, adapter)], k, stride=stride)[0]
 
     # -- remembered scores ------------------------------------------------------------------
-    def _score_key(self, kind: str, tokens: np.ndarray, adapter, step: int, *extra) -> tuple | None:
-        """The memo key of a deterministic score, or None when results are not remembered."""
-        if self._scores is None:
-            return None
-        return (kind, adapter.path if adapter else None, step, _digest(tokens), *extra)
-
-    def _recall(self, job: ScoreJob, step: int) -> PerplexityResult | None:
-        key = self._score_key("perplexity", job.tokens, job.adapter, step)
-        if key is not None and key in self._scores:
-            return self._scores[key]
-        if job.adapter is None and self._base_scores is not None:
-            return self._base_scores.get(_digest(job.tokens), step)
+    def _recall(self, kind: tuple, job: ScoreJob, digest: str, step: int):
+        """A remembered result: in memory (`remember_scores`), or a base perplexity on disk."""
+        if self._scores is not None:
+            key = (*kind, job.adapter.path if job.adapter else None, step, digest)
+            if key in self._scores:
+                return self._scores[key]
+        if kind == ("perplexity",) and job.adapter is None and self._base_scores is not None:
+            return self._base_scores.get(digest, step)
         return None
 
-    def _store(self, job: ScoreJob, step: int, result: PerplexityResult) -> None:
-        key = self._score_key("perplexity", job.tokens, job.adapter, step)
-        if key is not None:
-            self._scores[key] = result
-        if job.adapter is None and self._base_scores is not None:
-            self._base_scores.put(_digest(job.tokens), step, result)
+    def _store(self, kind: tuple, job: ScoreJob, digest: str, step: int, result) -> None:
+        if self._scores is not None:
+            self._scores[(*kind, job.adapter.path if job.adapter else None, step, digest)] = result
+        if kind == ("perplexity",) and job.adapter is None and self._base_scores is not None:
+            self._base_scores.put(digest, step, result)
 
 
 def _share(threads: int, lanes: int, index: int) -> int:
