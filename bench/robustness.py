@@ -41,23 +41,20 @@ def shuffled_words(source: Path, target: Path, seed: int = 0) -> Path:
 def main() -> None:
     from edgefed.adapter import initial_tensors, read_adapter_folder, save_lora_tensors
     from edgefed.device.aggregate import aggregate_round
-    from edgefed.device.evaluate import TRAIN_DIR, evaluate_round
-    from edgefed.device.federation import (
-        init_federation,
-        join_federation,
-        publish_adapter,
-        publish_metrics,
-        pull_round,
-    )
+    from edgefed.device.evaluate import evaluate_round
+    from edgefed.device.federation import init_federation, join_federation
+    from edgefed.device.publish import publish_adapter
+    from edgefed.device.pull import pull_round
     from edgefed.device.round import RoundOptions, run_round
     from edgefed.device.split_text import device_split_tokens
     from edgefed.device.workspace import Workspace
+    from edgefed.loaded_base import LoadedBase
     from edgefed.privacy import DpNoise, change_norm, epsilon, privatize
     from edgefed.simulation.clients import load_clients
     from edgefed.sync.folder import FolderStore
-    from edgefed.train.loaded_base import LoadedBase
     from edgefed.train.loop import TrainConfig
     from edgefed.train.split import TEST
+    from edgefed.trust.settings import TrustSettings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="run folder, its training reused when finished")
@@ -72,10 +69,9 @@ def main() -> None:
         train=TrainConfig(seq_len=128, batch_size=2, learning_rate=2e-3),
         val_tokens=VAL_TOKENS,
         test_tokens=TEST_TOKENS,
-        runtime_quant="q8_0",
     )
     clients = load_clients("bbc-mixed", docs_per_client=DOCS)
-    with LoadedBase(None, runtime_quant="q8_0") as loaded:
+    with LoadedBase(None, device="cpu") as loaded:  # as the figures in the README
         data = clients.write(out / "clients")
         data["shuffler"] = shuffled_words(data[clients.clients[0].name], out / "clients-shuffled")
         store = FolderStore(out / "store")
@@ -93,12 +89,8 @@ def main() -> None:
             }
         for device in [*names, "shuffler"]:
             print(f"training {device} ...", flush=True)
-            run_round(store, spaces[device], 0, options=options, loaded=loaded, until="train")
-            run_dir = spaces[device].round_dir(0) / TRAIN_DIR
-            tokens, metrics = publish_metrics(run_dir)
-            publish_adapter(store, spaces[device], 0, run_dir, train_tokens=tokens,
-                            metrics=metrics)  # fmt: skip
-        spec, honest0, _ = read_adapter_folder(spaces[names[0]].round_dir(0) / TRAIN_DIR)
+            run_round(store, spaces[device], loaded, 0, options=options, until="publish")
+        spec, honest0, _ = read_adapter_folder(spaces[names[0]].train_run(0).root)
         scaled = {n: t * 100 if "lora_B" in n else t for n, t in honest0.items()}
         if fresh:
             publish_adapter(store, spaces["scaler"], 0,
@@ -106,7 +98,7 @@ def main() -> None:
 
         def mix(device: str, scheme: str, attacker: str | None, clip: float | None) -> dict:
             """Aggregate with only the honest peers (+ one attacker) present; the evaluation."""
-            peers = spaces[device].round_dir(0) / "peers"
+            peers = spaces[device].peers_dir(0)
             stash = peers.parent / "peers-stash"
             stash.mkdir(exist_ok=True)
             for other in ("scaler", "shuffler"):
@@ -114,12 +106,12 @@ def main() -> None:
                     for path in peers.glob(f"{other}.*"):
                         path.rename(stash / path.name)
             try:
-                aggregate_round(spaces[device], 0, spaces[device].round_dir(0) / TRAIN_DIR,
-                                scheme=scheme, clip_norm=clip, val_tokens=VAL_TOKENS,
-                                loaded=loaded)  # fmt: skip
-                trust = json.loads((spaces[device].round_dir(0) / "trust.json").read_text())
-                evaluation = evaluate_round(spaces[device], 0, test_tokens=TEST_TOKENS,
-                                            loaded=loaded)  # fmt: skip
+                aggregate_round(spaces[device], 0, spaces[device].train_run(0).root, loaded,
+                                TrustSettings(scheme, clip_norm=clip),
+                                val_tokens=VAL_TOKENS)  # fmt: skip
+                trust = spaces[device].read_trust(0).as_dict()
+                evaluation = evaluate_round(spaces[device], 0, loaded,
+                                            test_tokens=TEST_TOKENS).as_dict()  # fmt: skip
             finally:
                 for path in stash.iterdir():
                     path.rename(peers / path.name)
@@ -162,11 +154,11 @@ def main() -> None:
         federation = spaces[names[0]].federation
         exact, tokens = {}, {}
         for d in names:
-            run_dir = spaces[d].round_dir(0) / TRAIN_DIR
+            run_dir = spaces[d].train_run(0).root
             exact[d] = {n: t.float() for n, t in read_adapter_folder(run_dir)[1].items()}
             tokens[d] = device_split_tokens(spaces[d], run_dir, loaded.runtime, TEST, TEST_TOKENS)
         # one federation, one shared initial adapter
-        initial = initial_tensors(exact[names[0]], int(federation["lora"]["init_seed"]))
+        initial = initial_tensors(exact[names[0]], federation.lora.init_seed)
         clip = statistics.median(change_norm(exact[d], initial) for d in names)
         privacy = {}
         for noise in (0.0, *NOISES):

@@ -24,12 +24,14 @@ from pathlib import Path
 from edgefed.adapter import LoraSpec, read_adapter_folder, save_lora_tensors
 from edgefed.demo_text import BBC_TOPICS, bbc_topic
 from edgefed.documents import read_documents
+from edgefed.loaded_base import LoadedBase
 from edgefed.quant.gguf_file import embedded_base_path
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
 from edgefed.runtime import LlamaRuntime, runtime_copy
 from edgefed.train.blocks import evaluation_stream, token_stream
 from edgefed.train.loop import TrainConfig
 from edgefed.train.run import train_adapter
+from edgefed.train.run_folder import RunFolder
 from edgefed.train.split import TEST, TRUST_VAL, SplitRule, split_documents
 from edgefed.trust.merge import merge_factors
 from edgefed.trust.normalize import trust_row
@@ -73,22 +75,22 @@ def main() -> None:
         for topic in BBC_TOPICS:
             data[topic] = device_data(root / "data" / topic, topic, args.docs)
             run_dir = root / "runs" / topic
-            if (run_dir / "metrics.json").is_file():
+            if RunFolder(run_dir).is_finished():
                 adapters[topic] = read_adapter_folder(run_dir)[1]
                 continue
             print(f"training {topic} ...", file=sys.stderr, flush=True)
-            result = train_adapter(
-                data[topic],
-                run_dir,
-                base=base,
-                config=TrainConfig(
-                    seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps
-                ),
-                lora=spec,
-                split_rule=rule,
-                precision=args.precision,
-                eval_tokens=args.tokens,
-            )
+            with LoadedBase(base, precision=args.precision) as loaded:
+                result = train_adapter(
+                    data[topic],
+                    run_dir,
+                    loaded,
+                    config=TrainConfig(
+                        seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps
+                    ),
+                    lora=spec,
+                    split_rule=rule,
+                    eval_tokens=args.tokens,
+                )
             adapters[topic] = read_adapter_folder(result.adapter_dir)[1]
 
         print("scoring and mixing ...", file=sys.stderr, flush=True)

@@ -7,11 +7,18 @@ temporary folder so that no test touches the user's real state.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from edgefed.quant.gguf_file import embedded_base_path
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from edgefed.sync.signing import DeviceKey
 
 TINY_DIMS = {
     "hidden_size": 64,
@@ -322,3 +329,146 @@ def store_url(request, tmp_path, monkeypatch) -> str:
     url, token, _ = request.getfixturevalue("relay_server")
     monkeypatch.setenv("EDGEFED_TOKEN", token)
     return url
+
+
+@pytest.fixture
+def store(store_url):
+    """`store_url` opened: a FolderStore, a RelayStore with the relay's token, or an S3Store."""
+    import os
+
+    from edgefed.sync.backends import open_store
+
+    # store_url hands the relay's token to devices by EDGEFED_TOKEN; S3 and folders ignore it
+    with open_store(store_url, token=os.environ.get("EDGEFED_TOKEN")) as opened:
+        yield opened
+
+
+# ---------------------------------------------------------------------------- federations
+
+DEVICES = ("alice", "bob", "carol")
+
+
+def edgefed(*args: object, check: bool = True) -> subprocess.CompletedProcess:
+    """The `edgefed` command with ARGS, run in this process by Typer's runner (the code a shell
+    runs, without paying a Python start-up and torch import per call), reported as a finished
+    process would be; asserts exit code 0 unless `check` is False. Where a test needs a process
+    of its own (to kill it, or to run devices at the same time) it starts one."""
+    result = run(*args)
+    done = subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, tiny_llama_gguf) -> dict[tuple[str, int], Path]:
+    """A distinct PEFT adapter folder per (device, round), on the tiny base. Shared by the whole
+    run: tests read these folders and never write into them."""
+    import torch
+
+    from edgefed.adapter import BASE_FINGERPRINT_KEY, LoraSpec, attach_lora, save_peft_adapter
+    from edgefed.quant.gguf_file import read_base_info
+    from edgefed.quant.nf4 import build_training_model
+
+    folder = tmp_path_factory.mktemp("adapters")
+    fingerprint = read_base_info(tiny_llama_gguf).fingerprint
+    made = {}
+    for index, (device, round_number) in enumerate((d, r) for r in (0, 1) for d in DEVICES):
+        model = attach_lora(build_training_model(tiny_llama_gguf, "fp32"), LoraSpec())
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+        made[device, round_number] = save_peft_adapter(
+            model, folder / f"{device}-{round_number}", metadata={BASE_FINGERPRINT_KEY: fingerprint}
+        )
+    return made
+
+
+@pytest.fixture(scope="session")
+def shapes(tiny_llama_gguf) -> dict:
+    """The rank-4 LoRA tensor shapes of the tiny base, by tensor name (never mutated)."""
+    from edgefed.adapter import LoraSpec, lora_module_shapes, lora_tensor_shapes
+    from edgefed.quant.gguf_file import read_base_info
+
+    modules = lora_module_shapes(read_base_info(tiny_llama_gguf), LoraSpec(rank=4))
+    return lora_tensor_shapes(modules, 4)
+
+
+def random_adapter(shapes: dict, seed: int, scale: float = 0.1) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=generator) * scale for n, s in shapes.items()}
+
+
+@pytest.fixture
+def federation(tiny_llama_gguf) -> dict:
+    """The manifest of a rank-4 federation on the tiny base (a fresh dict for each test)."""
+    from edgefed.adapter import LoraSpec
+    from edgefed.quant.gguf_file import read_base_info
+    from edgefed.sync.manifest import federation_manifest
+
+    return federation_manifest(
+        federation_id="fed-test",
+        base_info=read_base_info(tiny_llama_gguf),
+        lora=LoraSpec(rank=4),
+        warmup_steps=10,
+        round_steps=5,
+        trust={"scheme": "perplexity"},
+    )
+
+
+def honest_adapter(federation: dict, seed: int = 0) -> dict:
+    """Random tensors of exactly the federation's LoRA shapes."""
+    import torch
+
+    from edgefed.adapter import lora_tensor_shapes
+
+    shapes = lora_tensor_shapes(federation["lora_modules"], federation["lora"]["rank"])
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=generator) * 0.1 for n, s in shapes.items()}
+
+
+def publish(
+    federation, device: str, key: DeviceKey, tensors: dict, round_number: int = 0, encoding="fp16"
+) -> tuple[bytes, bytes]:
+    """`device`'s signed manifest and adapter blob for a round, as they would be stored."""
+    import hashlib
+
+    from edgefed.sync.manifest import adapter_manifest, encode_document
+    from edgefed.sync.verify import encode_adapter
+
+    blob = encode_adapter(tensors, encoding)
+    manifest = adapter_manifest(
+        federation=federation["id"],
+        round_number=round_number,
+        device=device,
+        sha256=hashlib.sha256(blob).hexdigest(),
+        size=len(blob),
+        base_sha256=federation["base"]["sha256"],
+        train_tokens=1000,
+        metrics={"val_perplexity": 12.5},
+        key=key,
+        encoding=encoding,
+    )
+    return encode_document(manifest), blob
+
+
+def run(*args: object):
+    """The CLI in this process (typer's runner): exit code, stdout and stderr apart."""
+    from typer.testing import CliRunner
+
+    from edgefed.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    message = result.stderr.strip()
+    assert message.startswith("error:") and "\n" not in message, message
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in message, message

@@ -8,24 +8,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from typer.testing import CliRunner
-
-from edgefed.cli.app import app
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    message = result.stderr.strip()
-    assert message.startswith("error:") and "\n" not in message, message
-    assert "Traceback" not in result.stderr + result.stdout
-    for needle in needles:
-        assert needle in message, message
+from conftest import assert_one_line_error, run
 
 
 def test_base_show_json_has_the_fingerprint(tiny_gguf):

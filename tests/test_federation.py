@@ -6,50 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICES, edgefed
 from safetensors.torch import load_file
 
-from edgefed.adapter import BASE_FINGERPRINT_KEY, LoraSpec, attach_lora, save_peft_adapter
 from edgefed.errors import AdapterMismatchError, StoreError
-from edgefed.quant.gguf_file import read_base_info
-
-DEVICES = ("alice", "bob", "carol")
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory, tiny_llama_gguf) -> dict[tuple[str, int], Path]:
-    """A distinct PEFT adapter folder per (device, round), on the tiny base."""
-    from edgefed.quant.nf4 import build_training_model
-
-    folder = tmp_path_factory.mktemp("adapters")
-    fingerprint = read_base_info(tiny_llama_gguf).fingerprint
-    made = {}
-    for index, (device, round_number) in enumerate((d, r) for r in (0, 1) for d in DEVICES):
-        model = attach_lora(build_training_model(tiny_llama_gguf, "fp32"), LoraSpec())
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
-        made[device, round_number] = save_peft_adapter(
-            model, folder / f"{device}-{round_number}", metadata={BASE_FINGERPRINT_KEY: fingerprint}
-        )
-    return made
-
-
-def edgefed(*args: object, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "edgefed", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=os.environ,
-    )
-    if check:
-        assert done.returncode == 0, done.stderr
-    return done
 
 
 def start(*args: object) -> subprocess.Popen:
@@ -185,12 +148,9 @@ def test_join_refuses_another_base_and_a_taken_name(
 def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_are_used(
     tmp_path, tiny_llama_gguf, train_corpus, adapters
 ):
-    from edgefed.device.federation import (
-        federation_status,
-        init_federation,
-        join_federation,
-        sync_round,
-    )
+    from edgefed.device.federation import federation_status, init_federation, join_federation
+    from edgefed.device.publish import publish_adapter
+    from edgefed.device.pull import pull_round
     from edgefed.sync.folder import FolderStore
 
     store = FolderStore(tmp_path / "shared")
@@ -201,14 +161,16 @@ def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_a
         )
         for d in DEVICES
     }
-    sync_round(store, spaces["alice"], 0, adapter=adapters["alice", 0])
-    sync_round(store, spaces["carol"], 0, adapter=adapters["carol", 0])
+    for device in ("alice", "carol"):
+        publish_adapter(store, spaces[device], 0, adapters[device, 0])
+        pull_round(store, spaces[device], 0)
     blob = tmp_path / "shared" / "rounds" / "0" / "alice.safetensors"
     data = bytearray(blob.read_bytes())
     data[-10] ^= 0x01  # one flipped bit in a tensor value, as a bad disk or a poisoner would
     blob.write_bytes(bytes(data))
 
-    report = sync_round(store, spaces["bob"], 0, adapter=adapters["bob", 0])
+    publish_adapter(store, spaces["bob"], 0, adapters["bob", 0])
+    report = pull_round(store, spaces["bob"], 0)
     assert report.verified == ["carol"]
     assert report.rejected == [
         {
@@ -226,7 +188,7 @@ def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_a
 def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
     tmp_path, tiny_llama_gguf, train_corpus, relay_server
 ):
-    from test_cli import assert_one_line_error, run
+    from conftest import assert_one_line_error, run
 
     reference = tmp_path / "reference.txt"
     reference.write_text("A shared public text that every device scores.")
@@ -253,7 +215,7 @@ def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
         "refused to store federation.json (401": ["init", url, "--base", tiny_llama_gguf],
         "no device workspace": ["status"],
         "not a device workspace": ["sync", "--round", "0", "--workspace", tmp_path],
-        "--trust must be one of": ["init", tmp_path / "other", "--trust", "dynamic"],
+        "unknown trust scheme 'dynamic'": ["init", tmp_path / "other", "--trust", "dynamic"],
     }
     for needle, args in cases.items():
         assert_one_line_error(run(*args), needle)
@@ -262,12 +224,16 @@ def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
 def test_aggregate_writes_the_mix_and_its_trust_row_for_each_scheme(
     tmp_path, tiny_llama_gguf, train_corpus, adapters
 ):
-    from test_cli import run
+    from conftest import run
 
     from edgefed.adapter import read_adapter_folder
     from edgefed.device.aggregate import aggregate_round, trust_history
-    from edgefed.device.federation import init_federation, join_federation, sync_round
+    from edgefed.device.federation import init_federation, join_federation
+    from edgefed.device.publish import publish_adapter
+    from edgefed.device.pull import pull_round
+    from edgefed.loaded_base import LoadedBase
     from edgefed.sync.folder import FolderStore
+    from edgefed.trust.settings import TrustSettings
 
     store = FolderStore(tmp_path / "shared")
     init_federation(store, base=tiny_llama_gguf)
@@ -278,24 +244,27 @@ def test_aggregate_writes_the_mix_and_its_trust_row_for_each_scheme(
         for d in DEVICES
     }
     for device in DEVICES:
-        sync_round(store, spaces[device], 0, adapter=adapters[device, 0])
+        publish_adapter(store, spaces[device], 0, adapters[device, 0])
+        pull_round(store, spaces[device], 0)
     alice = spaces["alice"]
-    sync_round(store, alice, 0)
+    pull_round(store, alice, 0)
     own = adapters["alice", 0]
     rows = {}
+    loaded = LoadedBase(tiny_llama_gguf, runtime_quant="keep")
     for scheme in ("local", "fedavg", "weights", "perplexity"):
-        rows[scheme] = aggregate_round(alice, 0, own, scheme=scheme, runtime_quant="keep")
+        rows[scheme] = aggregate_round(alice, 0, own, loaded, TrustSettings(scheme))
         assert rows[scheme].row.scheme == scheme
         assert sum(rows[scheme].row.weights) == pytest.approx(1.0)
     _, mixed, _ = read_adapter_folder(tmp_path / "alice" / "rounds" / "0" / "aggregated")
     assert rows["local"].row.weights == [1.0, 0.0, 0.0]
     assert rows["fedavg"].row.weights == pytest.approx([1 / 3] * 3)
     history = trust_history(alice)
-    assert len(history) == 1 and history[0]["scheme"] == "perplexity"  # the last one written
-    assert history[0]["devices"] == ["alice", "bob", "carol"]
+    assert len(history) == 1 and history[0].scheme == "perplexity"  # the last one written
+    assert history[0].devices == ["alice", "bob", "carol"]
     assert set(mixed) == set(read_adapter_folder(own)[1])
 
-    exact = aggregate_round(alice, 0, own, scheme="fedavg", merge="exact")
+    exact = aggregate_round(alice, 0, own, loaded, TrustSettings("fedavg", merge="exact"))
+    loaded.close()
     assert 0 < exact.relative_error < rows["fedavg"].relative_error
     shown = run("trust", "show", "--workspace", alice.root, "--json")
     assert shown.exit_code == 0 and json.loads(shown.stdout)[0]["merge"] == "exact"

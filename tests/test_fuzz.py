@@ -15,12 +15,12 @@ import json
 
 import httpx
 import pytest
+from conftest import free_port, honest_adapter, publish, start_relay
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_sync import federation, honest_adapter, publish  # noqa: F401 - the fixture
 
 from edgefed.errors import ModelFormatError
-from edgefed.sync.manifest import parse_document
+from edgefed.sync.manifest import Federation, parse_document
 from edgefed.sync.signing import DeviceKey
 from edgefed.sync.verify import Rejected, Verifier, decode_adapter
 
@@ -40,9 +40,9 @@ ALICE = DeviceKey.generate()
 
 
 @pytest.fixture
-def signed(federation):  # noqa: F811
+def signed(federation):
     """A verifier of the test federation, and alice's valid manifest and blob for round 0."""
-    verifier = Verifier(federation, {"alice": ALICE.public_key})
+    verifier = Verifier(Federation.from_document(federation), {"alice": ALICE.public_key})
     manifest, blob = publish(federation, "alice", ALICE, honest_adapter(federation))
     verifier.check(0, "alice", manifest, blob)  # the unmutated pair passes
     return verifier, manifest, blob
@@ -99,7 +99,7 @@ def test_a_manifest_with_any_field_changed_is_rejected_never_crashes(
     cut=st.integers(min_value=0, max_value=64),
 )
 def test_a_corrupted_blob_signed_by_a_registered_peer_is_rejected_or_well_formed(
-    federation,  # noqa: F811
+    federation,
     positions,
     values,
     cut,
@@ -117,7 +117,7 @@ def test_a_corrupted_blob_signed_by_a_registered_peer_is_rejected_or_well_formed
     manifest.pop("signature")
     manifest |= {"sha256": hashlib.sha256(mutated).hexdigest(), "bytes": len(mutated)}
     manifest["signature"] = ALICE.sign(manifest)
-    verifier = Verifier(federation, {"alice": ALICE.public_key})
+    verifier = Verifier(Federation.from_document(federation), {"alice": ALICE.public_key})
     try:
         verified = verifier.check(0, "alice", json.dumps(manifest).encode(), mutated)
     except Rejected:
@@ -187,8 +187,6 @@ def test_the_relay_answers_any_request_without_a_server_error(
 @pytest.fixture(scope="module")
 def fuzz_relay(tmp_path_factory):
     """One relay process for the whole fuzzing run; checked healthy at the end."""
-    from conftest import free_port, start_relay
-
     token, port = "fuzz-token-0123456789abcdef", free_port()
     process = start_relay(tmp_path_factory.mktemp("fuzz-relay") / "store", token, port,
                           max_bytes=4096)  # fmt: skip

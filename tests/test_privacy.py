@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
-from test_federation import adapters  # noqa: F401 - the module fixture
-from test_trust import random_adapter, shapes  # noqa: F401 - the module fixture
+from conftest import random_adapter
 
 from edgefed.adapter import LoraSpec, attach_lora, initial_tensors, lora_state
-from edgefed.errors import DataError
+from edgefed.errors import ConfigError, DataError
 from edgefed.privacy import DpNoise, change_norm, epsilon, privatize
 from edgefed.trust.clip import clip_peers, delta_norm
 from edgefed.trust.similarity import delta_cosine
 
 
-def test_clipping_bounds_peers_only_and_keeps_their_direction(shapes):  # noqa: F811
+def test_clipping_bounds_peers_only_and_keeps_their_direction(shapes):
     own = random_adapter(shapes, 0)
     honest = random_adapter(shapes, 1)
     huge = {n: t * (100 if n.endswith("lora_B.weight") else 1) for n, t in honest.items()}
@@ -42,7 +42,7 @@ def test_initial_tensors_are_the_shared_init_of_a_real_peft_adapter(tiny_llama_g
     assert all(torch.equal(initial[n], state[n].float()) for n in state)
 
 
-def test_release_is_clipped_around_the_init_and_noised_at_z_times_c(shapes):  # noqa: F811
+def test_release_is_clipped_around_the_init_and_noised_at_z_times_c(shapes):
     drawn = random_adapter(shapes, 5)
     initial = {n: t if n.endswith("lora_A.weight") else t * 0 for n, t in drawn.items()}
     trained = {n: t + 0.05 * random_adapter(shapes, 6)[n] for n, t in initial.items()}
@@ -66,7 +66,7 @@ def test_epsilon_falls_with_noise_grows_with_rounds_and_bad_settings_are_refused
     # z = 10 at sensitivity 2C is σ/Δ = 5: one release costs about ε = 1 at δ = 1e-5
     assert 0.8 < epsilon(10, 1) < 1.2
     for clip, noise in ((0, 1), (-1, 1), (1, -1), (math.inf, 1), (1, 1e-170)):
-        with pytest.raises(DataError):
+        with pytest.raises(ConfigError):
             DpNoise(clip=clip, noise=noise)
 
 
@@ -74,28 +74,31 @@ def test_a_private_publish_sends_one_draw_even_when_resumed(
     tmp_path,
     tiny_llama_gguf,
     train_corpus,
-    adapters,  # noqa: F811
+    adapters,
 ):
     from safetensors.torch import load
 
-    from edgefed.device.federation import (
-        RELEASE_FILE,
-        init_federation,
-        join_federation,
-        publish_adapter,
-    )
+    from edgefed.device.federation import init_federation, join_federation
+    from edgefed.device.publish import publish_adapter
     from edgefed.sync.folder import FolderStore
     from edgefed.sync.layout import adapter_key, manifest_key
     from edgefed.sync.verify import decode_adapter
+    from edgefed.train.metrics import TrainMetrics, ValScore
 
     store = FolderStore(tmp_path / "shared")
     init_federation(store, base=tiny_llama_gguf)
     space = join_federation(store, "alice", data=train_corpus, workspace=tmp_path / "alice",
                             base=tiny_llama_gguf)  # fmt: skip
     dp = DpNoise(clip=0.5, noise=0.01)
-    own = adapters["alice", 0]
-    assert publish_adapter(store, space, 0, own, metrics={"val_perplexity": 3.0}, dp=dp)
-    release = load((space.round_dir(0) / RELEASE_FILE).read_bytes())
+    own = tmp_path / "alice-run"  # a finished run's folder: its metrics would be published
+    shutil.copytree(adapters["alice", 0], own)
+    TrainMetrics(
+        base={}, run={}, from_adapter=None, data={}, steps=1, tokens_seen=100, train_seconds=1.0,
+        train_tokens_per_second=100.0, loss_curve=[], wall_seconds=1.0, peak_rss_bytes=1,
+        val=ValScore("trust-val", "keep", 9.0, 3.0, 10),
+    ).write(own / "metrics.json")  # fmt: skip
+    assert publish_adapter(store, space, 0, own, dp=dp)
+    release = load(space.release_path(0).read_bytes())
     published = decode_adapter(store.read(adapter_key(0, "alice")))
     assert all(torch.allclose(published[n].float(), release[n], atol=2e-3) for n in release)
     manifest = json.loads(store.read(manifest_key(0, "alice")))

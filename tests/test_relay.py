@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import os
+import socket
+import threading
 from urllib.parse import urlsplit
 
 import pytest
@@ -10,9 +13,9 @@ import pytest
 from edgefed.errors import StoreError
 from edgefed.sync.layout import adapter_key, device_key
 from edgefed.sync.manifest import encode_document, registration
-from edgefed.sync.relay import DEVICE_HEADER, SIGNATURE_HEADER
 from edgefed.sync.relay_client import RelayStore
 from edgefed.sync.signing import DeviceKey, write_claim
+from edgefed.sync.wire import DEVICE_HEADER, SIGNATURE_HEADER
 
 
 def raw(url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None):
@@ -94,3 +97,57 @@ def test_the_client_says_clearly_when_no_relay_answers(monkeypatch):
     store = RelayStore(f"http://127.0.0.1:{free_port()}", token="t" * 20)
     with pytest.raises(StoreError, match=r"cannot reach the relay.*running and reachable"):
         store.keys()
+
+
+def test_downloads_over_the_limit_are_refused_and_those_under_it_read_back_exactly(
+    relay_server, monkeypatch
+):
+    url, token, root = relay_server
+    monkeypatch.setattr("edgefed.sync.relay_client.MAX_DOWNLOAD_BYTES", 4096)
+    small, big = os.urandom(4096), os.urandom(4097)
+    # the relay serves a FolderStore over its root: blobs placed there are what it sends
+    (root / "rounds" / "0").mkdir(parents=True)
+    (root / adapter_key(0, "alice")).write_bytes(small)
+    (root / adapter_key(0, "bob")).write_bytes(big)
+    with RelayStore(url, token=token) as store:
+        assert store.read(adapter_key(0, "alice")) == small
+        with pytest.raises(StoreError, match=r"rounds/0/bob\.safetensors.* 4096 byte") as refused:
+            store.read(adapter_key(0, "bob"))
+        assert refused.value.fix
+        assert store.read(adapter_key(0, "alice")) == small  # the client still works after
+
+
+def test_a_download_without_a_length_stops_at_the_limit_instead_of_reading_it_all(monkeypatch):
+    """A server that streams without end (chunked, no Content-Length) is cut off at the limit:
+    the client closes the connection, so the server cannot send all it meant to."""
+    monkeypatch.setattr("edgefed.sync.relay_client.MAX_DOWNLOAD_BYTES", 100_000)
+    chunk, chunks_meant = b"x" * 65536, 4096  # 256 MiB, far more than any socket buffers
+    sent = {"chunks": 0, "cut_off": False}
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            try:
+                connection.sendall(head)
+                for _ in range(chunks_meant):
+                    connection.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent["chunks"] += 1
+                connection.sendall(b"0\r\n\r\n")
+            except OSError:  # the client hung up: what this test wants
+                sent["cut_off"] = True
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        store = RelayStore(f"http://127.0.0.1:{server.getsockname()[1]}", token="t" * 20)
+        with store, pytest.raises(StoreError, match=r"100000 byte download limit"):
+            store.read(adapter_key(0, "alice"))
+        thread.join(timeout=60)
+    finally:
+        server.close()
+    assert sent["cut_off"] and sent["chunks"] < chunks_meant

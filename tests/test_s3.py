@@ -53,7 +53,7 @@ def test_missing_bucket_and_dead_endpoint_are_one_clear_store_error(s3_endpoint)
 
 
 def test_the_cli_names_a_missing_bucket_and_a_bad_url_in_one_line(s3_endpoint, tiny_llama_gguf):
-    from test_cli import assert_one_line_error, run
+    from conftest import assert_one_line_error, run
 
     missing = run("init", f"s3://no-bucket-here/fed?endpoint={s3_endpoint}",
                   "--base", tiny_llama_gguf)  # fmt: skip

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_repetitive_corpus
-from test_cli import assert_one_line_error, run
+from conftest import assert_one_line_error, run, write_repetitive_corpus
 
 SCHEMES = "local,fedavg,weights,prediction,perplexity"
 SMALL = ("--rounds", 2, "--warmup-steps", 4, "--round-steps", 2, "--seq-len", 32,
@@ -57,7 +56,7 @@ def test_a_tiny_simulation_of_every_scheme_writes_finite_results_and_the_report(
 def test_a_simulated_device_trains_the_adapter_its_real_round_would(
     simulation, tmp_path, tiny_llama_gguf
 ):
-    from test_federation import edgefed
+    from conftest import edgefed
 
     from edgefed.adapter import read_adapter_folder
 

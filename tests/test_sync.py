@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 
 import pytest
 import torch
+from conftest import honest_adapter, publish
 
-from edgefed.adapter import LoraSpec, lora_module_shapes, lora_tensor_shapes
+from edgefed.adapter import LoraSpec, lora_module_shapes
 from edgefed.errors import InputFileError, StoreError
 from edgefed.quant.gguf_file import read_base_info
 from edgefed.sync.folder import FolderStore
 from edgefed.sync.layout import adapter_key, device_key, is_store_key, manifest_key
-from edgefed.sync.manifest import (
-    adapter_manifest,
-    encode_document,
-    federation_manifest,
-    registration,
-)
-from edgefed.sync.relay_client import RelayStore
-from edgefed.sync.s3 import S3Store
+from edgefed.sync.manifest import Federation, encode_document, registration
 from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KeyExists, KeyMissing
 from edgefed.sync.verify import Rejected, Verifier, encode_adapter
 
 # ---------------------------------------------------------------------------- store contract
-
-
-@pytest.fixture(params=["folder", "relay", "s3"])
-def store(request, tmp_path):
-    if request.param == "folder":
-        yield FolderStore(tmp_path / "store")
-        return
-    if request.param == "s3":
-        with S3Store(request.getfixturevalue("s3_url")) as s3:
-            yield s3
-        return
-    url, token, _ = request.getfixturevalue("relay_server")
-    with RelayStore(url, token=token) as relay:
-        yield relay
 
 
 def test_store_creates_once_reads_back_and_lists_only_complete_layout_keys(store):
@@ -90,7 +69,7 @@ def test_folder_store_ignores_conflict_copies_and_temp_files(tmp_path):
 
 # not on S3: there exclusivity is the server's conditional write, and moto's test server checks
 # If-None-Match and writes without a lock between them
-@pytest.mark.parametrize("store", ["folder", "relay"], indirect=True)
+@pytest.mark.parametrize("store_url", ["folder", "relay"], indirect=True)
 def test_concurrent_creates_of_one_key_have_exactly_one_winner(store):
     outcomes: list[str] = []
 
@@ -119,48 +98,11 @@ def test_concurrent_creates_of_one_key_have_exactly_one_winner(store):
 # ---------------------------------------------------------------------------- verification
 
 
-@pytest.fixture
-def federation(tiny_llama_gguf):
-    info = read_base_info(tiny_llama_gguf)
-    spec = LoraSpec(rank=4)
-    return federation_manifest(
-        federation_id="fed-test",
-        base_info=info,
-        lora=spec,
-        warmup_steps=10,
-        round_steps=5,
-        trust={"scheme": "perplexity"},
-    )
-
-
-def honest_adapter(federation, seed: int = 0) -> dict:
-    shapes = lora_tensor_shapes(federation["lora_modules"], federation["lora"]["rank"])
-    generator = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=generator) * 0.1 for n, s in shapes.items()}
-
-
-def publish(
-    federation, device: str, key: DeviceKey, tensors: dict, round_number: int = 0, encoding="fp16"
-):
-    blob = encode_adapter(tensors, encoding)
-    manifest = adapter_manifest(
-        federation=federation["id"],
-        round_number=round_number,
-        device=device,
-        sha256=hashlib.sha256(blob).hexdigest(),
-        size=len(blob),
-        base_sha256=federation["base"]["sha256"],
-        train_tokens=1000,
-        metrics={"val_perplexity": 12.5},
-        key=key,
-        encoding=encoding,
-    )
-    return encode_document(manifest), blob
-
-
 def test_honest_adapters_pass_and_every_kind_of_bad_one_is_rejected_with_its_reason(federation):
     alice, bob, mallory = DeviceKey.generate(), DeviceKey.generate(), DeviceKey.generate()
-    verifier = Verifier(federation, {"alice": alice.public_key, "bob": bob.public_key})
+    verifier = Verifier(
+        Federation.from_document(federation), {"alice": alice.public_key, "bob": bob.public_key}
+    )
     tensors = honest_adapter(federation)
     manifest, blob = publish(federation, "alice", alice, tensors)
     verified = verifier.check(0, "alice", manifest, blob)
@@ -200,7 +142,8 @@ def test_honest_adapters_pass_and_every_kind_of_bad_one_is_rejected_with_its_rea
     assert "not JSON" in rejected(0, "alice", b"\x00garbage", blob)
 
     tiny_limit = Verifier(
-        federation | {"limits": {"adapter_bytes": 100}}, {"alice": alice.public_key}
+        Federation.from_document(federation | {"limits": {"adapter_bytes": 100}}),
+        {"alice": alice.public_key},
     )
     with pytest.raises(Rejected, match="over the 100 limit"):
         tiny_limit.check(0, "alice", manifest, blob)
@@ -220,7 +163,7 @@ def test_federation_limits_and_shapes_follow_the_base_and_lora_config(federation
 
 def test_compressed_adapters_are_half_the_bytes_and_close_to_the_original(federation):
     alice = DeviceKey.generate()
-    verifier = Verifier(federation, {"alice": alice.public_key})
+    verifier = Verifier(Federation.from_document(federation), {"alice": alice.public_key})
     tensors = honest_adapter(federation, seed=3)
     fp16 = publish(federation, "alice", alice, tensors)
     int8 = publish(federation, "alice", alice, tensors, encoding="int8")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from edgefed.adapter import LoraSpec, attach_lora, lora_state
 from edgefed.errors import AdapterMismatchError, DataError, InputFileError, TrainingError
+from edgefed.loaded_base import LoadedBase
 from edgefed.train.loop import TrainConfig, TrainingInterrupted, learning_rate_factor
 from edgefed.train.run import train_adapter
 from edgefed.train.split import SplitRule
@@ -27,7 +28,8 @@ KEEP = "keep"  # evaluate the tiny f16 base as it is: no cached requantized copy
 
 def train(corpus: Path, out: Path, base: Path, **options):
     config = TrainConfig(**(FAST | options.pop("config", {})))
-    return train_adapter(corpus, out, base=base, config=config, runtime_quant=KEEP, **options)
+    with LoadedBase(base, runtime_quant=KEEP) as loaded:
+        return train_adapter(corpus, out, loaded, config=config, **options)
 
 
 def adapter_tensors(run: Path) -> dict:
@@ -39,7 +41,8 @@ def test_thirty_steps_lower_trust_val_perplexity_and_write_every_output(
 ):
     result = train(train_corpus, tmp_path / "run", tiny_llama_gguf, config={"steps": 30})
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics == json.loads(json.dumps(result.metrics)) and metrics["steps"] == 30
+    written = {"format": result.metrics.FORMAT} | result.metrics.as_dict()
+    assert metrics == json.loads(json.dumps(written)) and metrics["steps"] == 30
     val = metrics["val"]
     # a random tiny model starts near the vocabulary size; 30 steps on repetitive text must
     # cut that by far more than noise
@@ -230,7 +233,7 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
 def test_train_command_writes_one_json_document_and_refuses_bad_input_in_one_line(
     train_corpus, tiny_llama_gguf, tmp_path
 ):
-    from test_cli import assert_one_line_error, run
+    from conftest import assert_one_line_error, run
 
     common = ["--base", tiny_llama_gguf, "--runtime-quant", KEEP, "--seq-len", "64"]
     result = run("train", "--data", train_corpus, "--out", tmp_path / "run", "--steps", "3",

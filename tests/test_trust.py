@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_adapter
 
-from edgefed.adapter import LoraSpec, lora_module_shapes, lora_tensor_shapes, save_lora_tensors
+from edgefed.adapter import LoraSpec, save_lora_tensors
 from edgefed.errors import DataError
-from edgefed.quant.gguf_file import read_base_info
 from edgefed.trust.merge import merge_exact, merge_factors
 from edgefed.trust.normalize import trust_row
 from edgefed.trust.schemes import SCHEMES, Normalization, TrustInputs, compute_trust
 from edgefed.trust.similarity import delta_cosine
-
-
-def random_adapter(shapes: dict, seed: int, scale: float = 0.1) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=generator) * scale for n, s in shapes.items()}
-
-
-@pytest.fixture(scope="module")
-def shapes(tiny_llama_gguf) -> dict:
-    modules = lora_module_shapes(read_base_info(tiny_llama_gguf), LoraSpec(rank=4))
-    return lora_tensor_shapes(modules, 4)
 
 
 def test_rows_sum_to_one_keep_self_and_honour_top_k_threshold_and_temperature():
@@ -131,6 +120,7 @@ def trained_runtime(tmp_path_factory, tiny_llama_gguf, train_corpus):
     """A runtime on the tiny base with four adapters: own (fresh), a trained peer, a noisy peer,
     and the trained peer with its B scaled 1000x (valid, but poisoned)."""
     from edgefed.documents import read_documents
+    from edgefed.loaded_base import LoadedBase
     from edgefed.quant.lora_gguf import convert_lora_to_gguf
     from edgefed.runtime import LlamaRuntime
     from edgefed.train.loop import TrainConfig
@@ -139,10 +129,8 @@ def trained_runtime(tmp_path_factory, tiny_llama_gguf, train_corpus):
     folder = tmp_path_factory.mktemp("trust")
     spec = LoraSpec(rank=4)
     config = TrainConfig(steps=30, seq_len=64, learning_rate=1e-2)
-    run = train_adapter(
-        train_corpus, folder / "run", base=tiny_llama_gguf, config=config, lora=spec,
-        runtime_quant="keep",
-    )  # fmt: skip
+    with LoadedBase(tiny_llama_gguf, runtime_quant="keep") as loaded:
+        run = train_adapter(train_corpus, folder / "run", loaded, config=config, lora=spec)
     from safetensors.torch import load_file
 
     trained = load_file(run.adapter_dir / "adapter_model.safetensors")

@@ -4,7 +4,16 @@ Importing the package is light on purpose: torch, transformers, bitsandbytes and
 load only in the modules that use them, so the CLI starts fast and `--help` needs none of them.
 """
 
-from edgefed.errors import EdgefedError
+from edgefed.errors import ConfigError, EdgefedError
 
 __version__ = "0.1.0"
-__all__ = ["EdgefedError", "__version__"]
+__all__ = ["ConfigError", "EdgefedError", "LoadedBase", "__version__"]
+
+
+def __getattr__(name: str):
+    """`edgefed.LoadedBase` on first use: the package itself imports only the error tree."""
+    if name == "LoadedBase":
+        from edgefed.loaded_base import LoadedBase
+
+        return LoadedBase
+    raise AttributeError(f"module 'edgefed' has no attribute {name!r}")

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgefed.atomic import atomic_dir
-from edgefed.errors import AdapterMismatchError, InputFileError, ModelFormatError
+from edgefed.errors import AdapterMismatchError, ConfigError, InputFileError, ModelFormatError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -47,16 +47,25 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, not {self.rank}")
+            raise ConfigError(f"LoRA rank {self.rank} is below 1", "give a --rank of 1 or more")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
+            raise ConfigError(
+                f"LoRA dropout {self.dropout} is not in [0, 1)", "give a --dropout in [0, 1)"
+            )
         if not self.targets:
-            raise ValueError("LoRA needs at least one target module")
+            raise ConfigError(
+                "LoRA has no target module", "name modules with --targets, e.g. q_proj,v_proj"
+            )
         # PEFT stores targets as a set: keep one canonical order so equal specs compare equal
         object.__setattr__(self, "targets", tuple(sorted(set(self.targets))))
 
     def as_dict(self) -> dict:
         return asdict(self) | {"targets": list(self.targets)}
+
+    @staticmethod
+    def parse_targets(text: str) -> tuple[str, ...]:
+        """'q_proj, v_proj' (as typed on a command line) → ('q_proj', 'v_proj')."""
+        return tuple(t.strip() for t in text.split(",") if t.strip())
 
     @classmethod
     def from_dict(cls, data: Mapping) -> LoraSpec:
@@ -244,7 +253,7 @@ def read_adapter_folder(
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelFormatError(
             f"{config_path} is not a valid LoRA config ({exc})", "save the adapter again"
-        ) from None
+        ) from exc
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             base_fingerprint = (handle.metadata() or {}).get(BASE_FINGERPRINT_KEY)
@@ -252,7 +261,7 @@ def read_adapter_folder(
     except (SafetensorError, OSError) as exc:
         raise ModelFormatError(
             f"{weights_path} is not a readable safetensors file ({exc})", "copy the adapter again"
-        ) from None
+        ) from exc
     return spec, tensors, base_fingerprint
 
 

@@ -80,7 +80,7 @@ def _jsonl_texts(path: Path, text: str, field: str) -> Iterator[tuple[str, str]]
             raise DataError(
                 f"{path}:{number} is not valid JSON ({exc.msg})",
                 "fix or remove that line; each line of a .jsonl file is one JSON object",
-            ) from None
+            ) from exc
         value = record.get(field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             raise DataError(

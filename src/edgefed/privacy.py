@@ -27,7 +27,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from edgefed.errors import DataError
+from edgefed.errors import ConfigError
 
 DEFAULT_DELTA = 1e-5
 
@@ -42,7 +42,7 @@ class DpNoise:
     def __post_init__(self) -> None:
         usable = self.clip > 0 and self.noise >= 0 and math.isfinite(self.clip * self.noise)
         if not usable or (self.noise > 0 and self.noise**2 == 0):
-            raise DataError(
+            raise ConfigError(
                 f"--dp-clip {self.clip:g} / --dp-noise {self.noise:g} cannot be used",
                 "give a positive --dp-clip and a non-negative --dp-noise",
             )

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgefed.cli.federation import WorkspaceOption
 from edgefed.cli.options import (
     BaseOption,
     JsonOption,
@@ -16,9 +15,12 @@ from edgefed.cli.options import (
     StrideOption,
     ThreadsOption,
     WindowOption,
+    WorkspaceOption,
 )
-from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.cli.output import emit_json, render_evaluation, stderr, stdout, user_errors
 from edgefed.cli.progress import ProgressDisplay
+from edgefed.runtime.llama import DEFAULT_WINDOW
+from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 
 
 @user_errors
@@ -39,10 +41,10 @@ def evaluate(
         ),
     ] = None,
     base: BaseOption = None,
-    window: WindowOption = 512,
+    window: WindowOption = DEFAULT_WINDOW,
     stride: StrideOption = None,
     threads: ThreadsOption = None,
-    runtime_quant: RuntimeQuantOption = "q8_0",
+    runtime_quant: RuntimeQuantOption = DEFAULT_RUNTIME_QUANT,
     round_number: Annotated[
         int | None,
         typer.Option(
@@ -65,9 +67,9 @@ def evaluate(
     """
     if round_number is not None or workspace is not None:
         if data is not None or adapter:
-            from edgefed.errors import DataError
+            from edgefed.errors import ConfigError
 
-            raise DataError(
+            raise ConfigError(
                 "--round evaluates a device's own round; --data/--adapter evaluate any text",
                 "give one or the other",
             )
@@ -120,32 +122,22 @@ def _evaluate_round(
     as_json: bool,
 ) -> None:
     """A round's recorded evaluation, computed (and recorded) first if the round lacks one."""
-    from edgefed.cli.round import render_evaluation
-    from edgefed.device.aggregate import TRUST_FILE
-    from edgefed.device.evaluate import evaluate_round, read_evaluation
+    from edgefed.device.evaluate import evaluate_round
     from edgefed.device.workspace import find_workspace
-    from edgefed.errors import InputFileError
+    from edgefed.loaded_base import LoadedBase
 
     ws = find_workspace(workspace)
     if round_number is None:
-        finished = [r for r in ws.rounds() if (ws.round_dir(r) / TRUST_FILE).is_file()]
-        if not finished:
-            raise InputFileError(
-                f"{ws.device} has no aggregated round to evaluate", "run `edgefed round` first"
-            )
-        round_number = finished[-1]
-    evaluation = read_evaluation(ws, round_number)
+        round_number = ws.last_aggregated_round()
+    evaluation = ws.read_evaluation(round_number)
     if evaluation is None:
-        with ProgressDisplay() as display:
+        with (
+            LoadedBase(ws.config.base, runtime_quant=runtime_quant, threads=threads) as loaded,
+            ProgressDisplay() as display,
+        ):
             display.status(f"evaluating round {round_number} on the test split")
-            evaluation = evaluate_round(
-                ws,
-                round_number,
-                runtime_quant=runtime_quant,
-                threads=threads,
-                on_progress=display.progress,
-            )
+            evaluation = evaluate_round(ws, round_number, loaded, on_progress=display.progress)
     if as_json:
-        emit_json(evaluation)
+        emit_json(evaluation.as_dict())
         return
     render_evaluation(evaluation)

@@ -1,11 +1,65 @@
-"""Option help texts and shared option types: each option is described once, here."""
+"""Option help texts and shared option types: each option is described once, here.
+
+Defaults and the trust schemes' descriptions come from the library's own constants and
+records, so the help cannot drift from what the code does.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from edgefed.adapter import DEFAULT_TARGETS, LoraSpec
+from edgefed.loaded_base import DEVICES, TRAIN_PRECISIONS
+from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
+from edgefed.trust.schemes import schemes_help, temperatures_help
+
+LORA_DEFAULTS = LoraSpec()
+
+StoreArgument = Annotated[
+    str,
+    typer.Argument(
+        help="The federation store: a folder kept in step by a sync tool (Syncthing, Dropbox, "
+        "NFS, a USB stick), an http(s):// relay URL, or s3://BUCKET/PREFIX (add "
+        "?endpoint=http://HOST:PORT for MinIO, Ceph and other S3-compatible stores).",
+        show_default=False,
+    ),
+]
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Device workspace. Default: the only one under $EDGEFED_HOME.",
+        show_default=False,
+    ),
+]
+TokenFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help="File holding the relay's bearer token (or set EDGEFED_TOKEN).",
+        show_default=False,
+    ),
+]
+
+
+def store_token(token_file: Path | None) -> str | None:
+    """The relay token: --token-file's content, else $EDGEFED_TOKEN, else none."""
+    from edgefed.errors import InputFileError
+
+    if token_file is None:
+        return os.environ.get("EDGEFED_TOKEN") or None
+    try:
+        return token_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise InputFileError(
+            f"cannot read token file {token_file} ({exc})", "check the path"
+        ) from exc
+
 
 BaseOption = Annotated[
     Path | None,
@@ -42,7 +96,8 @@ RuntimeQuantOption = Annotated[
     typer.Option(
         "--runtime-quant",
         help="Quant type llama.cpp evaluates with: a cached copy of the base is made once "
-        "(q8_0 measured fastest at equal perplexity on the embedded base), or 'keep' to use "
+        f"({DEFAULT_RUNTIME_QUANT} measured fastest at equal perplexity on the embedded base), "
+        "or 'keep' to use "
         "the base file as it is.",
     ),
 ]
@@ -52,9 +107,7 @@ TrustOption = Annotated[
     str | None,
     typer.Option(
         "--trust",
-        help="Trust scheme: perplexity (your adapters' loss on your trust-validation text), "
-        "prediction (agreement on the federation's reference text), weights (ΔW cosine), "
-        "fedavg, or local. Default: the federation's.",
+        help=f"Trust scheme: {schemes_help()}. Default: the federation's.",
         show_default=False,
         rich_help_panel=_TRUST,
     ),
@@ -64,8 +117,8 @@ TemperatureOption = Annotated[
     typer.Option(
         "--temperature",
         help="Softmax temperature over the scores (perplexity: nats of mean loss; lower is "
-        "pickier). Default: the federation's, else the scheme's measured one (perplexity 0.01, "
-        "prediction 0.1, weights 1).",
+        "pickier). Default: the federation's, else the scheme's measured one "
+        f"({temperatures_help()}).",
         show_default=False,
         rich_help_panel=_TRUST,
     ),
@@ -139,12 +192,12 @@ DpNoiseOption = Annotated[
 
 def dp_noise(clip: float | None, noise: float):
     """The privacy options as one value (None without --dp-clip); refuses --dp-noise alone."""
-    from edgefed.errors import DataError
+    from edgefed.errors import ConfigError
     from edgefed.privacy import DpNoise
 
     if clip is None:
         if noise:
-            raise DataError("--dp-noise needs --dp-clip", "e.g. --dp-clip 1 --dp-noise 0.001")
+            raise ConfigError("--dp-noise needs --dp-clip", "e.g. --dp-clip 1 --dp-noise 0.001")
         return None
     return DpNoise(clip=clip, noise=noise)
 
@@ -154,7 +207,8 @@ PrecisionOption = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="Training copy of the base: nf4 (QLoRA, 4-bit weights) or fp32 (the exact GGUF "
+        help=f"Training copy of the base ({' or '.join(TRAIN_PRECISIONS)}): nf4 (QLoRA, 4-bit "
+        "weights) or fp32 (the exact GGUF "
         "values: 8x the weight memory; on the small embedded base the better adapter for +5% "
         "peak memory, see README).",
         rich_help_panel=_TRAINING,
@@ -171,3 +225,34 @@ BatchSizeOption = Annotated[
 LearningRateOption = Annotated[
     float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=_TRAINING)
 ]
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help=f"Where PyTorch trains: {', '.join(DEVICES)} (auto: CUDA when present).",
+        rich_help_panel=_TRAINING,
+    ),
+]
+
+_LORA = "LoRA adapter"
+RankOption = Annotated[int, typer.Option("--rank", help="LoRA rank.", min=1, rich_help_panel=_LORA)]
+AlphaOption = Annotated[
+    float, typer.Option("--alpha", help="LoRA alpha (scale = alpha/rank).", rich_help_panel=_LORA)
+]
+DropoutOption = Annotated[
+    float, typer.Option("--dropout", help="LoRA dropout while training.", rich_help_panel=_LORA)
+]
+TargetsOption = Annotated[
+    str,
+    typer.Option("--targets", help="Comma-separated modules to adapt.", rich_help_panel=_LORA),
+]
+InitSeedOption = Annotated[
+    int,
+    typer.Option(
+        "--init-seed",
+        help="Seed of the initial adapter (A random, B zero): devices of one federation share "
+        "it so their adapters are comparable.",
+        rich_help_panel=_LORA,
+    ),
+]
+DEFAULT_TARGETS_TEXT = ",".join(DEFAULT_TARGETS)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from edgefed.errors import EdgefedError
 
@@ -57,3 +58,30 @@ def configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         for name in ("transformers", "bitsandbytes", "gguf", "httpx"):
             logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def render_evaluation(evaluation) -> None:
+    """A round's test-split table and trust row (an EvaluationRecord): what `round` ends with
+    and `evaluate --round` shows."""
+    base = evaluation.models["base"]["perplexity"]
+    table = Table(
+        title=f"round {evaluation.round}, {evaluation.device}: perplexity on the test "
+        f"split ({evaluation.tokens_scored:,} tokens)",
+        title_justify="left",
+    )
+    for column in ("model", "perplexity", "vs base"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    labels = {
+        "base": "base",
+        "local": "local (own training, before mixing)",
+        "aggregated": "aggregated (trust-weighted mix)",
+    }
+    for name, label in labels.items():
+        value = evaluation.models[name]["perplexity"]
+        table.add_row(label, f"{value:.3f}", f"{value / base - 1:+.1%}")
+    stdout.print(table)
+    trust = evaluation.trust
+    row = Table("device", "weight", title=f"trust row ({trust['scheme']})", title_justify="left")
+    for device, weight in zip(trust["devices"], trust["weights"], strict=True):
+        row.add_row(device + (" (self)" if device == evaluation.device else ""), f"{weight:.3f}")
+    stdout.print(row)

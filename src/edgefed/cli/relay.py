@@ -59,7 +59,7 @@ def serve(
         raise InputFileError(
             f"cannot use token file {token_file} ({exc})",
             "make one with `edgefed relay token FILE`",
-        ) from None
+        ) from exc
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise InputFileError("TLS needs both --ssl-certfile and --ssl-keyfile", "give both")
     root.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,16 @@
-"""`edgefed round`: train → sync → aggregate → evaluate, resumable after any crash."""
+"""`edgefed round`: train → publish → pull → aggregate → evaluate, resumable after any crash."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from edgefed.cli.federation import TokenFileOption, WorkspaceOption, store_token
 from edgefed.cli.options import (
     BatchSizeOption,
     ByTokensOption,
     ClipNormOption,
+    DeviceOption,
     DpClipOption,
     DpNoiseOption,
     JsonOption,
@@ -23,12 +22,20 @@ from edgefed.cli.options import (
     TemperatureOption,
     ThreadsOption,
     ThresholdOption,
+    TokenFileOption,
     TopKOption,
     TrustOption,
+    WorkspaceOption,
     dp_noise,
+    store_token,
 )
-from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.cli.output import emit_json, render_evaluation, stderr, stdout, user_errors
 from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
+from edgefed.device.evaluate import DEFAULT_TEST_TOKENS
+from edgefed.loaded_base import DEFAULT_DEVICE, DEFAULT_PRECISION
+from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
+from edgefed.train.loop import TrainConfig
+from edgefed.trust.settings import DEFAULT_MERGE
 
 _TRAINING = "Training"
 _SYNC = "Sync"
@@ -50,26 +57,24 @@ def round_command(
     temperature: TemperatureOption = None,
     top_k: TopKOption = None,
     threshold: ThresholdOption = None,
-    merge: MergeOption = "factors",
+    merge: MergeOption = DEFAULT_MERGE,
     by_tokens: ByTokensOption = False,
     clip_norm: ClipNormOption = None,
-    precision: PrecisionOption = "nf4",
-    seq_len: SeqLenOption = 256,
-    batch_size: BatchSizeOption = 4,
-    lr: LearningRateOption = 1e-3,
+    precision: PrecisionOption = DEFAULT_PRECISION,
+    seq_len: SeqLenOption = TrainConfig.seq_len,
+    batch_size: BatchSizeOption = TrainConfig.batch_size,
+    lr: LearningRateOption = TrainConfig.learning_rate,
     seed: Annotated[
         int,
         typer.Option(help="Seed of data order (plus the round number).", rich_help_panel=_TRAINING),
-    ] = 0,
+    ] = TrainConfig.seed,
     checkpoint_every: Annotated[
         int,
         typer.Option(
             help="Write a training checkpoint every N steps.", min=1, rich_help_panel=_TRAINING
         ),
-    ] = 25,
-    device: Annotated[
-        str, typer.Option(help="auto, cpu or cuda.", rich_help_panel=_TRAINING)
-    ] = "auto",
+    ] = TrainConfig.checkpoint_every,
+    device: DeviceOption = DEFAULT_DEVICE,
     compress: Annotated[
         bool,
         typer.Option(
@@ -94,11 +99,11 @@ def round_command(
     test_tokens: Annotated[
         int,
         typer.Option(help="Test-split tokens scored by the evaluation (0: all).", min=0),
-    ] = 8192,
+    ] = DEFAULT_TEST_TOKENS,
     workspace: WorkspaceOption = None,
     token_file: TokenFileOption = None,
     threads: ThreadsOption = None,
-    runtime_quant: RuntimeQuantOption = "q8_0",
+    runtime_quant: RuntimeQuantOption = DEFAULT_RUNTIME_QUANT,
     as_json: JsonOption = False,
 ) -> None:
     """Run one round of this device: train, publish and pull, mix by trust, evaluate.
@@ -110,37 +115,32 @@ def round_command(
     """
     from edgefed.device.round import RoundOptions, run_round
     from edgefed.device.workspace import find_workspace
-    from edgefed.errors import DataError
-    from edgefed.sync.store import open_store
-    from edgefed.train.loop import TrainConfig, TrainingInterrupted
+    from edgefed.loaded_base import LoadedBase
+    from edgefed.sync.backends import open_store
+    from edgefed.train.loop import TrainingInterrupted
+    from edgefed.trust.settings import TrustSettings
 
-    try:
-        config = TrainConfig(
+    options = RoundOptions(
+        trust=TrustSettings(
+            scheme=trust,
+            temperature=temperature,
+            top_k=top_k,
+            threshold=threshold,
+            merge=merge,
+            clip_norm=clip_norm,
+            by_tokens=by_tokens,
+        ),
+        train=TrainConfig(
             seq_len=seq_len,
             batch_size=batch_size,
             learning_rate=lr,
             seed=seed,
             checkpoint_every=checkpoint_every,
-        )
-    except ValueError as exc:
-        raise DataError(str(exc), "see edgefed round --help") from None
-    options = RoundOptions(
-        trust=trust,
-        temperature=temperature,
-        top_k=top_k,
-        threshold=threshold,
-        merge=merge,
-        by_tokens=by_tokens,
-        clip_norm=clip_norm,
+        ),
         dp=dp_noise(dp_clip, dp_noise_multiplier),
-        train=config,
-        precision=precision,
-        device=device,
         compress=compress,
         min_peers=min_peers,
         wait_seconds=wait,
-        threads=threads,
-        runtime_quant=runtime_quant,
         test_tokens=test_tokens or None,
     )
     ws = find_workspace(workspace)
@@ -156,12 +156,20 @@ def round_command(
 
     try:
         with (
-            open_store(ws.config["store"], token=store_token(token_file)) as store,
+            LoadedBase(
+                ws.config.base,
+                precision=precision,
+                device=device,
+                runtime_quant=runtime_quant,
+                threads=threads,
+            ) as loaded,
+            open_store(ws.config.store, token=store_token(token_file)) as store,
             stop_on_signals() as should_stop,
         ):
             report = run_round(
                 store,
                 ws,
+                loaded,
                 round_number,
                 options=options,
                 on_step=on_step,
@@ -182,36 +190,10 @@ def round_command(
     if as_json:
         emit_json(report.as_dict())
         return
-    steps = report.record["steps"]
-    sync = steps["sync"]
+    steps = report.record.steps
+    pull = steps["pull"]
     stdout.print(
         f"round {report.round}: trained {steps['train']['steps']} steps; "
-        f"{len(sync['verified_peers'])} peer adapter(s) verified, {sync['rejected']} rejected"
+        f"{len(pull['verified_peers'])} peer adapter(s) verified, {pull['rejected']} rejected"
     )
     render_evaluation(report.evaluation)
-
-
-def render_evaluation(evaluation: dict) -> None:
-    """The test-split table and the trust row: what `round` ends with and `evaluate` shows."""
-    base = evaluation["models"]["base"]["perplexity"]
-    table = Table(
-        title=f"round {evaluation['round']}, {evaluation['device']}: perplexity on the test "
-        f"split ({evaluation['tokens_scored']:,} tokens)",
-        title_justify="left",
-    )
-    for column in ("model", "perplexity", "vs base"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    labels = {
-        "base": "base",
-        "local": "local (own training, before mixing)",
-        "aggregated": "aggregated (trust-weighted mix)",
-    }
-    for name, label in labels.items():
-        value = evaluation["models"][name]["perplexity"]
-        table.add_row(label, f"{value:.3f}", f"{value / base - 1:+.1%}")
-    stdout.print(table)
-    trust = evaluation["trust"]
-    row = Table("device", "weight", title=f"trust row ({trust['scheme']})", title_justify="left")
-    for device, weight in zip(trust["devices"], trust["weights"], strict=True):
-        row.add_row(device + (" (self)" if device == evaluation["device"] else ""), f"{weight:.3f}")
-    stdout.print(row)

@@ -10,18 +10,30 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgefed.cli.federation import TokenFileOption, store_token
 from edgefed.cli.options import (
     BaseOption,
     BatchSizeOption,
+    DeviceOption,
     JsonOption,
     LearningRateOption,
     PrecisionOption,
     RuntimeQuantOption,
     SeqLenOption,
     ThreadsOption,
+    TokenFileOption,
+    store_token,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.loaded_base import DEFAULT_PRECISION
+from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
+from edgefed.simulation.run import (
+    DEFAULT_SIMULATION_DEVICE,
+    DEFAULT_VARIANTS,
+    DEMO_TEST_TOKENS,
+    DEMO_TRAIN,
+    DEMO_VAL_TOKENS,
+)
+from edgefed.trust.schemes import SCHEMES
 
 _DATA = "Data"
 _FEDERATION = "Federation"
@@ -65,12 +77,12 @@ def simulate(
     trust: Annotated[
         str,
         typer.Option(
-            help="Trust variants to compare, comma-separated: local, fedavg, weights, "
-            "prediction, perplexity, each optionally with :t=T :top-k=K :threshold=X "
-            ":merge=exact (e.g. perplexity:t=0.05:merge=exact).",
+            help=f"Trust variants to compare, comma-separated: {', '.join(SCHEMES)}, each "
+            "optionally with :t=T :top-k=K :threshold=X :merge=exact (e.g. "
+            "perplexity:t=0.05:merge=exact).",
             rich_help_panel=_FEDERATION,
         ),
-    ] = "local,fedavg,perplexity",
+    ] = DEFAULT_VARIANTS,
     seeds: Annotated[
         int,
         typer.Option(
@@ -98,10 +110,11 @@ def simulate(
         ),
     ] = None,
     token_file: TokenFileOption = None,
-    precision: PrecisionOption = "nf4",
-    seq_len: SeqLenOption = 128,
-    batch_size: BatchSizeOption = 2,
-    lr: LearningRateOption = 2e-3,
+    precision: PrecisionOption = DEFAULT_PRECISION,
+    device: DeviceOption = DEFAULT_SIMULATION_DEVICE,
+    seq_len: SeqLenOption = DEMO_TRAIN.seq_len,
+    batch_size: BatchSizeOption = DEMO_TRAIN.batch_size,
+    lr: LearningRateOption = DEMO_TRAIN.learning_rate,
     val_tokens: Annotated[
         int,
         typer.Option(
@@ -109,17 +122,17 @@ def simulate(
             "reference text for prediction trust (0: all).",
             min=0,
         ),
-    ] = 256,
+    ] = DEMO_VAL_TOKENS,
     test_tokens: Annotated[
         int, typer.Option(help="Test-split tokens scored per device and round (0: all).", min=0)
-    ] = 384,
+    ] = DEMO_TEST_TOKENS,
     out: Annotated[
         Path | None,
         typer.Option(help="Run folder. Default: simulations/<dataset>-<time>.", show_default=False),
     ] = None,
     base: BaseOption = None,
     threads: ThreadsOption = None,
-    runtime_quant: RuntimeQuantOption = "q8_0",
+    runtime_quant: RuntimeQuantOption = DEFAULT_RUNTIME_QUANT,
     as_json: JsonOption = False,
 ) -> None:
     """Simulate a federation of virtual devices and compare trust schemes on the same data.
@@ -131,18 +144,15 @@ def simulate(
     trust-validation split), results.json and PNG plots in the run folder.
     """
     from edgefed.device.round import RoundOptions
-    from edgefed.errors import DataError
+    from edgefed.loaded_base import LoadedBase
     from edgefed.simulation.clients import load_clients
     from edgefed.simulation.report import write_plots
-    from edgefed.simulation.run import SimulationSettings, parse_variants
+    from edgefed.simulation.run import SimulationSettings
     from edgefed.simulation.run import simulate as run_simulation
     from edgefed.train.loop import TrainConfig
+    from edgefed.trust.settings import parse_variants
 
     client_set = load_clients(dataset, clients, docs_per_client=docs_per_client)
-    try:
-        config = TrainConfig(seq_len=seq_len, batch_size=batch_size, learning_rate=lr)
-    except ValueError as exc:
-        raise DataError(str(exc), "see edgefed simulate --help") from None
     settings = SimulationSettings(
         variants=parse_variants(trust),
         seeds=seeds,
@@ -150,9 +160,7 @@ def simulate(
         warmup_steps=warmup_steps,
         round_steps=round_steps,
         round_options=RoundOptions(
-            train=config,
-            precision=precision,
-            runtime_quant=runtime_quant,
+            train=TrainConfig(seq_len=seq_len, batch_size=batch_size, learning_rate=lr),
             test_tokens=test_tokens or None,
             val_tokens=val_tokens or None,
         ),
@@ -162,25 +170,29 @@ def simulate(
     )
     if not as_json:
         _print_clients(client_set)
-    with Progress(
-        TextColumn("[bold]simulating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=stderr,
-        transient=True,
-    ) as bar:
+    with (
+        LoadedBase(
+            base, precision=precision, device=device, runtime_quant=runtime_quant, threads=threads
+        ) as loaded,
+        Progress(
+            TextColumn("[bold]simulating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=stderr,
+            transient=True,
+        ) as bar,
+    ):
         task = bar.add_task("starting", total=None)
         results = run_simulation(
             client_set,
             out,
+            loaded,
             settings,
-            base=base,
             store_url=store,
             token=store_token(token_file),
             max_tokens=max_tokens,
-            threads=threads,
             on_progress=lambda p: bar.update(
                 task, completed=p.done, total=p.total, description=p.message
             ),

@@ -9,8 +9,10 @@ import typer
 from rich.table import Table
 
 from edgefed.cli.options import (
+    LORA_DEFAULTS,
     BaseOption,
     BatchSizeOption,
+    DeviceOption,
     JsonOption,
     LearningRateOption,
     PrecisionOption,
@@ -20,6 +22,12 @@ from edgefed.cli.options import (
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
 from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
+from edgefed.documents import DEFAULT_TEXT_FIELD
+from edgefed.loaded_base import DEFAULT_DEVICE, DEFAULT_PRECISION
+from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
+from edgefed.train.loop import TrainConfig
+from edgefed.train.run import DEFAULT_EVAL_TOKENS
+from edgefed.train.split import SplitRule
 
 _TRAINING = "Training"
 _LORA = "LoRA adapter"
@@ -55,17 +63,17 @@ def train(
         typer.Option(
             help="JSON field (.jsonl) or column (.csv) holding the text.", rich_help_panel=_DATA
         ),
-    ] = "text",
+    ] = DEFAULT_TEXT_FIELD,
     split_seed: Annotated[
         int, typer.Option(help="Seed of the document split.", rich_help_panel=_DATA)
-    ] = 0,
+    ] = SplitRule.seed,
     val_fraction: Annotated[
         float,
         typer.Option(help="Share of documents for trust-validation.", rich_help_panel=_DATA),
-    ] = 0.1,
+    ] = SplitRule.val_fraction,
     test_fraction: Annotated[
         float, typer.Option(help="Share of documents held out for testing.", rich_help_panel=_DATA)
-    ] = 0.1,
+    ] = SplitRule.test_fraction,
     steps: Annotated[
         int | None,
         typer.Option(help="Optimizer steps. Default: one epoch.", min=1, rich_help_panel=_TRAINING),
@@ -76,29 +84,29 @@ def train(
             help="Passes over the training split (instead of --steps).", rich_help_panel=_TRAINING
         ),
     ] = None,
-    seq_len: SeqLenOption = 256,
-    batch_size: BatchSizeOption = 4,
+    seq_len: SeqLenOption = TrainConfig.seq_len,
+    batch_size: BatchSizeOption = TrainConfig.batch_size,
     grad_accum: Annotated[
         int,
         typer.Option(help="Micro-batches per optimizer step.", min=1, rich_help_panel=_TRAINING),
-    ] = 1,
-    lr: LearningRateOption = 1e-3,
+    ] = TrainConfig.grad_accum,
+    lr: LearningRateOption = TrainConfig.learning_rate,
     warmup: Annotated[
         float,
         typer.Option(
             help="Share of steps for linear warm-up before the cosine decay.",
             rich_help_panel=_TRAINING,
         ),
-    ] = 0.05,
+    ] = TrainConfig.warmup,
     weight_decay: Annotated[
         float, typer.Option(help="AdamW weight decay.", rich_help_panel=_TRAINING)
-    ] = 0.0,
+    ] = TrainConfig.weight_decay,
     max_grad_norm: Annotated[
         float, typer.Option(help="Gradient clipping norm.", rich_help_panel=_TRAINING)
-    ] = 1.0,
+    ] = TrainConfig.max_grad_norm,
     seed: Annotated[
         int, typer.Option(help="Seed of data order and dropout.", rich_help_panel=_TRAINING)
-    ] = 0,
+    ] = TrainConfig.seed,
     gradient_checkpointing: Annotated[
         bool,
         typer.Option(
@@ -109,7 +117,7 @@ def train(
     ] = False,
     checkpoint_every: Annotated[
         int, typer.Option(help="Write a checkpoint every N steps.", min=1, rich_help_panel=_RUN)
-    ] = 25,
+    ] = TrainConfig.checkpoint_every,
     resume: Annotated[
         bool,
         typer.Option(
@@ -117,14 +125,23 @@ def train(
         ),
     ] = False,
     rank: Annotated[
-        int | None, typer.Option(help="LoRA rank. Default: 8.", min=1, rich_help_panel=_LORA)
+        int | None,
+        typer.Option(
+            help=f"LoRA rank. Default: {LORA_DEFAULTS.rank}.", min=1, rich_help_panel=_LORA
+        ),
     ] = None,
     alpha: Annotated[
         float | None,
-        typer.Option(help="LoRA alpha (scale = alpha/rank). Default: 16.", rich_help_panel=_LORA),
+        typer.Option(
+            help=f"LoRA alpha (scale = alpha/rank). Default: {LORA_DEFAULTS.alpha:g}.",
+            rich_help_panel=_LORA,
+        ),
     ] = None,
     dropout: Annotated[
-        float | None, typer.Option(help="LoRA dropout. Default: 0.05.", rich_help_panel=_LORA)
+        float | None,
+        typer.Option(
+            help=f"LoRA dropout. Default: {LORA_DEFAULTS.dropout:g}.", rich_help_panel=_LORA
+        ),
     ] = None,
     targets: Annotated[
         str | None,
@@ -137,7 +154,7 @@ def train(
         int | None,
         typer.Option(
             help="Seed of the initial adapter (A random, B zero): devices of one federation "
-            "share it so their adapters are comparable. Default: 0.",
+            f"share it so their adapters are comparable. Default: {LORA_DEFAULTS.init_seed}.",
             rich_help_panel=_LORA,
         ),
     ] = None,
@@ -160,12 +177,10 @@ def train(
         ),
     ] = None,
     base: BaseOption = None,
-    precision: PrecisionOption = "nf4",
-    device: Annotated[
-        str, typer.Option(help="auto (CUDA when present), cpu or cuda.", rich_help_panel=_RUN)
-    ] = "auto",
+    precision: PrecisionOption = DEFAULT_PRECISION,
+    device: DeviceOption = DEFAULT_DEVICE,
     threads: ThreadsOption = None,
-    runtime_quant: RuntimeQuantOption = "q8_0",
+    runtime_quant: RuntimeQuantOption = DEFAULT_RUNTIME_QUANT,
     eval_tokens: Annotated[
         int,
         typer.Option(
@@ -173,7 +188,7 @@ def train(
             min=0,
             rich_help_panel=_RUN,
         ),
-    ] = 8192,
+    ] = DEFAULT_EVAL_TOKENS,
     as_json: JsonOption = False,
 ) -> None:
     """Train a LoRA adapter on your text over the 4-bit base (QLoRA) and score it with llama.cpp.
@@ -183,49 +198,45 @@ def train(
     step with a checkpoint; run the same command with --resume to finish the run exactly as if
     it had never stopped.
     """
-    from edgefed.adapter import DEFAULT_TARGETS, LoraSpec
-    from edgefed.errors import DataError
-    from edgefed.train.loop import TrainConfig, TrainingInterrupted
+    from edgefed.adapter import LoraSpec
+    from edgefed.errors import ConfigError
+    from edgefed.loaded_base import LoadedBase
+    from edgefed.train.loop import TrainingInterrupted
     from edgefed.train.run import train_adapter
-    from edgefed.train.split import SplitRule
 
-    try:
-        config = TrainConfig(
-            seq_len=seq_len,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            learning_rate=lr,
-            warmup=warmup,
-            weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm,
-            steps=steps,
-            epochs=epochs,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-            gradient_checkpointing=gradient_checkpointing,
+    config = TrainConfig(
+        seq_len=seq_len,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        learning_rate=lr,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        steps=steps,
+        epochs=epochs,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    rule = SplitRule(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    lora_given = any(v is not None for v in (rank, alpha, dropout, targets, init_seed))
+    if from_adapter is not None and lora_given:
+        raise ConfigError(
+            "--from continues an adapter with its own rank, alpha, dropout and targets; "
+            "--rank/--alpha/--dropout/--targets/--init-seed shape a fresh one",
+            "give one or the other",
         )
-        rule = SplitRule(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
-        lora_given = any(v is not None for v in (rank, alpha, dropout, targets, init_seed))
-        if from_adapter is not None and lora_given:
-            raise ValueError(
-                "--from continues an adapter with its own rank, alpha, dropout and targets; "
-                "--rank/--alpha/--dropout/--targets/--init-seed shape a fresh one: give one"
-            )
-        lora = (
-            LoraSpec(
-                rank=rank or 8,
-                alpha=alpha if alpha is not None else 16.0,
-                dropout=dropout if dropout is not None else 0.05,
-                targets=tuple(t.strip() for t in targets.split(",") if t.strip())
-                if targets
-                else DEFAULT_TARGETS,
-                init_seed=init_seed or 0,
-            )
-            if lora_given
-            else None
+    lora = (
+        LoraSpec(
+            rank=LORA_DEFAULTS.rank if rank is None else rank,
+            alpha=LORA_DEFAULTS.alpha if alpha is None else alpha,
+            dropout=LORA_DEFAULTS.dropout if dropout is None else dropout,
+            targets=LoraSpec.parse_targets(targets) if targets else LORA_DEFAULTS.targets,
+            init_seed=LORA_DEFAULTS.init_seed if init_seed is None else init_seed,
         )
-    except ValueError as exc:
-        raise DataError(str(exc), "see edgefed train --help") from None
+        if lora_given
+        else None
+    )
 
     display = ProgressDisplay()
 
@@ -243,11 +254,20 @@ def train(
             stderr.print(f"note: {summary.duplicates} duplicate document(s) kept once")
 
     try:
-        with stop_on_signals() as should_stop:
+        with (
+            LoadedBase(
+                base,
+                precision=precision,
+                device=device,
+                runtime_quant=runtime_quant,
+                threads=threads,
+            ) as loaded,
+            stop_on_signals() as should_stop,
+        ):
             result = train_adapter(
                 data,
                 out,
-                base=base,
+                loaded,
                 config=config,
                 lora=lora,
                 split_rule=rule,
@@ -255,10 +275,6 @@ def train(
                 from_adapter=from_adapter,
                 optimizer_state=optimizer_state,
                 resume=resume,
-                precision=precision,
-                device=device,
-                threads=threads,
-                runtime_quant=runtime_quant,
                 eval_tokens=eval_tokens or None,
                 on_status=display.status,
                 on_data=on_data,
@@ -278,23 +294,21 @@ def train(
     metrics = result.metrics
     if as_json:
         emit_json(
-            metrics
+            {"format": metrics.FORMAT}
+            | metrics.as_dict()
             | {"outputs": {"adapter": str(result.adapter_dir), "gguf": str(result.gguf_adapter)}}
         )
         return
-    val = metrics["val"]
-    table = Table(
-        title=f"trained {metrics['steps']} steps in {result.out_dir}", title_justify="left"
-    )
+    table = Table(title=f"trained {metrics.steps} steps in {result.out_dir}", title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row("tokens seen", f"{metrics['tokens_seen']:,}")
-    table.add_row("train tokens/s", f"{metrics['train_tokens_per_second']:,.0f}")
-    table.add_row("final train loss", f"{metrics['loss_curve'][-1][1]:.4f}")
-    table.add_row("trust-val perplexity, base", f"{val['base_perplexity']:.3f}")
-    table.add_row("trust-val perplexity, adapter", f"{val['perplexity']:.3f}")
-    table.add_row("wall time", f"{metrics['wall_seconds']:.1f} s")
-    table.add_row("peak RSS", f"{metrics['peak_rss_bytes'] / 2**20:,.0f} MiB")
+    table.add_row("tokens seen", f"{metrics.tokens_seen:,}")
+    table.add_row("train tokens/s", f"{metrics.train_tokens_per_second:,.0f}")
+    table.add_row("final train loss", f"{metrics.loss_curve[-1][1]:.4f}")
+    table.add_row("trust-val perplexity, base", f"{metrics.val.base_perplexity:.3f}")
+    table.add_row("trust-val perplexity, adapter", f"{metrics.val.perplexity:.3f}")
+    table.add_row("wall time", f"{metrics.wall_seconds:.1f} s")
+    table.add_row("peak RSS", f"{metrics.peak_rss_bytes / 2**20:,.0f} MiB")
     table.add_row("PEFT adapter", str(result.adapter_dir))
     table.add_row("GGUF adapter", str(result.gguf_adapter))
     stdout.print(table)

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgefed.cli.federation import WorkspaceOption
 from edgefed.cli.options import (
     ByTokensOption,
     ClipNormOption,
@@ -20,9 +19,12 @@ from edgefed.cli.options import (
     ThresholdOption,
     TopKOption,
     TrustOption,
+    WorkspaceOption,
 )
 from edgefed.cli.output import emit_json, stdout, user_errors
 from edgefed.cli.progress import ProgressDisplay
+from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
+from edgefed.trust.settings import DEFAULT_MERGE
 
 app = typer.Typer(help="Trust rows: how much this device trusts each peer, round by round.")
 
@@ -43,34 +45,37 @@ def aggregate(
     temperature: TemperatureOption = None,
     top_k: TopKOption = None,
     threshold: ThresholdOption = None,
-    merge: MergeOption = "factors",
+    merge: MergeOption = DEFAULT_MERGE,
     by_tokens: ByTokensOption = False,
     clip_norm: ClipNormOption = None,
     workspace: WorkspaceOption = None,
-    runtime_quant: RuntimeQuantOption = "q8_0",
+    runtime_quant: RuntimeQuantOption = DEFAULT_RUNTIME_QUANT,
     threads: ThreadsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Compute this device's trust row over the round's verified peers and write the mix."""
     from edgefed.device.aggregate import aggregate_round
     from edgefed.device.workspace import find_workspace
+    from edgefed.loaded_base import LoadedBase
+    from edgefed.trust.settings import TrustSettings
 
-    with ProgressDisplay() as display:
+    settings = TrustSettings(
+        scheme=trust,
+        temperature=temperature,
+        top_k=top_k,
+        threshold=threshold,
+        merge=merge,
+        clip_norm=clip_norm,
+        by_tokens=by_tokens,
+    )
+    ws = find_workspace(workspace)
+    with (
+        LoadedBase(ws.config.base, runtime_quant=runtime_quant, threads=threads) as loaded,
+        ProgressDisplay() as display,
+    ):
         display.status("computing the trust row")
         result = aggregate_round(
-            find_workspace(workspace),
-            round_number,
-            adapter,
-            scheme=trust,
-            temperature=temperature,
-            top_k=top_k,
-            threshold=threshold,
-            merge=merge,
-            by_tokens=by_tokens,
-            runtime_quant=runtime_quant,
-            clip_norm=clip_norm,
-            threads=threads,
-            on_progress=display.progress,
+            ws, round_number, adapter, loaded, settings, on_progress=display.progress
         )
     if as_json:
         emit_json(result.as_dict())
@@ -84,7 +89,7 @@ def aggregate(
         table.add_row(device, "-" if score is None else f"{score:.4f}", f"{weight:.3f}")
     stdout.print(table)
     stdout.print(
-        f"mixed adapter: {result.adapter_dir} ({merge} merge, relative ΔW error "
+        f"mixed adapter: {result.adapter_dir} ({settings.merge} merge, relative ΔW error "
         f"{result.relative_error:.2%})"
     )
 
@@ -98,15 +103,15 @@ def show(workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None
 
     history = trust_history(find_workspace(workspace))
     if as_json:
-        emit_json(history)
+        emit_json([record.as_dict() for record in history])
         return
-    devices = sorted({d for row in history for d in row["devices"]})
+    devices = sorted({d for record in history for d in record.devices})
     table = Table("round", "scheme", *devices, title="trust weights")
-    for row in history:
-        weights = dict(zip(row["devices"], row["weights"], strict=True))
+    for record in history:
+        weights = record.weights_by_device()
         table.add_row(
-            str(row["round"]),
-            row["scheme"],
+            str(record.round),
+            record.scheme,
             *(f"{weights[d]:.3f}" if d in weights else "-" for d in devices),
         )
     stdout.print(table)

@@ -1,14 +1,9 @@
-"""One device's aggregation for a round: its trust row over the verified peers, and the mix.
+"""The aggregate step: this device's trust row over the verified peers, and the mix.
 
-Reads the device's own adapter and the peers' adapters that `sync` verified into the workspace,
-computes row i of W with the chosen scheme (llama.cpp for perplexity and prediction: the base
-loaded once, every adapter loaded once and swapped), mixes, and writes into the round folder:
-
-    rounds/<r>/aggregated/   the mixed adapter (PEFT folder: adapter_config.json + safetensors)
-    rounds/<r>/aggregated.gguf   the same as a GGUF LoRA, for llama.cpp
-    rounds/<r>/trust.json    {"round", "scheme", "devices", "scores", "weights", "normalization",
-                              "merge", "relative_error", "delta_norms", "clip_norm",
-                              "peers_used"}
+Reads the device's own adapter and the peers' adapters that the pull step verified into the
+workspace, computes row i of W with the chosen scheme (llama.cpp for perplexity and prediction:
+the base loaded once, every adapter loaded once and swapped), mixes, and writes the mix (a PEFT
+folder and its GGUF) and trust.json (`TrustRecord`) into the round folder.
 
 Trust-validation text is this device's own split (the rule recorded by its training run), never
 its test split: the text that picks the weights must not be the text that reports the result.
@@ -16,42 +11,32 @@ its test split: the text that picks the weights must not be the text that report
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgefed.adapter import BASE_FINGERPRINT_KEY, LoraSpec, read_adapter_folder, save_lora_tensors
-from edgefed.atomic import atomic_write_text
+from edgefed.adapter import BASE_FINGERPRINT_KEY, read_adapter_folder, save_lora_tensors
+from edgefed.device.records import TrustRecord
 from edgefed.device.split_text import device_split_tokens
 from edgefed.device.workspace import Workspace
 from edgefed.errors import DataError
 from edgefed.faults import crash_point
+from edgefed.loaded_base import LoadedBase
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
 from edgefed.scoring import ScoreProgress
 from edgefed.train.blocks import evaluation_stream
-from edgefed.train.loaded_base import LoadedBase
+from edgefed.train.run import DEFAULT_EVAL_TOKENS
+from edgefed.train.run_folder import RunFolder
 from edgefed.train.split import TRUST_VAL
 from edgefed.trust.clip import clip_peers
 from edgefed.trust.merge import MERGES
-from edgefed.trust.schemes import (
-    DEFAULT_SCHEME,
-    Normalization,
-    TrustInputs,
-    TrustRow,
-    compute_trust,
-    default_temperature,
-)
+from edgefed.trust.schemes import TrustInputs, TrustRow, compute_trust, trust_scheme
+from edgefed.trust.settings import TrustSettings
 
-AGGREGATED_DIR = "aggregated"
-AGGREGATED_GGUF = "aggregated.gguf"
-TRUST_FILE = "trust.json"
-RUNTIME_SCHEMES = ("perplexity", "prediction")
-DEFAULT_VAL_TOKENS = 8192
+DEFAULT_VAL_TOKENS = DEFAULT_EVAL_TOKENS  # trust-validation tokens a trust row scores
 
 
 @dataclass(frozen=True)
@@ -73,11 +58,14 @@ class AggregateResult:
 def _peer_adapters(workspace: Workspace, round_number: int) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
-    folder = workspace.round_dir(round_number) / "peers"
+    from edgefed.sync.manifest import parse_document
+
+    folder = workspace.peers_dir(round_number)
     tensors, tokens = {}, {}
     for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         tensors[path.stem] = {n: t.float() for n, t in load_file(path).items()}
-        manifest = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        manifest_path = workspace.peer_manifest_path(round_number, path.stem)
+        manifest = parse_document(manifest_path.read_bytes(), str(manifest_path))
         tokens[path.stem] = int(manifest.get("train_tokens", 0))
     return tensors, tokens
 
@@ -86,113 +74,69 @@ def aggregate_round(
     workspace: Workspace,
     round_number: int,
     own_adapter: str | os.PathLike[str],
+    loaded: LoadedBase,
+    trust: TrustSettings | None = None,
     *,
-    scheme: str | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    threshold: float | None = None,
-    merge: str = "factors",
-    by_tokens: bool = False,
-    runtime_quant: str | None = None,
     val_tokens: int | None = DEFAULT_VAL_TOKENS,
-    clip_norm: float | None = None,
-    loaded: LoadedBase | None = None,
-    threads: int | None = None,
     on_progress: Callable[[ScoreProgress], None] | None = None,
 ) -> AggregateResult:
     """Compute this device's trust row for the round and write the mixed adapter.
 
-    `scheme` defaults to the federation's; `temperature` to the federation's for that scheme,
-    else the scheme's measured default (`DEFAULT_TEMPERATURES`). Raises DataError
-    for an unknown scheme or merge, a bad normalization, or missing inputs (no reference text
-    for prediction trust, no own adapter), and AdapterMismatchError for adapters that do not
-    agree. `clip_norm` bounds each peer's ΔW norm (`edgefed.trust.clip`). `loaded` scores over
-    an already loaded base (the simulation's); `on_progress` gets the scoring's progress. A
-    device without peers loads and scores nothing: its row is itself.
+    Unset fields of `trust` are the federation's (`TrustSettings.resolved`). Raises DataError
+    for missing inputs (no reference text for prediction trust, no own adapter) and
+    AdapterMismatchError for adapters that do not agree. `on_progress` gets the scoring's
+    progress. A device without peers scores nothing (and loads no runtime): its row is itself.
     """
-    if merge not in MERGES:
-        raise DataError(f"unknown merge '{merge}'", f"choose one of {', '.join(MERGES)}")
+    workspace.check_base(loaded)
     federation = workspace.federation
-    defaults = federation.get("trust") or {}
-    scheme = scheme or defaults.get("scheme", DEFAULT_SCHEME)
-    if temperature is None and scheme == defaults.get("scheme"):
-        temperature = defaults.get("temperature")  # the federation's, for its own scheme
-    normalization = Normalization(
-        temperature=default_temperature(scheme) if temperature is None else float(temperature),
-        top_k=top_k,
-        threshold=threshold,
-    )
-    if clip_norm is not None and not clip_norm > 0:
-        raise DataError(f"--clip-norm {clip_norm:g} must be positive", "e.g. --clip-norm 2")
-    if normalization.temperature <= 0 or (top_k is not None and top_k < 1):
-        raise DataError(
-            "the temperature must be positive and top-k at least 1",
-            "e.g. --temperature 0.05 --top-k 3",
-        )
-    spec = LoraSpec.from_dict(federation["lora"])
+    default = TrustSettings.from_federation(federation.trust_default)
+    settings = (trust or TrustSettings()).resolved(default)
+    scheme = trust_scheme(settings.scheme)
+    spec = federation.lora
     own_path = Path(own_adapter)
     _, own_tensors, _ = read_adapter_folder(own_path)
     peers, peer_tokens = _peer_adapters(workspace, round_number)
     me = workspace.device
     adapters = {me: {n: t.float() for n, t in own_tensors.items()}} | peers
-    adapters, norms = clip_peers(adapters, me, clip_norm)
+    adapters, norms = clip_peers(adapters, me, settings.clip_norm)
     train_tokens = peer_tokens
-    own_metrics = own_path / "metrics.json"
-    if own_metrics.is_file():
-        train_tokens = train_tokens | {
-            me: json.loads(own_metrics.read_text(encoding="utf-8"))["tokens_seen"]
-        }
-    options = {"by_tokens": by_tokens} if scheme == "fedavg" else {}
+    own_run = RunFolder(own_path)
+    if own_run.is_finished():
+        train_tokens = train_tokens | {me: own_run.read_metrics().tokens_seen}
 
-    if scheme in RUNTIME_SCHEMES and len(adapters) > 1:
-        with (
-            nullcontext(loaded)
-            if loaded is not None
-            else LoadedBase(workspace.config["base"], runtime_quant=runtime_quant, threads=threads)
-        ) as loaded:
-            row = _runtime_row(
-                workspace,
-                scheme,
-                adapters,
-                spec,
-                own_path,
-                normalization,
-                val_tokens,
-                loaded,
-                on_progress,
-            )
+    if scheme.needs_runtime and len(adapters) > 1:
+        row = _runtime_row(
+            workspace, scheme.name, adapters, own_path, settings, val_tokens, loaded, on_progress
+        )
     else:
+        options = {"by_tokens": settings.by_tokens} if scheme.uses_train_tokens else {}
         inputs = TrustInputs(own=me, adapters=adapters, train_tokens=train_tokens)
-        row = compute_trust(scheme, inputs, normalization, **options)
+        row = compute_trust(scheme.name, inputs, settings.normalization, **options)
 
-    result = MERGES[merge]([adapters[d] for d in row.devices], row.weights)
+    result = MERGES[settings.merge]([adapters[d] for d in row.devices], row.weights)
     adapter_dir = save_lora_tensors(
         result.tensors,
         spec,
-        workspace.round_dir(round_number) / AGGREGATED_DIR,
-        metadata={BASE_FINGERPRINT_KEY: federation["base"]["sha256"]},
+        workspace.aggregated_dir(round_number),
+        metadata={BASE_FINGERPRINT_KEY: federation.base_sha256},
     )
     gguf_adapter = convert_lora_to_gguf(
-        adapter_dir,
-        workspace.round_dir(round_number) / AGGREGATED_GGUF,
-        base=workspace.config["base"],
+        adapter_dir, workspace.aggregated_gguf(round_number), base=loaded.base_path
     )
     crash_point("aggregate-mix")
-    record = {
-        "round": round_number,
-        **row.as_dict(),
-        "normalization": asdict(normalization),
-        "merge": merge,
-        "relative_error": result.relative_error,
-        "delta_norms": norms,
-        "clip_norm": clip_norm,
-        "peers_used": [
-            d for d, w in zip(row.devices, row.weights, strict=True) if w > 0 and d != me
-        ],
-    }
-    atomic_write_text(
-        workspace.round_dir(round_number) / TRUST_FILE, json.dumps(record, indent=1) + "\n"
-    )
+    TrustRecord(
+        round=round_number,
+        scheme=row.scheme,
+        devices=row.devices,
+        scores=row.scores,
+        weights=row.weights,
+        normalization=asdict(settings.normalization),
+        merge=settings.merge,
+        relative_error=result.relative_error,
+        delta_norms=norms,
+        clip_norm=settings.clip_norm,
+        peers_used=[d for d, w in zip(row.devices, row.weights, strict=True) if w > 0 and d != me],
+    ).write(workspace.trust_path(round_number))
     return AggregateResult(
         row=row,
         relative_error=result.relative_error,
@@ -202,39 +146,43 @@ def aggregate_round(
 
 
 def _runtime_row(
-    workspace, scheme, adapters, spec, own_path, normalization, val_tokens, loaded, on_progress
-):
-    reference_path = workspace.root / "reference.txt"
-    if scheme == "prediction" and not reference_path.is_file():
+    workspace: Workspace,
+    scheme: str,
+    adapters: dict,
+    own_path: Path,
+    settings: TrustSettings,
+    val_tokens: int | None,
+    loaded: LoadedBase,
+    on_progress: Callable[[ScoreProgress], None] | None,
+) -> TrustRow:
+    reference_path = workspace.reference_path
+    if trust_scheme(scheme).needs_reference and not reference_path.is_file():
         raise DataError(
-            "prediction trust needs the federation's reference text, and it has none",
+            f"{scheme} trust needs the federation's reference text, and it has none",
             "use --trust perplexity, or a federation made with `edgefed init --reference FILE`",
         )
     runtime = loaded.runtime
+    spec = workspace.federation.lora
     inputs = TrustInputs(
         own=workspace.device,
         adapters=adapters,
         runtime=runtime,
         runtime_adapters={d: loaded.load_tensors(t, spec) for d, t in adapters.items()},
         val_tokens=device_split_tokens(workspace, own_path, runtime, TRUST_VAL, val_tokens)
-        if scheme == "perplexity"
+        if trust_scheme(scheme).needs_validation_text
         else None,
         reference_tokens=_reference_tokens(runtime, reference_path, val_tokens)
-        if scheme == "prediction"
+        if trust_scheme(scheme).needs_reference
         else None,
         on_progress=on_progress,
     )
-    return compute_trust(scheme, inputs, normalization)
+    return compute_trust(scheme, inputs, settings.normalization)
 
 
-def trust_history(workspace: Workspace) -> list[dict]:
+def trust_history(workspace: Workspace) -> list[TrustRecord]:
     """Every trust row this device recorded, round by round."""
-    rows = []
-    for round_number in workspace.rounds():
-        path = workspace.round_dir(round_number) / TRUST_FILE
-        if path.is_file():
-            rows.append(json.loads(path.read_text(encoding="utf-8")))
-    return rows
+    records = (workspace.read_trust(r) for r in workspace.rounds())
+    return [record for record in records if record is not None]
 
 
 def _reference_tokens(runtime, reference_path: Path, limit: int | None):

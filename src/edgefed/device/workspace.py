@@ -1,12 +1,19 @@
-"""A device's workspace: its identity, its private key, and what it pulled, round by round.
+"""A device's workspace: its identity, its key, what it pulled, and its rounds; this module owns
+the workspace's layout as `edgefed.sync.layout` owns the store's.
 
-    device.json                  {"format", "federation", "device", "store", "data", "joined"}
+    device.json                  DeviceConfig: federation, device, store, data, base, joined
     device.key                   Ed25519 private key (PEM, mode 0600); never leaves the device
     federation.json              the federation manifest as first seen (pinned)
     reference.txt                the shared reference text, when the federation has one
     peers.json                   each peer's public key as first seen (pinned)
-    rounds/<r>/peers/<d>.safetensors   verified adapters pulled for round r
+    rounds/<r>/train/            the round's training run (`edgefed.train.run_folder`)
+    rounds/<r>/release.safetensors   the noised adapter published with --dp-clip
+    rounds/<r>/peers/<d>.safetensors verified adapters pulled for round r (+ <d>.json manifest)
     rounds/<r>/rejected.json     what was not used for round r, and why
+    rounds/<r>/aggregated/       the mix (PEFT folder), and aggregated.gguf for llama.cpp
+    rounds/<r>/trust.json        TrustRecord
+    rounds/<r>/evaluation.json   EvaluationRecord
+    rounds/<r>/round.json        RoundRecord
 
 Pinning makes the store trust-on-first-use: after a device has seen a peer's key (or the
 federation manifest) once, a store that later swaps it cannot slip a forged adapter past this
@@ -15,39 +22,45 @@ device. Every write here is atomic.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from edgefed.atomic import atomic_write_text
-from edgefed.errors import InputFileError, ModelFormatError
+from edgefed.device.records import EvaluationRecord, RoundRecord, TrustRecord
+from edgefed.errors import AdapterMismatchError, InputFileError
 from edgefed.home import edgefed_home
+from edgefed.record_file import RecordFile, read_json_file, write_json_file
+from edgefed.sync.manifest import Federation
 from edgefed.sync.signing import DeviceKey
+from edgefed.train.run_folder import RunFolder
 
-WORKSPACE_FORMAT = 1
+if TYPE_CHECKING:
+    from edgefed.loaded_base import LoadedBase
+
+DEVICE_FILE = "device.json"
+KEY_FILE = "device.key"
+FEDERATION_FILE = "federation.json"
+REFERENCE_FILE = "reference.txt"
+PEERS_FILE = "peers.json"
+
+
+@dataclass(frozen=True)
+class DeviceConfig(RecordFile):
+    FILE = DEVICE_FILE
+    KIND = "device config"
+    FIX = "restore the workspace from a backup, or join again under a new --device name"
+
+    federation: str
+    device: str
+    store: str
+    data: str
+    base: str
+    joined: str
 
 
 def default_workspace(federation_id: str, device: str) -> Path:
     return edgefed_home() / federation_id / device
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(
-            f"{path.parent} is not a device workspace (no {path.name})",
-            "pass the --workspace that `edgefed join` made",
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise ModelFormatError(
-            f"{what} {path} is damaged ({exc})", "restore the workspace"
-        ) from None
-
-
-def write_json(path: Path, document: dict | list) -> None:
-    atomic_write_text(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)
@@ -59,58 +72,142 @@ class Workspace:
     @classmethod
     def open(cls, root: str | os.PathLike[str]) -> Workspace:
         workspace = cls(Path(root).expanduser())
-        config = workspace.config
-        if config.get("format") != WORKSPACE_FORMAT:
-            raise ModelFormatError(f"{workspace.root} is not a format-1 workspace", "join again")
+        if not (workspace.root / DEVICE_FILE).is_file():
+            raise InputFileError(
+                f"{workspace.root} is not a device workspace (no {DEVICE_FILE})",
+                "pass the --workspace that `edgefed join` made",
+            )
+        workspace.config  # noqa: B018 - refuses a damaged or newer config now, not mid-round
         return workspace
 
     @property
-    def config(self) -> dict:
-        return _read_json(self.root / "device.json", "device config")
+    def config(self) -> DeviceConfig:
+        return DeviceConfig.read(self.root / DEVICE_FILE)
 
     @property
     def device(self) -> str:
-        return self.config["device"]
+        return self.config.device
 
     @property
-    def federation(self) -> dict:
-        return _read_json(self.root / "federation.json", "pinned federation manifest")
+    def federation(self) -> Federation:
+        document = read_json_file(
+            self.root / FEDERATION_FILE, "pinned federation manifest", DeviceConfig.FIX
+        )
+        return Federation.from_document(document, f"the pinned {self.root / FEDERATION_FILE}")
+
+    def check_base(self, loaded: LoadedBase) -> None:
+        """AdapterMismatchError unless `loaded` is the federation's base: a step over another
+        base would train, score or convert against weights no peer has."""
+        expected = self.federation.base_sha256
+        if loaded.fingerprint != expected:
+            raise AdapterMismatchError(
+                f"the loaded base {loaded.base_path.name} (sha256 {loaded.fingerprint[:12]}) is "
+                f"not this federation's (sha256 {expected[:12]})",
+                f"load the base the workspace joined with: {self.config.base}",
+            )
+
+    def pin_federation(self, federation: Federation) -> None:
+        write_json_file(self.root / FEDERATION_FILE, federation.document)
+
+    @property
+    def key_path(self) -> Path:
+        return self.root / KEY_FILE
 
     def key(self) -> DeviceKey:
-        return DeviceKey.load(self.root / "device.key")
+        return DeviceKey.load(self.key_path)
+
+    @property
+    def reference_path(self) -> Path:
+        return self.root / REFERENCE_FILE
 
     def pinned_peers(self) -> dict[str, str]:
-        path = self.root / "peers.json"
-        return _read_json(path, "pinned peer keys") if path.exists() else {}
+        path = self.root / PEERS_FILE
+        return read_json_file(path, "pinned peer keys", DeviceConfig.FIX) if path.exists() else {}
 
     def pin_peers(self, peers: dict[str, str]) -> None:
-        write_json(self.root / "peers.json", peers)
+        write_json_file(self.root / PEERS_FILE, dict(sorted(peers.items())))
 
-    def round_dir(self, round_number: int) -> Path:
-        return self.root / "rounds" / str(round_number)
-
-    def peer_adapter_path(self, round_number: int, device: str) -> Path:
-        return self.round_dir(round_number) / "peers" / f"{device}.safetensors"
-
-    def rejections(self, round_number: int) -> list[dict]:
-        path = self.round_dir(round_number) / "rejected.json"
-        return _read_json(path, "rejection log") if path.exists() else []
-
-    def record_rejections(self, round_number: int, rejections: list[dict]) -> None:
-        write_json(self.round_dir(round_number) / "rejected.json", rejections)
-
+    # rounds
     def rounds(self) -> list[int]:
         folder = self.root / "rounds"
         if not folder.is_dir():
             return []
         return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
+    def round_dir(self, round_number: int) -> Path:
+        return self.root / "rounds" / str(round_number)
+
+    def train_run(self, round_number: int) -> RunFolder:
+        return RunFolder(self.round_dir(round_number) / "train")
+
+    def release_path(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / "release.safetensors"
+
+    def peers_dir(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / "peers"
+
+    def peer_adapter_path(self, round_number: int, device: str) -> Path:
+        return self.peers_dir(round_number) / f"{device}.safetensors"
+
+    def peer_manifest_path(self, round_number: int, device: str) -> Path:
+        return self.peers_dir(round_number) / f"{device}.json"
+
+    def aggregated_dir(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / "aggregated"
+
+    def aggregated_gguf(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / "aggregated.gguf"
+
+    def trust_path(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / TrustRecord.FILE
+
+    def evaluation_path(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / EvaluationRecord.FILE
+
+    def round_record_path(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / RoundRecord.FILE
+
+    def rejections(self, round_number: int) -> list[dict]:
+        path = self.round_dir(round_number) / "rejected.json"
+        return read_json_file(path, "rejection log") if path.exists() else []
+
+    def record_rejections(self, round_number: int, rejections: list[dict]) -> None:
+        write_json_file(self.round_dir(round_number) / "rejected.json", rejections)
+
+    def read_trust(self, round_number: int) -> TrustRecord | None:
+        path = self.trust_path(round_number)
+        return TrustRecord.read(path) if path.is_file() else None
+
+    def read_evaluation(self, round_number: int) -> EvaluationRecord | None:
+        path = self.evaluation_path(round_number)
+        return EvaluationRecord.read(path) if path.is_file() else None
+
+    def read_round_record(self, round_number: int) -> RoundRecord:
+        path = self.round_record_path(round_number)
+        return RoundRecord.read(path) if path.is_file() else RoundRecord(round=round_number)
+
+    def next_round(self) -> int:
+        """The first round this device has not finished (0 for a new device)."""
+        for round_number in self.rounds():
+            if not self.read_round_record(round_number).is_finished():
+                return round_number
+        return max(self.rounds(), default=-1) + 1
+
+    def last_aggregated_round(self) -> int:
+        """The latest round with a trust row; InputFileError when there is none."""
+        finished = [r for r in self.rounds() if self.trust_path(r).is_file()]
+        if not finished:
+            raise InputFileError(
+                f"{self.device} has no aggregated round to evaluate", "run `edgefed round` first"
+            )
+        return finished[-1]
+
 
 def find_workspace(root: str | os.PathLike[str] | None) -> Workspace:
     """`root`, or the only workspace under $EDGEFED_HOME when none is given."""
     if root is not None:
         return Workspace.open(root)
-    found = sorted(p.parent for p in edgefed_home().glob("*/*/device.json"))
+    found = sorted(p.parent for p in edgefed_home().glob(f"*/*/{DEVICE_FILE}"))
     if len(found) == 1:
         return Workspace.open(found[0])
     if not found:

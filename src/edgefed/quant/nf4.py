@@ -180,7 +180,10 @@ def build_training_model(base_path: Path, precision: str = "nf4"):
         if hf_name is None:
             if tensor.name == "output.weight" or tensor.name.startswith("rope_"):
                 continue
-            raise ModelFormatError(f"base tensor {tensor.name} has no place in the model", "")
+            raise ModelFormatError(
+                f"base tensor {tensor.name} has no place in the model",
+                "use a base of a supported architecture (`edgefed base show` checks one)",
+            )
         array = _dequantize(tensor)
         if info.architecture == "llama" and ".attn_q." in tensor.name:
             array = unpermute_for_rope(array, info.n_head)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from edgefed.atomic import atomic_path
-from edgefed.errors import InputFileError, RuntimeBackendError
+from edgefed.errors import ConfigError, InputFileError, RuntimeBackendError
 from edgefed.home import cache_dir
 from edgefed.quant.gguf_file import read_base_info, require_file, sha256_file
 from edgefed.runtime.backend import ensure_backend, take_recent_errors
@@ -38,6 +38,17 @@ QUANT_TYPES: dict[str, str] = {
     "q4_1": "MOSTLY_Q4_1",
     "q4_0": "MOSTLY_Q4_0",
 }
+
+
+def check_runtime_quant(quant_type: str) -> str:
+    """`quant_type` in the runtime's spelling ('keep' or a QUANT_TYPES name), or ConfigError."""
+    key = quant_type.lower()
+    if key != KEEP and key not in QUANT_TYPES:
+        raise ConfigError(
+            f"unknown quantization type '{quant_type}'",
+            f"choose {KEEP} or one of {', '.join(QUANT_TYPES)}",
+        )
+    return key
 
 
 def requantize(

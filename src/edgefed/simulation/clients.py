@@ -125,7 +125,7 @@ def folder_clients(root: str | Path, docs_per_client: int | None = None) -> Clie
         except DataError as exc:
             raise DataError(
                 f"client {folder.name}: {exc.problem}", f"fix or remove the folder {folder}"
-            ) from None
+            ) from exc
         if len(documents) < MIN_CLIENT_DOCUMENTS:
             raise DataError(
                 f"client {folder.name} has {len(documents)} document(s); each needs at least "

@@ -4,7 +4,8 @@ Every device is a real workspace joined to a real store (a folder under the run 
 relay), and every round runs `edgefed.device.round.run_round`: the code of a real device. What
 the simulation adds is scheduling and sharing:
 
-- all devices train round r and publish before any of them pulls, as a federation in lock-step;
+- all devices train and publish round r before any of them pulls, as a federation in
+  lock-step (`run_round(until="publish")`, then the rest of the round);
 - one `LoadedBase` (llama.cpp runtime + training copy) serves every device, variant and seed;
 - round 0 (the warm-up) depends only on the data, the seed and the shared init, not on the
   trust variant, so it is trained once per (seed, device) and copied into the other variants'
@@ -31,96 +32,51 @@ from pathlib import Path
 
 from edgefed.adapter import LoraSpec
 from edgefed.atomic import atomic_write_text
-from edgefed.device.evaluate import TRAIN_DIR
-from edgefed.device.federation import (
-    init_federation,
-    join_federation,
-    publish_adapter,
-    publish_metrics,
-)
+from edgefed.device.federation import init_federation, join_federation
 from edgefed.device.round import RoundOptions, run_round
 from edgefed.device.workspace import Workspace
-from edgefed.errors import DataError, InputFileError
+from edgefed.errors import ConfigError, DataError, InputFileError
+from edgefed.loaded_base import LoadedBase
 from edgefed.simulation.clients import ClientSet
 from edgefed.sync.folder import FolderStore
 from edgefed.sync.layout import manifest_key
 from edgefed.sync.manifest import parse_document
-from edgefed.train.loaded_base import LoadedBase
-from edgefed.trust.merge import MERGES
-from edgefed.trust.schemes import SCHEMES
+from edgefed.train.loop import TrainConfig
+from edgefed.trust.settings import TrustSettings, parse_variants
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class Variant:
-    """A trust scheme with its normalization and merge: `perplexity:t=0.05:merge=exact`."""
-
-    scheme: str
-    temperature: float | None = None
-    top_k: int | None = None
-    threshold: float | None = None
-    merge: str = "factors"
-
-    @property
-    def label(self) -> str:
-        parts = [self.scheme]
-        for key, value in (("t", self.temperature), ("top-k", self.top_k),
-                           ("threshold", self.threshold)):  # fmt: skip
-            if value is not None:
-                parts.append(f"{key}={value:g}")
-        if self.merge != "factors":
-            parts.append(f"merge={self.merge}")
-        return ":".join(parts)
-
-
-def parse_variants(text: str) -> tuple[Variant, ...]:
-    """`local,fedavg,perplexity:t=0.05:merge=exact` → variants; DataError on anything unknown."""
-    variants = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        scheme, *options = item.split(":")
-        if scheme not in SCHEMES:
-            raise DataError(f"unknown trust scheme '{scheme}'", f"use {', '.join(SCHEMES)}")
-        values: dict = {}
-        for option in options:
-            key, _, value = option.partition("=")
-            try:
-                if key == "t":
-                    values["temperature"] = float(value)
-                elif key == "top-k":
-                    values["top_k"] = int(value)
-                elif key == "threshold":
-                    values["threshold"] = float(value)
-                elif key == "merge" and value in MERGES:
-                    values["merge"] = value
-                else:
-                    raise ValueError
-            except ValueError:
-                raise DataError(
-                    f"'{option}' in --trust '{item}' is not an option",
-                    "write scheme:t=T:top-k=K:threshold=X:merge=factors|exact",
-                ) from None
-        variants.append(Variant(scheme, **values))
-    labels = [v.label for v in variants]
-    if not variants or len(set(labels)) != len(labels):
-        raise DataError("--trust needs distinct variants", "e.g. --trust local,fedavg,perplexity")
-    return tuple(variants)
+DEFAULT_VARIANTS = "local,fedavg,perplexity"
+# the demo's scale: scarce data, short blocks and few tokens scored, so that a laptop CPU runs
+# it in minutes; the CLI's defaults are these
+DEMO_TRAIN = TrainConfig(seq_len=128, batch_size=2, learning_rate=2e-3)
+DEMO_VAL_TOKENS = 256
+DEMO_TEST_TOKENS = 384
+# the figures in the README were measured with CPU training: a simulation trains there unless
+# told otherwise, so its results compare with them
+DEFAULT_SIMULATION_DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
 class SimulationSettings:
-    variants: tuple[Variant, ...] = field(
-        default_factory=lambda: parse_variants("local,fedavg,perplexity")
+    """What a simulation runs: its variants (each a TrustSettings; a variant's clip bound and
+    by-tokens come from `round_options.trust`), seeds, rounds and schedule."""
+
+    variants: tuple[TrustSettings, ...] = field(
+        default_factory=lambda: parse_variants(DEFAULT_VARIANTS)
     )
     seeds: int = 1
     rounds: int = 2
     warmup_steps: int = 8
     round_steps: int = 4
     lora: LoraSpec = field(default_factory=LoraSpec)
-    round_options: RoundOptions = field(default_factory=RoundOptions)
+    round_options: RoundOptions = field(
+        default_factory=lambda: RoundOptions(
+            train=DEMO_TRAIN, val_tokens=DEMO_VAL_TOKENS, test_tokens=DEMO_TEST_TOKENS
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -132,18 +88,18 @@ class Progress:
     message: str
 
 
-def _federation_dir(out: Path, variant: Variant, seed: int) -> Path:
+def _federation_dir(out: Path, variant: TrustSettings, seed: int) -> Path:
     safe = variant.label.replace(":", "_").replace("=", "-")
     return out / "federations" / safe / f"seed-{seed}"
 
 
 def _copy_warmup(source: Workspace, target: Workspace) -> None:
     """Round 0's training (identical for every variant of a seed) into another workspace."""
-    destination = target.round_dir(0) / TRAIN_DIR
+    destination = target.train_run(0).root
     if not destination.exists():
         tmp = destination.with_name(".train-copy")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source.round_dir(0) / TRAIN_DIR, tmp)
+        shutil.copytree(source.train_run(0).root, tmp)
         os.replace(tmp, destination)
 
 
@@ -155,8 +111,7 @@ def _round_bytes(store, workspace: Workspace, round_number: int, peers: list[str
 
     sent = published(store.read(manifest_key(round_number, workspace.device)))
     received = sum(
-        published(workspace.peer_adapter_path(round_number, p).with_suffix(".json").read_bytes())
-        for p in peers
+        published(workspace.peer_manifest_path(round_number, p).read_bytes()) for p in peers
     )
     return {"sent": sent, "received": received}
 
@@ -164,21 +119,22 @@ def _round_bytes(store, workspace: Workspace, round_number: int, peers: list[str
 def simulate(
     client_set: ClientSet,
     out: str | os.PathLike[str],
+    loaded: LoadedBase,
     settings: SimulationSettings | None = None,
     *,
-    base: str | os.PathLike[str] | None = None,
     store_url: str | None = None,
     token: str | None = None,
     max_tokens: int | None = None,
-    threads: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> dict:
-    """Run every variant x seed federation over the clients; write and return the results.
+    """Run every variant x seed federation over the clients, every device over the one
+    `loaded` base; write and return the results.
 
-    Raises InputFileError for a run folder in use, DataError for settings that cannot work
-    (a relay store with more than one federation to run, prediction trust without reference).
+    Raises InputFileError for a run folder in use, ConfigError for settings that cannot work
+    (a relay store with more than one federation to run), DataError for clients whose data
+    cannot be split.
     """
-    from edgefed.sync.store import open_store
+    from edgefed.sync.backends import open_store
 
     settings = settings or SimulationSettings()
     out_dir = Path(out)
@@ -186,7 +142,7 @@ def simulate(
         raise InputFileError(f"{out_dir} is not empty", "choose a new --out folder")
     federations = len(settings.variants) * settings.seeds
     if store_url is not None and federations != 1:
-        raise DataError(
+        raise ConfigError(
             f"a store URL holds one federation; this simulation runs {federations}",
             "give one --trust variant and --seeds 1 with --store, or drop --store",
         )
@@ -199,98 +155,74 @@ def simulate(
         if on_progress is not None:
             on_progress(Progress(done, total, message))
 
-    with LoadedBase(
-        base,
-        precision=options.precision,
-        runtime_quant=options.runtime_quant,
-        threads=threads,
-    ) as loaded:
-        progress("writing the clients' data")
-        if max_tokens:
-            client_set = _cap_tokens(client_set, loaded.runtime, max_tokens)
-            _check_splits(client_set)
-        data = client_set.write(out_dir / "clients")
-        reference = out_dir / "clients" / "reference.txt"
-        runs: dict[str, dict[str, list]] = {v.label: {} for v in settings.variants}
-        warmup: dict[tuple[int, str], Workspace] = {}
-        for seed in range(settings.seeds):
-            for variant in settings.variants:
-                folder = _federation_dir(out_dir, variant, seed)
-                store = (
-                    open_store(store_url, token=token)
-                    if store_url
-                    else FolderStore(folder / "store")
+    progress("writing the clients' data")
+    if max_tokens:
+        client_set = _cap_tokens(client_set, loaded.runtime, max_tokens)
+        _check_splits(client_set)
+    data = client_set.write(out_dir / "clients")
+    reference = out_dir / "clients" / "reference.txt"
+    runs: dict[str, dict[str, list]] = {v.label: {} for v in settings.variants}
+    warmup: dict[tuple[int, str], Workspace] = {}
+    for seed in range(settings.seeds):
+        for variant in settings.variants:
+            folder = _federation_dir(out_dir, variant, seed)
+            store = (
+                open_store(store_url, token=token) if store_url else FolderStore(folder / "store")
+            )
+            with store:
+                init_federation(
+                    store,
+                    base=loaded.base_path,
+                    lora=replace(settings.lora, init_seed=seed),
+                    warmup_steps=settings.warmup_steps,
+                    round_steps=settings.round_steps,
+                    trust=variant,
+                    reference=reference,
                 )
-                with store:
-                    init_federation(
+                spaces = [
+                    join_federation(
                         store,
+                        c.name,
+                        data=data[c.name],
+                        workspace=folder / "devices" / c.name,
                         base=loaded.base_path,
-                        lora=replace(settings.lora, init_seed=seed),
-                        warmup_steps=settings.warmup_steps,
-                        round_steps=settings.round_steps,
-                        trust={"scheme": variant.scheme, "temperature": variant.temperature}
-                        if variant.temperature is not None
-                        else {"scheme": variant.scheme},
-                        reference=reference,
                     )
-                    spaces = [
-                        join_federation(
-                            store,
-                            c.name,
-                            data=data[c.name],
-                            workspace=folder / "devices" / c.name,
-                            base=loaded.base_path,
-                        )
-                        for c in client_set.clients
-                    ]
-                    round_options = replace(
-                        options,
-                        trust=variant.scheme,
-                        temperature=variant.temperature,
-                        top_k=variant.top_k,
-                        threshold=variant.threshold,
-                        merge=variant.merge,
-                        train=replace(options.train, seed=seed),
-                    )
-                    rounds = []
-                    for round_number in range(settings.rounds):
-                        for space in spaces:
-                            progress(f"{variant.label} seed {seed} round {round_number}: "
-                                     f"training {space.device}")  # fmt: skip
-                            cached = warmup.get((seed, space.device))
-                            if round_number == 0 and cached is not None:
-                                _copy_warmup(cached, space)
-                            run_round(store, space, round_number, options=round_options,
-                                      loaded=loaded, until="train")  # fmt: skip
-                            if round_number == 0:
-                                warmup.setdefault((seed, space.device), space)
-                            run_dir = space.round_dir(round_number) / TRAIN_DIR
-                            tokens, metrics = publish_metrics(run_dir)
-                            publish_adapter(store, space, round_number, run_dir,
-                                            train_tokens=tokens, metrics=metrics,
-                                            compress=options.compress,
-                                            dp=options.dp)  # fmt: skip
-                            done += 1
-                        devices = {}
-                        for space in spaces:
-                            progress(f"{variant.label} seed {seed} round {round_number}: "
-                                     f"trust and evaluation of {space.device}")  # fmt: skip
-                            report = run_round(store, space, round_number,
-                                               options=round_options, loaded=loaded)  # fmt: skip
-                            peers = report.record["steps"]["sync"]["verified_peers"]
-                            devices[space.device] = {
-                                "perplexity": {
-                                    name: m["perplexity"]
-                                    for name, m in report.evaluation["models"].items()
-                                },
-                                "trust": report.evaluation["trust"],
-                                "bytes": _round_bytes(store, space, round_number, peers),
-                            }
-                            done += 1
-                        rounds.append({"round": round_number, "devices": devices})
-                    runs[variant.label][str(seed)] = rounds
-        base_bytes = loaded.base_path.stat().st_size
-        base_name = loaded.info.name
+                    for c in client_set.clients
+                ]
+                trust = replace(
+                    variant, clip_norm=options.trust.clip_norm, by_tokens=options.trust.by_tokens
+                )
+                round_options = replace(
+                    options, trust=trust, train=replace(options.train, seed=seed)
+                )
+                rounds = []
+                for round_number in range(settings.rounds):
+                    for space in spaces:
+                        progress(f"{variant.label} seed {seed} round {round_number}: "
+                                 f"training {space.device}")  # fmt: skip
+                        cached = warmup.get((seed, space.device))
+                        if round_number == 0 and cached is not None:
+                            _copy_warmup(cached, space)
+                        run_round(store, space, loaded, round_number, options=round_options,
+                                  until="publish")  # fmt: skip
+                        if round_number == 0:
+                            warmup.setdefault((seed, space.device), space)
+                        done += 1
+                    devices = {}
+                    for space in spaces:
+                        progress(f"{variant.label} seed {seed} round {round_number}: "
+                                 f"trust and evaluation of {space.device}")  # fmt: skip
+                        report = run_round(store, space, loaded, round_number,
+                                           options=round_options)  # fmt: skip
+                        peers = report.record.steps["pull"]["verified_peers"]
+                        devices[space.device] = {
+                            "perplexity": report.evaluation.perplexities(),
+                            "trust": report.evaluation.trust,
+                            "bytes": _round_bytes(store, space, round_number, peers),
+                        }
+                        done += 1
+                    rounds.append({"round": round_number, "devices": devices})
+                runs[variant.label][str(seed)] = rounds
 
     results = {
         "format": RESULTS_FORMAT,
@@ -303,12 +235,12 @@ def simulate(
             "round_steps": settings.round_steps,
             "lora": settings.lora.as_dict(),
             "train": asdict(options.train),
-            "precision": options.precision,
+            "precision": loaded.precision,
             "test_tokens": options.test_tokens,
             "val_tokens": options.val_tokens,
             "max_tokens": max_tokens,
         },
-        "base": {"name": base_name, "bytes": base_bytes},
+        "base": {"name": loaded.info.name, "bytes": loaded.base_path.stat().st_size},
         "clients": [
             {"name": c.name, "documents": len(c.documents), "mixture": c.mixture}
             for c in client_set.clients
@@ -331,7 +263,7 @@ def _check_splits(client_set: ClientSet) -> None:
             raise DataError(
                 f"client {client.name}: {exc.problem}",
                 "give every client more documents (--docs-per-client, or more files)",
-            ) from None
+            ) from exc
 
 
 def _cap_tokens(client_set: ClientSet, runtime, max_tokens: int) -> ClientSet:

@@ -21,7 +21,7 @@ from edgefed.errors import StoreError
 from edgefed.faults import crash_point
 from edgefed.sync.layout import is_store_key
 from edgefed.sync.signing import DeviceKey
-from edgefed.sync.store import KeyExists, KeyMissing, Store
+from edgefed.sync.store import KEY_EXISTS_FIX, KEY_MISSING_FIX, KeyExists, KeyMissing, Store
 
 
 class FolderStore(Store):
@@ -41,8 +41,8 @@ class FolderStore(Store):
     def read(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise KeyMissing(f"{key} is not in the store {self.root}") from None
+        except FileNotFoundError as exc:
+            raise KeyMissing(f"{key} is not in the store {self.root}", KEY_MISSING_FIX) from exc
         except OSError as exc:
             raise StoreError(
                 f"cannot read {key} from {self.root} ({exc})", "check the folder"
@@ -50,13 +50,16 @@ class FolderStore(Store):
 
     def keys(self, prefix: str = "") -> list[str]:
         base = self.root / prefix if prefix else self.root
-        if not base.is_dir():
-            return []
         found = []
-        for path in base.rglob("*"):
-            key = path.relative_to(self.root).as_posix()
-            if path.is_file() and is_store_key(key):
-                found.append(key)
+        try:
+            if not base.is_dir():
+                return []
+            for path in base.rglob("*"):
+                key = path.relative_to(self.root).as_posix()
+                if path.is_file() and is_store_key(key):
+                    found.append(key)
+        except OSError as exc:
+            raise StoreError(f"cannot list {base} ({exc})", "check the folder") from exc
         return sorted(found)
 
     def create(self, key: str, data: bytes, *, signer: DeviceKey | None = None) -> None:
@@ -77,14 +80,14 @@ class FolderStore(Store):
             crash_point("store-write")
             try:
                 os.link(tmp, final)  # atomic and exclusive: fails if the key exists
-            except FileExistsError:
-                raise KeyExists(f"{key} already exists in {self.root}") from None
+            except FileExistsError as exc:
+                raise KeyExists(f"{key} already exists in {self.root}", KEY_EXISTS_FIX) from exc
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
                     raise
                 # file systems without hard links (FAT on a USB stick): rename, checked first
                 if final.exists():
-                    raise KeyExists(f"{key} already exists in {self.root}") from None
+                    raise KeyExists(f"{key} already exists in {self.root}", KEY_EXISTS_FIX) from exc
                 os.replace(tmp, final)
             dir_fd = os.open(final.parent, os.O_RDONLY)
             try:

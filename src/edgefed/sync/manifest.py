@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from edgefed.errors import ModelFormatError
+from edgefed.adapter import LoraSpec
+from edgefed.errors import EdgefedError, ModelFormatError
 from edgefed.sync.signing import DeviceKey, signature_is_valid
 
 FORMAT_VERSION = 1
@@ -39,14 +41,15 @@ def now() -> str:
 
 def parse_document(data: bytes, what: str) -> dict:
     """A JSON object of our format from untrusted bytes; ModelFormatError says what is wrong."""
+    fix = "it is damaged or was not written by edgefed; ask its writer to publish it again"
     if len(data) > MAX_DOCUMENT_BYTES:
-        raise ModelFormatError(f"{what} is {len(data):,} bytes, over the 1 MiB limit", "")
+        raise ModelFormatError(f"{what} is {len(data):,} bytes, over the 1 MiB limit", fix)
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ModelFormatError(f"{what} is not JSON ({exc})", "") from None
+        raise ModelFormatError(f"{what} is not JSON ({exc})", fix) from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
-        raise ModelFormatError(f"{what} is not a format-{FORMAT_VERSION} edgefed document", "")
+        raise ModelFormatError(f"{what} is not a format-{FORMAT_VERSION} edgefed document", fix)
     return document
 
 
@@ -141,3 +144,69 @@ def federation_manifest(
         else {"sha256": hashlib.sha256(reference).hexdigest(), "bytes": len(reference)},
         "limits": {"adapter_bytes": 2 * fp16_bytes + (1 << 20)},
     }
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many local steps each round trains: round 0 the warm-up (when set), then round_steps."""
+
+    warmup_steps: int
+    round_steps: int
+
+    def steps_of(self, round_number: int) -> int:
+        if round_number == 0 and self.warmup_steps > 0:
+            return self.warmup_steps
+        return self.round_steps
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The federation manifest as read: typed, and checked once, here.
+
+    `document` is the manifest exactly as the store holds it: a device pins it, and the store
+    keeps it byte for byte; everything edgefed reads from it goes through the fields.
+    """
+
+    id: str
+    base_sha256: str
+    base_name: str | None
+    base_architecture: str
+    lora: LoraSpec
+    lora_modules: dict[str, tuple[int, ...]]
+    schedule: Schedule
+    trust_default: dict  # the devices' default {"scheme", "temperature"?} (`TrustSettings`)
+    reference_sha256: str | None
+    adapter_bytes_limit: int
+    document: dict
+
+    @classmethod
+    def from_document(cls, document: Mapping, what: str = "the federation manifest") -> Federation:
+        """ModelFormatError when a field is missing or of the wrong kind."""
+        try:
+            if document.get("format") != FORMAT_VERSION:
+                raise ValueError(f"format {document.get('format')!r}")
+            base, schedule = document["base"], document["schedule"]
+            return cls(
+                id=str(document["id"]),
+                base_sha256=str(base["sha256"]),
+                base_name=base.get("name"),
+                base_architecture=str(base["architecture"]),
+                lora=LoraSpec.from_dict(document["lora"]),
+                lora_modules={
+                    m: tuple(int(n) for n in s) for m, s in document["lora_modules"].items()
+                },
+                schedule=Schedule(int(schedule["warmup_steps"]), int(schedule["round_steps"])),
+                trust_default=dict(document.get("trust") or {}),
+                reference_sha256=(document.get("reference") or {}).get("sha256"),
+                adapter_bytes_limit=int(document["limits"]["adapter_bytes"]),
+                document=dict(document),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, EdgefedError) as exc:
+            raise ModelFormatError(
+                f"{what} is not a usable format-{FORMAT_VERSION} federation manifest ({exc})",
+                "the store's federation.json is damaged; ask the federation's creator",
+            ) from exc
+
+    @property
+    def base_label(self) -> str:
+        return self.base_name or self.base_architecture

@@ -1,10 +1,8 @@
 """The HTTP relay: stores and forwards a federation's blobs, and nothing more.
 
 It never aggregates and never opens an adapter; it checks only names, sizes and who writes.
-
-    GET  /v1/keys?prefix=P   the layout keys under P (JSON list)
-    GET  /v1/blob/KEY        the blob; header X-Content-SHA256 for the client to check
-    PUT  /v1/blob/KEY        create KEY (201); 409 when it exists: nothing is ever overwritten
+The routes, headers and status codes are the protocol of `edgefed.sync.wire`, which the client
+(`edgefed.sync.relay_client`) shares without importing this module or Starlette.
 
 Security model:
 - Every request needs the federation's bearer token (401 otherwise).
@@ -41,15 +39,21 @@ from edgefed.sync.folder import FolderStore
 from edgefed.sync.layout import DEVICES_PREFIX, device_key, is_store_key, key_owner
 from edgefed.sync.signing import signature_is_valid, write_claim
 from edgefed.sync.store import KeyExists, KeyMissing
+from edgefed.sync.wire import (
+    BLOB_PATH_PREFIX,
+    DEVICE_HEADER,
+    ERROR_FIELD,
+    KEYS_PATH,
+    PREFIX_PARAM,
+    SHA256_HEADER,
+    SIGNATURE_HEADER,
+)
 
 DEFAULT_MAX_BYTES = 64 << 20
-DEVICE_HEADER = "X-Edgefed-Device"
-SIGNATURE_HEADER = "X-Edgefed-Signature"
-SHA256_HEADER = "X-Content-SHA256"
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({ERROR_FIELD: message}, status_code=status)
 
 
 def create_app(root: str | os.PathLike[str], token: str, max_bytes: int = DEFAULT_MAX_BYTES):
@@ -64,13 +68,13 @@ def create_app(root: str | os.PathLike[str], token: str, max_bytes: int = DEFAUL
     def registered_key(device: str) -> str | None:
         try:
             return json.loads(store.read(device_key(device)))["public_key"]
-        except (KeyMissing, ValueError, KeyError):
-            return None
+        except (KeyMissing, ValueError, KeyError, TypeError):
+            return None  # not registered, or not a JSON object with a public_key: refuse
 
     async def keys(request: Request) -> Response:
         if not authorized(request):
             return _error(401, "missing or wrong bearer token")
-        prefix = request.query_params.get("prefix", "")
+        prefix = request.query_params.get(PREFIX_PARAM, "")
         if ".." in prefix or prefix.startswith("/") or "\\" in prefix:
             return _error(400, "bad prefix")
         return JSONResponse(store.keys(prefix))
@@ -136,14 +140,16 @@ def create_app(root: str | os.PathLike[str], token: str, max_bytes: int = DEFAUL
 
     return Starlette(
         routes=[
-            Route("/v1/keys", keys, methods=["GET"]),
-            Route("/v1/blob/{key:path}", get_blob, methods=["GET"]),
-            Route("/v1/blob/{key:path}", put_blob, methods=["PUT"]),
+            Route(KEYS_PATH, keys, methods=["GET"]),
+            Route(BLOB_PATH_PREFIX + "{key:path}", get_blob, methods=["GET"]),
+            Route(BLOB_PATH_PREFIX + "{key:path}", put_blob, methods=["PUT"]),
         ]
     )
 
 
 def read_token(path: str | os.PathLike[str]) -> str:
+    """The bearer token in the file at `path`; OSError when unreadable, ValueError when too
+    short to be a secret (the CLI turns both into one InputFileError)."""
     token = Path(path).read_text(encoding="utf-8").strip()
     if len(token) < 16:
         raise ValueError("a relay token must be at least 16 characters")
@@ -151,4 +157,5 @@ def read_token(path: str | os.PathLike[str]) -> str:
 
 
 def new_token() -> str:
+    """A fresh random token: 24 bytes from the OS, URL-safe so that it fits in a header."""
     return base64.urlsafe_b64encode(os.urandom(24)).decode("ascii")

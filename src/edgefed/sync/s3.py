@@ -26,7 +26,14 @@ from urllib.parse import parse_qs, urlsplit
 from edgefed.errors import StoreError
 from edgefed.sync.layout import is_store_key
 from edgefed.sync.signing import DeviceKey
-from edgefed.sync.store import MAX_DOWNLOAD_BYTES, KeyExists, KeyMissing, Store
+from edgefed.sync.store import (
+    KEY_EXISTS_FIX,
+    KEY_MISSING_FIX,
+    MAX_DOWNLOAD_BYTES,
+    KeyExists,
+    KeyMissing,
+    Store,
+)
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _TAKEN = {"PreconditionFailed", "412"}
@@ -64,10 +71,10 @@ class S3Store(Store):
         try:
             import boto3
             from botocore.config import Config
-        except ImportError:
+        except ImportError as exc:
             raise StoreError(
                 "s3:// stores need boto3, which is not installed", "pip install 'edgefed[s3]'"
-            ) from None
+            ) from exc
         checksums = {"request_checksum_calculation": "when_required"} if endpoint else {}
         # a session of our own: boto3's default session is not safe to share between threads
         self._client = boto3.session.Session().client(
@@ -90,24 +97,34 @@ class S3Store(Store):
             _FIXES.get(code, "check the endpoint, the bucket and the credentials"),
         )
 
+    def _too_large(self, key: str, limit: int) -> StoreError:
+        return StoreError(
+            f"{key} in {self.url} is over the {limit} byte download limit",
+            "remove it from the bucket: no federation blob is that large",
+        )
+
     def read(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        limit = MAX_DOWNLOAD_BYTES
         try:
             answer = self._client.get_object(Bucket=self.bucket, Key=self._object(key))
-            if int(answer.get("ContentLength", 0)) > MAX_DOWNLOAD_BYTES:
+            try:
+                if int(answer.get("ContentLength", 0)) > limit:
+                    raise self._too_large(key, limit)
+                # one byte more than the limit tells an oversized body from one exactly at it
+                data = answer["Body"].read(limit + 1)
+            finally:
                 answer["Body"].close()
-                raise StoreError(
-                    f"{key} in {self.url} is over {MAX_DOWNLOAD_BYTES} bytes",
-                    "remove it from the bucket: no adapter is that large",
-                )
-            return answer["Body"].read(MAX_DOWNLOAD_BYTES + 1)[:MAX_DOWNLOAD_BYTES]
         except ClientError as exc:
             if exc.response["Error"].get("Code") in _NOT_FOUND:
-                raise KeyMissing(f"{key} is not in the store {self.url}") from None
-            raise self._error(exc, f"read {key}") from None
+                raise KeyMissing(f"{key} is not in the store {self.url}", KEY_MISSING_FIX) from exc
+            raise self._error(exc, f"read {key}") from exc
         except BotoCoreError as exc:
-            raise self._error(exc, f"read {key}") from None
+            raise self._error(exc, f"read {key}") from exc
+        if len(data) > limit:
+            raise self._too_large(key, limit)
+        return data
 
     def keys(self, prefix: str = "") -> list[str]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -124,7 +141,7 @@ class S3Store(Store):
                     if is_store_key(key):
                         found.append(key)
         except (BotoCoreError, ClientError) as exc:
-            raise self._error(exc, "list keys") from None
+            raise self._error(exc, "list keys") from exc
         return sorted(found)
 
     def create(self, key: str, data: bytes, *, signer: DeviceKey | None = None) -> None:
@@ -139,11 +156,11 @@ class S3Store(Store):
             except ClientError as exc:
                 code = exc.response["Error"].get("Code")
                 if code in _TAKEN:
-                    raise KeyExists(f"{key} already exists in {self.url}") from None
+                    raise KeyExists(f"{key} already exists in {self.url}", KEY_EXISTS_FIX) from exc
                 if code != "ConditionalRequestConflict" or attempt == _CONFLICT_RETRIES:
-                    raise self._error(exc, f"store {key}") from None
+                    raise self._error(exc, f"store {key}") from exc
             except BotoCoreError as exc:
-                raise self._error(exc, f"store {key}") from None
+                raise self._error(exc, f"store {key}") from exc
             time.sleep(0.2 * attempt)
 
     def close(self) -> None:

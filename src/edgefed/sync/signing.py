@@ -65,7 +65,7 @@ class DeviceKey:
             raise InputFileError(
                 f"cannot read the device key {path} ({exc})",
                 "restore the workspace, or join again as a new device",
-            ) from None
+            ) from exc
         if not isinstance(private, Ed25519PrivateKey):
             raise InputFileError(f"{path} is not an Ed25519 key", "join again as a new device")
         return cls(private)

@@ -1,4 +1,7 @@
-"""The federation store: a tiny interface, one backend per file, `open_store` picks by scheme.
+"""The federation store: a tiny interface, one backend per file.
+
+`edgefed.sync.backends.open_store` picks the backend by URL scheme; this module imports none of
+them, so that the interface stays as light as the lightest backend.
 
 A store holds immutable blobs under the keys of `edgefed.sync.layout`. Three operations are
 enough for the protocol: read a key, list the keys under a prefix, and create a key that does
@@ -10,7 +13,6 @@ missing key into `KeyMissing`) once, at their boundary.
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,14 @@ from edgefed.errors import StoreError
 if TYPE_CHECKING:
     from edgefed.sync.signing import DeviceKey
 
+__all__ = [
+    "KEY_EXISTS_FIX",
+    "KEY_MISSING_FIX",
+    "MAX_DOWNLOAD_BYTES",
+    "KeyExists",
+    "KeyMissing",
+    "Store",
+]
 
 # far above any adapter; verification applies the federation's real limit afterwards, but a
 # store that anyone can write to must not make a reader hold gigabytes first
@@ -31,6 +41,11 @@ class KeyMissing(StoreError):
 
 class KeyExists(StoreError):
     """`create` found the key already there; the store is unchanged."""
+
+
+# the fixes every backend gives with these two errors, so that they read the same everywhere
+KEY_MISSING_FIX = "check the store URL, or wait until it is published and sync again"
+KEY_EXISTS_FIX = "keys are created once; nothing was overwritten"
 
 
 class Store(ABC):
@@ -51,7 +66,7 @@ class Store(ABC):
         """Store `data` at a new `key` atomically; raises KeyExists when the key is taken.
 
         A device signs the writes of its own keys with `signer`; the relay requires it (see
-        `edgefed.sync.relay`), a folder has no one to show it to.
+        `edgefed.sync.wire`), a folder has no one to show it to.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately not abstract
@@ -62,20 +77,3 @@ class Store(ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def open_store(url: str | os.PathLike[str], *, token: str | None = None) -> Store:
-    """A folder path (or file:// URL) opens a FolderStore; http(s):// a RelayStore; s3:// an
-    S3Store (its credentials come from the AWS configuration, not from `token`)."""
-    text = os.fspath(url)
-    if text.startswith(("http://", "https://")):
-        from edgefed.sync.relay_client import RelayStore
-
-        return RelayStore(text, token=token)
-    if text.startswith("s3://"):
-        from edgefed.sync.s3 import S3Store
-
-        return S3Store(text)
-    from edgefed.sync.folder import FolderStore
-
-    return FolderStore(text.removeprefix("file://"))

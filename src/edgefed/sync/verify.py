@@ -21,6 +21,7 @@ from edgefed.sync.manifest import (
     ENCODING_FP16,
     ENCODING_INT8,
     ENCODINGS,
+    Federation,
     manifest_signed_by,
     parse_document,
 )
@@ -99,20 +100,19 @@ def decode_adapter(data: bytes) -> dict:
     try:
         return load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ModelFormatError(f"not a safetensors file ({exc})", "") from None
+        raise ModelFormatError(
+            f"not a safetensors file ({exc})", "publish a safetensors adapter written by edgefed"
+        ) from exc
 
 
 class Verifier:
     """Checks items of one federation against its manifest and its devices' registered keys."""
 
-    def __init__(self, federation: Mapping, public_keys: Mapping[str, str]) -> None:
+    def __init__(self, federation: Federation, public_keys: Mapping[str, str]) -> None:
         self.federation = federation
         self.public_keys = dict(public_keys)
-        self.expected = lora_tensor_shapes(
-            {m: tuple(s) for m, s in federation["lora_modules"].items()},
-            int(federation["lora"]["rank"]),
-        )
-        self.max_bytes = int(federation["limits"]["adapter_bytes"])
+        self.expected = lora_tensor_shapes(federation.lora_modules, federation.lora.rank)
+        self.max_bytes = federation.adapter_bytes_limit
 
     def check(
         self, round_number: int, device: str, manifest_bytes: bytes, adapter_bytes: bytes
@@ -121,9 +121,9 @@ class Verifier:
         try:
             manifest = parse_document(manifest_bytes, "the manifest")
         except ModelFormatError as exc:
-            raise Rejected(str(exc).rstrip(": ")) from None
+            raise Rejected(exc.problem) from exc
         claimed = (manifest.get("federation"), manifest.get("round"), manifest.get("device"))
-        if claimed != (self.federation["id"], round_number, device):
+        if claimed != (self.federation.id, round_number, device):
             raise Rejected(
                 f"the manifest claims federation/round/device {claimed}, not its place in the store"
             )
@@ -132,10 +132,10 @@ class Verifier:
             raise Rejected(f"device '{device}' is not registered")
         if not manifest_signed_by(manifest, public_key):
             raise Rejected(f"the signature does not verify with {device}'s registered key")
-        if manifest.get("base_sha256") != self.federation["base"]["sha256"]:
+        if manifest.get("base_sha256") != self.federation.base_sha256:
             raise Rejected(
                 f"adapter for base {str(manifest.get('base_sha256'))[:12]}, not the federation's "
-                f"{self.federation['base']['sha256'][:12]}"
+                f"{self.federation.base_sha256[:12]}"
             )
         encoding = manifest.get("encoding")
         if encoding not in ENCODINGS:
@@ -154,7 +154,7 @@ class Verifier:
         try:
             tensors = decode_adapter(adapter_bytes)
         except ModelFormatError as exc:
-            raise Rejected(f"adapter is {str(exc).rstrip(': ')}") from None
+            raise Rejected(f"adapter is {exc.problem}") from exc
         if encoding == ENCODING_INT8:
             self._check_int8(tensors)
             tensors = _dequantize_int8(tensors)

@@ -97,7 +97,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFormatError(
             f"checkpoint {path} is damaged ({exc})", "delete it and train again without --resume"
-        ) from None
+        ) from exc
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT_VERSION:
         raise ModelFormatError(
             f"{path} is not an edgefed checkpoint of format {CHECKPOINT_FORMAT_VERSION}",
@@ -137,5 +137,5 @@ def load_optimizer_state(path: str | os.PathLike[str]) -> dict:
         raise ModelFormatError(
             f"{path} is not an edgefed optimizer state ({exc})",
             "pass the optimizer.safetensors that `edgefed train` wrote",
-        ) from None
+        ) from exc
     return optimizer_state_dict(tensors, groups)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefed.adapter import lora_state
-from edgefed.errors import TrainingError
+from edgefed.errors import ConfigError, TrainingError
 from edgefed.faults import crash_point
 from edgefed.train.blocks import PAD, TokenBlocks
 from edgefed.train.checkpoint import Checkpoint, save_checkpoint
@@ -44,16 +44,25 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
-            raise ValueError("give either steps or epochs, not both")
+            raise ConfigError(
+                "--steps and --epochs are both given", "give either steps or epochs, not both"
+            )
         for name in ("seq_len", "batch_size", "grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise ConfigError(
+                    f"{name} is {getattr(self, name)}", f"give a {name} of at least 1"
+                )
         if (self.steps is not None and self.steps < 1) or (
             self.epochs is not None and self.epochs <= 0
         ):
-            raise ValueError("steps and epochs must be positive")
+            raise ConfigError(
+                f"steps {self.steps} / epochs {self.epochs} are not positive",
+                "give a positive --steps or --epochs",
+            )
         if not 0 <= self.warmup < 1:
-            raise ValueError("warmup is a share of the steps, in [0, 1)")
+            raise ConfigError(
+                f"warm-up {self.warmup} is not a share of the steps", "give a --warmup in [0, 1)"
+            )
 
     def total_steps(self, n_blocks: int) -> int:
         if self.steps is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edgefed.atomic import atomic_write_text
 from edgefed.documents import Document
-from edgefed.errors import DataError, ModelFormatError
+from edgefed.errors import ConfigError, DataError, ModelFormatError
 
 TRAIN, TRUST_VAL, TEST = "train", "trust-val", "test"
 SPLITS = (TRAIN, TRUST_VAL, TEST)
@@ -42,9 +42,10 @@ class SplitRule:
             or self.test_fraction <= 0
             or self.val_fraction + self.test_fraction >= 1
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"split fractions val={self.val_fraction}, test={self.test_fraction} must be "
-                "positive and leave a share for training"
+                "positive and leave a share for training",
+                "e.g. --val-fraction 0.1 --test-fraction 0.1",
             )
 
     def split_of(self, document_id: str) -> str:
@@ -84,6 +85,25 @@ def split_documents(documents: Sequence[Document], rule: SplitRule) -> DataSplit
     return DataSplit(rule=rule, parts={name: tuple(docs) for name, docs in parts.items()})
 
 
+def _read_manifest(manifest_path: Path) -> tuple[SplitRule, dict[str, dict[str, str]]]:
+    """A split manifest's rule and entries; ModelFormatError when it is not one of ours."""
+    try:
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if old.get("format", SPLIT_FORMAT_VERSION) != SPLIT_FORMAT_VERSION:
+            raise ValueError(f"format {old.get('format')}, not {SPLIT_FORMAT_VERSION}")
+        return SplitRule(**old["rule"]), dict(old["documents"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelFormatError(
+            f"{manifest_path} is not a valid split manifest ({exc})",
+            "restore it, or use a new output folder",
+        ) from exc
+
+
+def read_split_rule(path: str | os.PathLike[str]) -> SplitRule:
+    """The rule a split manifest (a run's split.json) was made with."""
+    return _read_manifest(Path(path))[0]
+
+
 def record_split(split: DataSplit, path: str | os.PathLike[str]) -> None:
     """Write the split manifest, after checking it against the one already there.
 
@@ -94,15 +114,7 @@ def record_split(split: DataSplit, path: str | os.PathLike[str]) -> None:
     manifest_path = Path(path)
     entries: dict[str, dict[str, str]] = {}
     if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text(encoding="utf-8"))
-            old_rule = SplitRule(**old["rule"])
-            entries = dict(old["documents"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelFormatError(
-                f"{manifest_path} is not a valid split manifest ({exc})",
-                "restore it, or use a new output folder",
-            ) from None
+        old_rule, entries = _read_manifest(manifest_path)
         if old_rule != split.rule:
             raise DataError(
                 f"{manifest_path} was split with {asdict(old_rule)}, not {asdict(split.rule)}",

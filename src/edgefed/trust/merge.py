@@ -34,7 +34,10 @@ def modules(adapter: Mapping) -> list[str]:
     """The module names of an adapter, each with exactly one A and one B."""
     names = sorted(n.removesuffix(LORA_A) for n in adapter if n.endswith(LORA_A))
     if sorted(adapter) != sorted([n + LORA_A for n in names] + [n + LORA_B for n in names]):
-        raise AdapterMismatchError("an adapter has tensors that are not LoRA A/B pairs", "")
+        raise AdapterMismatchError(
+            "an adapter has tensors that are not LoRA A/B pairs",
+            "mix only LoRA adapters written by edgefed or PEFT",
+        )
     return names
 
 

@@ -9,10 +9,11 @@
 
 Scores are "higher is more trusted" and go through `trust_row` (top-k, threshold, softmax with
 temperature); fedavg and local set their weights directly. Each name is bound to its own
-function in `SCHEMES` and the row records the scheme that produced it: the paper's public code
-matched names by substring and silently ran one scheme under another's name. A device with no
-peers gets weight 1 without any scoring: nothing the runtime could say would change its row
-(its score is None).
+`TrustScheme` record in `SCHEMES` (its function, its measured default temperature, what it
+needs, its help line: the CLI's help is generated from these records) and the row records the
+scheme that produced it: the paper's public code matched names by substring and silently ran
+one scheme under another's name. A device with no peers gets weight 1 without any scoring:
+nothing the runtime could say would change its row (its score is None).
 """
 
 from __future__ import annotations
@@ -22,21 +23,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgefed.errors import DataError
+from edgefed.errors import ConfigError, DataError
 from edgefed.trust.normalize import trust_row
 from edgefed.trust.similarity import delta_cosine
 
 DEFAULT_TOP_K_TOKENS = 16
 DEFAULT_SCHEME = "perplexity"
-# softmax temperature per scheme, in its scores' units, each chosen by measurement (README):
-# perplexity (nats of mean loss) by bench/temperature.py; prediction (TV distance) and weights
-# (cosine) by bench/quality.py, where 0.1 beat the paper's plain softmax for prediction on every
-# seed and lost to it for weights.
-DEFAULT_TEMPERATURES = {"perplexity": 0.01, "prediction": 0.1, "weights": 1.0}
-
-
-def default_temperature(scheme: str) -> float:
-    return DEFAULT_TEMPERATURES.get(scheme, 1.0)
 
 
 @dataclass(frozen=True)
@@ -184,22 +176,71 @@ def prediction_trust(
     return _softmax_row("prediction", devices, scores, norm)
 
 
-SCHEMES: dict[str, Callable[..., TrustRow]] = {
-    "perplexity": perplexity_trust,
-    "prediction": prediction_trust,
-    "weights": weight_trust,
-    "fedavg": fedavg_trust,
-    "local": local_trust,
-}
+@dataclass(frozen=True)
+class TrustScheme:
+    """Everything edgefed knows about one scheme, in one place.
+
+    `default_temperature` is the softmax temperature in the scores' own units, chosen by
+    measurement (README): perplexity (nats of mean loss) by bench/temperature.py; prediction
+    (TV distance) and weights (cosine) by bench/quality.py, where 0.1 beat the paper's plain
+    softmax for prediction on every seed and lost to it for weights. None: the scheme sets its
+    weights directly and has no temperature.
+    """
+
+    name: str
+    function: Callable[..., TrustRow]
+    default_temperature: float | None
+    needs_runtime: bool  # scores with llama.cpp: the base and every adapter get loaded
+    needs_validation_text: bool  # this device's own trust-validation split
+    needs_reference: bool  # the federation's shared reference text
+    uses_train_tokens: bool  # can weight by each device's training tokens (--by-tokens)
+    help: str
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.help})"
+
+
+SCHEMES: dict[str, TrustScheme] = {
+    s.name: s
+    for s in (
+        TrustScheme("perplexity", perplexity_trust, 0.01, True, True, False, False,
+                    "your adapters' loss on your trust-validation text"),
+        TrustScheme("prediction", prediction_trust, 0.1, True, False, True, False,
+                    "agreement on the federation's reference text"),
+        TrustScheme("weights", weight_trust, 1.0, False, False, False, False, "ΔW cosine"),
+        TrustScheme("fedavg", fedavg_trust, None, False, False, False, True,
+                    "uniform, or by training tokens"),
+        TrustScheme("local", local_trust, None, False, False, False, False, "yourself alone"),
+    )
+}  # fmt: skip
+
+
+def trust_scheme(name: str) -> TrustScheme:
+    """The scheme named `name`; ConfigError for any other name (never a fallback)."""
+    scheme = SCHEMES.get(name)
+    if scheme is None:
+        raise ConfigError(f"unknown trust scheme '{name}'", f"choose one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+def schemes_help() -> str:
+    """'perplexity (...), prediction (...), ...': the --trust help, from the records."""
+    return ", ".join(s.describe() for s in SCHEMES.values())
+
+
+def temperatures_help() -> str:
+    """'perplexity 0.01, prediction 0.1, weights 1': the --temperature help, from the records."""
+    return ", ".join(
+        f"{s.name} {s.default_temperature:g}"
+        for s in SCHEMES.values()
+        if s.default_temperature is not None
+    )
 
 
 def compute_trust(
     scheme: str, inputs: TrustInputs, norm: Normalization | None = None, **options
 ) -> TrustRow:
-    """Row i of W by the named scheme; DataError for an unknown name (never a fallback)."""
-    function = SCHEMES.get(scheme)
-    if function is None:
-        raise DataError(f"unknown trust scheme '{scheme}'", f"choose one of {', '.join(SCHEMES)}")
-    row = function(inputs, norm or Normalization(), **options)
+    """Row i of W by the named scheme; ConfigError for an unknown name (never a fallback)."""
+    row = trust_scheme(scheme).function(inputs, norm or Normalization(), **options)
     assert row.scheme == scheme  # each name runs its own code path
     return row

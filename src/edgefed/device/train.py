@@ -1,0 +1,73 @@
+"""The train step: this round's local steps, from the previous round's mix.
+
+Round 0 trains the federation's warm-up steps (its round steps when the warm-up is 0) from the
+shared initial adapter; every later round trains its round steps from the previous round's
+mix, with the previous round's AdamW state (the optimizer state never leaves the device). A
+crash inside the step resumes from the run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from edgefed.device.workspace import Workspace
+from edgefed.errors import InputFileError
+from edgefed.loaded_base import LoadedBase
+from edgefed.train.loop import TrainConfig, TrainProgress
+from edgefed.train.metrics import TrainMetrics
+from edgefed.train.run import DEFAULT_EVAL_TOKENS, train_adapter
+
+
+def train_round(
+    workspace: Workspace,
+    round_number: int,
+    loaded: LoadedBase,
+    config: TrainConfig | None = None,
+    *,
+    val_tokens: int | None = DEFAULT_EVAL_TOKENS,
+    on_status: Callable[[str], None] | None = None,
+    on_progress: Callable[[TrainProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainMetrics:
+    """Train (or finish training) the round's adapter into the workspace; its metrics.
+
+    The length comes from the federation's schedule and the seed moves with the round (a new
+    data order every round); `config` gives the rest. Raises InputFileError when the previous
+    round is not aggregated yet, and what `train_adapter` raises.
+    """
+    workspace.check_base(loaded)
+    config = config or TrainConfig()
+    federation = workspace.federation
+    run = workspace.train_run(round_number)
+    start = optimizer = None
+    if round_number > 0:
+        if workspace.read_trust(round_number - 1) is None:
+            raise InputFileError(
+                f"round {round_number - 1} is not aggregated yet, so round {round_number} has "
+                "no adapter to start from",
+                f"run `edgefed round --round {round_number - 1}` first",
+            )
+        start = workspace.aggregated_dir(round_number - 1)
+        previous_optimizer = workspace.train_run(round_number - 1).optimizer
+        optimizer = previous_optimizer if previous_optimizer.is_file() else None
+    result = train_adapter(
+        workspace.config.data,
+        run.root,
+        loaded,
+        config=replace(
+            config,
+            steps=federation.schedule.steps_of(round_number),
+            epochs=None,
+            seed=config.seed + round_number,
+        ),
+        lora=None if start else federation.lora,
+        from_adapter=start,
+        optimizer_state=optimizer,
+        resume=run.checkpoint.is_file(),
+        eval_tokens=val_tokens,
+        on_status=on_status,
+        on_progress=on_progress,
+        should_stop=should_stop,
+    )
+    return result.metrics
