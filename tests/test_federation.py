@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, edgefed
+from conftest import DEVICES, assert_one_line_error, edgefed, run
 from safetensors.torch import load_file
 
 from edgefed.errors import AdapterMismatchError, StoreError
@@ -188,7 +188,6 @@ def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_a
 def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
     tmp_path, tiny_llama_gguf, train_corpus, relay_server
 ):
-    from conftest import assert_one_line_error, run
 
     reference = tmp_path / "reference.txt"
     reference.write_text("A shared public text that every device scores.")
@@ -224,7 +223,6 @@ def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
 def test_aggregate_writes_the_mix_and_its_trust_row_for_each_scheme(
     tmp_path, tiny_llama_gguf, train_corpus, adapters
 ):
-    from conftest import run
 
     from edgefed.adapter import read_adapter_folder
     from edgefed.device.aggregate import aggregate_round, trust_history
@@ -271,3 +269,42 @@ def test_aggregate_writes_the_mix_and_its_trust_row_for_each_scheme(
     cli = run("aggregate", "--round", 0, "--adapter", own, "--workspace", alice.root,
               "--trust", "prediction")  # fmt: skip
     assert cli.exit_code == 2 and "reference text" in cli.stderr
+
+
+def test_a_relative_store_path_names_the_same_federation_from_any_folder(
+    tmp_path, monkeypatch, tiny_llama_gguf, train_corpus
+):
+    monkeypatch.chdir(tmp_path)
+    edgefed("init", "x/fed", "--base", tiny_llama_gguf, "--id", "fed-relative")
+    edgefed("join", "x/fed", "--device", "alice", "--data", train_corpus, "--workspace", "ws",
+            "--base", tiny_llama_gguf)  # fmt: skip
+    config = json.loads((tmp_path / "ws" / "device.json").read_text())
+    assert config["store"] == str(tmp_path / "x" / "fed")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    status = json.loads(edgefed("status", "--workspace", tmp_path / "ws", "--json").stdout)
+    assert status["federation"] == "fed-relative" and list(status["devices"]) == ["alice"]
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_round_checks_store_token_registration_and_data_before_any_training(
+    tmp_path, monkeypatch, relay_server, tiny_llama_gguf, train_corpus
+):
+    url, token, root = relay_server
+    monkeypatch.setenv("EDGEFED_TOKEN", token)
+    edgefed("init", url, "--base", tiny_llama_gguf)
+    workspace = tmp_path / "alice"
+    edgefed("join", url, "--device", "alice", "--data", train_corpus, "--workspace", workspace,
+            "--base", tiny_llama_gguf)  # fmt: skip
+
+    monkeypatch.setenv("EDGEFED_TOKEN", "not-the-token-of-this-relay")
+    assert_one_line_error(run("round", "--workspace", workspace), "relay token")
+    monkeypatch.setenv("EDGEFED_TOKEN", token)
+    (root / "devices" / "alice.json").rename(tmp_path / "registration")
+    assert_one_line_error(run("round", "--workspace", workspace), "alice is not registered")
+    (tmp_path / "registration").rename(root / "devices" / "alice.json")
+    config = json.loads((workspace / "device.json").read_text())
+    (workspace / "device.json").write_text(json.dumps(config | {"data": str(tmp_path / "gone")}))
+    assert_one_line_error(run("round", "--workspace", workspace), "does not exist")
+    assert not (workspace / "rounds").exists()  # nothing trained, nothing written

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import edgefed
+from conftest import DEVICES, edgefed
 
 from edgefed.faults import CRASH_ENV
 
@@ -230,3 +230,35 @@ def test_a_round_over_a_shared_loaded_base_equals_one_that_loads_everything(
         assert all(torch.allclose(own[adapter][n], shared[adapter][n], atol=1e-6)
                    for n in own[adapter])  # fmt: skip
     assert own["perplexity"] == pytest.approx(shared["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("store_url", ["folder", "relay"], indirect=True)
+def test_devices_on_their_own_schedules_each_mix_every_peer_by_round_1(
+    store_url, tmp_path, tiny_llama_gguf, train_corpus
+):
+    """alice and bob run round 0, carol starts only after both finished it; each device runs
+    its rounds when it likes. Every device mixes every peer by round 1, a late peer with its
+    freshest adapter, and trust.json says which round each mixed adapter is from."""
+    edgefed("init", store_url, "--base", tiny_llama_gguf, "--warmup-steps", 2,
+            "--round-steps", 1)  # fmt: skip
+    spaces = {d: tmp_path / d for d in DEVICES}
+    for device in DEVICES:
+        edgefed("join", store_url, "--device", device, "--data", train_corpus,
+                "--workspace", spaces[device], "--base", tiny_llama_gguf)  # fmt: skip
+    order = [("alice", 0), ("bob", 0), ("carol", 0), ("alice", 1), ("bob", 1), ("carol", 1)]
+    rounds = {}
+    for device, number in order:
+        done = round_process(spaces[device])
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["round"] == number
+        rounds[device, number] = json.loads(
+            (spaces[device] / "rounds" / str(number) / "trust.json").read_text()
+        )["adapter_rounds"]
+    assert rounds["alice", 0] == {"alice": 0}  # the first device has nobody to mix yet
+    assert rounds["bob", 0] == {"alice": 0, "bob": 0}
+    assert rounds["carol", 0] == {"alice": 0, "bob": 0, "carol": 0}
+    # round 1: whoever has not published it yet is mixed with its round-0 adapter
+    assert rounds["alice", 1] == {"alice": 1, "bob": 0, "carol": 0}
+    assert rounds["bob", 1] == {"alice": 1, "bob": 1, "carol": 0}
+    assert rounds["carol", 1] == {"alice": 1, "bob": 1, "carol": 1}

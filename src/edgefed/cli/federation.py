@@ -27,7 +27,11 @@ from edgefed.cli.options import (
     store_token,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
-from edgefed.device.federation import DEFAULT_ROUND_STEPS, DEFAULT_WARMUP_STEPS
+from edgefed.device.federation import (
+    DEFAULT_MAX_STALENESS,
+    DEFAULT_ROUND_STEPS,
+    DEFAULT_WARMUP_STEPS,
+)
 from edgefed.trust.schemes import DEFAULT_SCHEME, schemes_help, temperatures_help
 
 
@@ -46,6 +50,15 @@ def init(
     round_steps: Annotated[
         int, typer.Option(help="Local steps between aggregations.", min=1)
     ] = DEFAULT_ROUND_STEPS,
+    max_staleness: Annotated[
+        int,
+        typer.Option(
+            help="How many rounds old a peer's adapter may be and still be mixed: a device "
+            "aggregating round r mixes each peer's freshest adapter of rounds r-N..r, so a "
+            "device that is late or offline still counts (0: lock-step, only round r).",
+            min=0,
+        ),
+    ] = DEFAULT_MAX_STALENESS,
     reference: Annotated[
         Path | None,
         typer.Option(help="Shared reference text for prediction trust.", show_default=False),
@@ -89,6 +102,7 @@ def init(
             lora=lora,
             warmup_steps=warmup_steps,
             round_steps=round_steps,
+            max_staleness=max_staleness,
             trust=defaults,
             reference=reference,
             federation_id=federation_id,

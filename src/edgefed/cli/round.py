@@ -113,6 +113,7 @@ def round_command(
     finishes, so after a crash or Ctrl-C the same command resumes where it stopped and never
     trains a finished round again.
     """
+    from edgefed.device.federation import check_ready
     from edgefed.device.round import RoundOptions, run_round
     from edgefed.device.workspace import find_workspace
     from edgefed.loaded_base import LoadedBase
@@ -166,6 +167,8 @@ def round_command(
             open_store(ws.config.store, token=store_token(token_file)) as store,
             stop_on_signals() as should_stop,
         ):
+            display.status("checking the store, this device's registration and its data")
+            check_ready(store, ws)
             report = run_round(
                 store,
                 ws,

@@ -55,19 +55,26 @@ class AggregateResult:
         }
 
 
-def _peer_adapters(workspace: Workspace, round_number: int) -> tuple[dict, dict]:
+def _peer_adapters(workspace: Workspace, round_number: int) -> tuple[dict, dict, dict]:
+    """Each peer's freshest verified adapter of rounds round-max_staleness..round in the
+    workspace: its tensors, its training tokens, and the round it is from."""
     from safetensors.torch import load_file
 
     from edgefed.sync.manifest import parse_document
 
-    folder = workspace.peers_dir(round_number)
-    tensors, tokens = {}, {}
-    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        tensors[path.stem] = {n: t.float() for n, t in load_file(path).items()}
-        manifest_path = workspace.peer_manifest_path(round_number, path.stem)
-        manifest = parse_document(manifest_path.read_bytes(), str(manifest_path))
-        tokens[path.stem] = int(manifest.get("train_tokens", 0))
-    return tensors, tokens
+    staleness = workspace.federation.schedule.max_staleness
+    tensors, tokens, rounds = {}, {}, {}
+    for number in range(round_number, max(0, round_number - staleness) - 1, -1):
+        folder = workspace.peers_dir(number)
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            if path.stem in rounds:
+                continue  # a fresher one is already taken
+            tensors[path.stem] = {n: t.float() for n, t in load_file(path).items()}
+            manifest_path = workspace.peer_manifest_path(number, path.stem)
+            manifest = parse_document(manifest_path.read_bytes(), str(manifest_path))
+            tokens[path.stem] = int(manifest.get("train_tokens", 0))
+            rounds[path.stem] = number
+    return tensors, tokens, rounds
 
 
 def aggregate_round(
@@ -95,7 +102,7 @@ def aggregate_round(
     spec = federation.lora
     own_path = Path(own_adapter)
     _, own_tensors, _ = read_adapter_folder(own_path)
-    peers, peer_tokens = _peer_adapters(workspace, round_number)
+    peers, peer_tokens, peer_rounds = _peer_adapters(workspace, round_number)
     me = workspace.device
     adapters = {me: {n: t.float() for n, t in own_tensors.items()}} | peers
     adapters, norms = clip_peers(adapters, me, settings.clip_norm)
@@ -136,6 +143,7 @@ def aggregate_round(
         delta_norms=norms,
         clip_norm=settings.clip_norm,
         peers_used=[d for d, w in zip(row.devices, row.weights, strict=True) if w > 0 and d != me],
+        adapter_rounds={me: round_number} | dict(sorted(peer_rounds.items())),
     ).write(workspace.trust_path(round_number))
     return AggregateResult(
         row=row,

@@ -1,7 +1,12 @@
-"""The pull step: every peer adapter of a round, verified, into the workspace.
+"""The pull step: every peer's freshest adapter for a round, verified, into the workspace.
 
-Everything pulled goes through `Verifier` first; what fails is logged in rejected.json with its
-reason and never used. Peers' keys are pinned on first sight (trust on first use).
+Devices are not online at the same moment, so a round does not wait for everyone: for round r
+each registered peer's freshest published adapter of rounds r-max_staleness..r (the
+federation's `max_staleness`) is pulled into rounds/<its round>/peers/, and the aggregate step
+mixes it. A peer late for round r is mixed with its round r-1 work now and its round r work by
+whoever aggregates after it arrives; no device is left out for good. Everything pulled goes
+through `Verifier` first; what fails is logged in rejected.json with its reason and never used
+(an older adapter of that peer may be used instead). Peers' keys are pinned on first sight.
 """
 
 from __future__ import annotations
@@ -38,14 +43,20 @@ class PullReport:
     verified: list[str] = field(default_factory=list)  # peers whose adapter is in the workspace
     rejected: list[dict] = field(default_factory=list)
     waited_seconds: float = 0.0
+    peer_rounds: dict[str, int] = field(default_factory=dict)  # the round of each peer's adapter
 
     def as_dict(self) -> dict:
         return {
             "round": self.round,
             "verified_peers": self.verified,
+            "peer_rounds": self.peer_rounds,
             "rejected": self.rejected,
             "waited_seconds": round(self.waited_seconds, 1),
         }
+
+    def stale(self) -> dict[str, int]:
+        """The peers mixed with an older round's adapter, and that round."""
+        return {p: r for p, r in self.peer_rounds.items() if r != self.round}
 
 
 def registered_keys(store: Store, workspace: Workspace) -> tuple[dict[str, str], list[dict]]:
@@ -88,45 +99,69 @@ def registered_keys(store: Store, workspace: Workspace) -> tuple[dict[str, str],
 
 
 def _pull_once(store: Store, workspace: Workspace, round_number: int) -> PullReport:
+    federation = workspace.federation
     keys, problems = registered_keys(store, workspace)
-    verifier = Verifier(workspace.federation, keys)
-    # one entry per (device, reason): a rejection seen at an earlier pull is not logged again
+    verifier = Verifier(federation, keys)
+    oldest = max(0, round_number - federation.schedule.max_staleness)
+    # one entry per (device, round, reason): a rejection seen at an earlier pull is not logged
+    # again (registration problems carry the round pulled)
     rejected = {
-        (r["device"], r["reason"]): r
+        (r["device"], r["round"], r["reason"]): r
         for r in workspace.rejections(round_number)
         + [p | {"round": round_number} for p in problems]
     }
-    complete: dict[str, set[bool]] = {}
-    for key in store.keys(f"{ROUNDS_PREFIX}{round_number}/"):
-        item = parse_round_key(key)
-        if item is not None and item.device != workspace.device:
-            complete.setdefault(item.device, set()).add(item.is_manifest)
-    verified = []
-    for peer in sorted(d for d, kinds in complete.items() if kinds == {True, False}):
-        destination = workspace.peer_adapter_path(round_number, peer)
-        if destination.exists():
-            verified.append(peer)
-            continue
-        try:
-            manifest_bytes = store.read(manifest_key(round_number, peer))
-            adapter_bytes = store.read(adapter_key(round_number, peer))
-            verified_adapter = verifier.check(round_number, peer, manifest_bytes, adapter_bytes)
-        except Rejected as reason:
-            if (peer, str(reason)) not in rejected:
-                logger.warning("rejected %s's adapter for round %d: %s", peer, round_number, reason)
-                rejected[peer, str(reason)] = {
-                    "device": peer,
-                    "round": round_number,
-                    "reason": str(reason),
-                }
-            continue
-        # kept as float16 whatever the wire encoding, so aggregation reads one format
-        atomic_write_bytes(destination, encode_adapter(verified_adapter.tensors))
-        atomic_write_bytes(workspace.peer_manifest_path(round_number, peer), manifest_bytes)
-        verified.append(peer)
-    ordered = [rejected[k] for k in sorted(rejected)]
+    complete: dict[str, dict[int, set[bool]]] = {}  # peer -> round -> {manifest?, adapter?}
+    for number in range(round_number, oldest - 1, -1):
+        for key in store.keys(f"{ROUNDS_PREFIX}{number}/"):
+            item = parse_round_key(key)
+            if item is not None and item.device != workspace.device:
+                kinds = complete.setdefault(item.device, {}).setdefault(item.round, set())
+                kinds.add(item.is_manifest)
+    peer_rounds: dict[str, int] = {}
+    for peer in sorted(complete):
+        published = sorted(
+            (n for n, k in complete[peer].items() if k == {True, False}), reverse=True
+        )
+        for number in published:  # the freshest that verifies
+            if _pull_adapter(store, workspace, verifier, number, peer, rejected):
+                peer_rounds[peer] = number
+                break
+    ordered = [rejected[k] for k in sorted(rejected, key=lambda k: (k[0], str(k[1]), k[2]))]
     workspace.record_rejections(round_number, ordered)
-    return PullReport(round=round_number, verified=verified, rejected=ordered)
+    return PullReport(
+        round=round_number, verified=sorted(peer_rounds), rejected=ordered, peer_rounds=peer_rounds
+    )
+
+
+def _pull_adapter(
+    store: Store,
+    workspace: Workspace,
+    verifier: Verifier,
+    round_number: int,
+    peer: str,
+    rejected: dict,
+) -> bool:
+    """Whether the peer's adapter of the round is (now) in the workspace, verified."""
+    destination = workspace.peer_adapter_path(round_number, peer)
+    if destination.exists():
+        return True
+    try:
+        manifest_bytes = store.read(manifest_key(round_number, peer))
+        adapter_bytes = store.read(adapter_key(round_number, peer))
+        verified_adapter = verifier.check(round_number, peer, manifest_bytes, adapter_bytes)
+    except Rejected as reason:
+        if (peer, round_number, str(reason)) not in rejected:
+            logger.warning("rejected %s's adapter for round %d: %s", peer, round_number, reason)
+            rejected[peer, round_number, str(reason)] = {
+                "device": peer,
+                "round": round_number,
+                "reason": str(reason),
+            }
+        return False
+    # kept as float16 whatever the wire encoding, so aggregation reads one format
+    atomic_write_bytes(destination, encode_adapter(verified_adapter.tensors))
+    atomic_write_bytes(workspace.peer_manifest_path(round_number, peer), manifest_bytes)
+    return True
 
 
 def pull_round(

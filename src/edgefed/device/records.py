@@ -32,6 +32,9 @@ class TrustRecord(RecordFile):
     peers_used: list[str]
     delta_norms: dict[str, float] = field(default_factory=dict)  # absent before --clip-norm
     clip_norm: float | None = None
+    # the round each device's mixed adapter is from (a peer's may be older: asynchronous
+    # mixing); absent before it, when every adapter was of the round itself
+    adapter_rounds: dict[str, int] = field(default_factory=dict)
 
     def weights_by_device(self) -> dict[str, float]:
         return dict(zip(self.devices, self.weights, strict=True))

@@ -154,7 +154,11 @@ class _Round:
                 f"waiting for peers: {n}/{self.options.min_peers} after {s:.0f} s"
             ),
         )
-        return {"verified_peers": report.verified, "rejected": len(report.rejected)}
+        return {
+            "verified_peers": report.verified,
+            "peer_rounds": report.peer_rounds,
+            "rejected": len(report.rejected),
+        }
 
     def aggregate(self) -> dict:
         self.on_status("computing the trust row and the mix")

@@ -28,7 +28,9 @@ class FolderStore(Store):
     """A federation store in a local folder (created on first write)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).expanduser()
+        # absolute, so a workspace that records it names the same folder from anywhere (not
+        # resolved: a symlink or mount point stays as the user gave it)
+        self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {self.root} is a file, not a folder", "pass a folder path")

@@ -8,7 +8,8 @@ signature vouches for the manifest and the blob together.
     federation.json  {"format", "id", "created", "base": {"sha256", "architecture", "name",
                       "parameters"}, "lora": {"rank", "alpha", "dropout", "targets",
                       "init_seed"}, "lora_modules": {module: [in, out]}, "schedule":
-                      {"warmup_steps", "round_steps"}, "trust": {...}, "reference":
+                      {"warmup_steps", "round_steps", "max_staleness"}, "trust": {...},
+                      "reference":
                       {"sha256", "bytes"} | null, "limits": {"adapter_bytes"}}
     devices/<d>.json {"format", "device", "public_key" (base64 raw Ed25519), "registered"}
     rounds/<r>/<d>.json
@@ -111,6 +112,7 @@ def federation_manifest(
     warmup_steps: int,
     round_steps: int,
     trust: Mapping,
+    max_staleness: int = 0,
     reference: bytes | None = None,
 ) -> dict:
     """The manifest of a new federation over `base_info` with LoRA spec `lora`.
@@ -137,7 +139,11 @@ def federation_manifest(
         },
         "lora": lora.as_dict(),
         "lora_modules": {m: list(s) for m, s in modules.items()},
-        "schedule": {"warmup_steps": warmup_steps, "round_steps": round_steps},
+        "schedule": {
+            "warmup_steps": warmup_steps,
+            "round_steps": round_steps,
+            "max_staleness": max_staleness,
+        },
         "trust": dict(trust),
         "reference": None
         if reference is None
@@ -148,10 +154,14 @@ def federation_manifest(
 
 @dataclass(frozen=True)
 class Schedule:
-    """How many local steps each round trains: round 0 the warm-up (when set), then round_steps."""
+    """How many local steps each round trains: round 0 the warm-up (when set), then round_steps;
+    and how many rounds old a peer's adapter may be and still be mixed (`max_staleness`: a
+    device aggregating round r mixes each peer's freshest adapter of rounds r-max_staleness..r).
+    A federation made before asynchronous mixing has none recorded: 0, lock-step as it was."""
 
     warmup_steps: int
     round_steps: int
+    max_staleness: int = 0
 
     def steps_of(self, round_number: int) -> int:
         if round_number == 0 and self.warmup_steps > 0:
@@ -195,7 +205,11 @@ class Federation:
                 lora_modules={
                     m: tuple(int(n) for n in s) for m, s in document["lora_modules"].items()
                 },
-                schedule=Schedule(int(schedule["warmup_steps"]), int(schedule["round_steps"])),
+                schedule=Schedule(
+                    int(schedule["warmup_steps"]),
+                    int(schedule["round_steps"]),
+                    int(schedule.get("max_staleness", 0)),
+                ),
                 trust_default=dict(document.get("trust") or {}),
                 reference_sha256=(document.get("reference") or {}).get("sha256"),
                 adapter_bytes_limit=int(document["limits"]["adapter_bytes"]),
