@@ -200,8 +200,11 @@ def sync(
     if as_json:
         emit_json({"round": round_number, "published": published} | report.as_dict())
         return
-    if min_peers and len(report.verified) < min_peers:
-        stderr.print(f"warning: only {len(report.verified)} of {min_peers} peers after {wait:g} s")
+    if min_peers and len(report.fresh()) < min_peers:
+        stderr.print(
+            f"warning: only {len(report.fresh())} of {min_peers} peers published round "
+            f"{round_number} within {wait:g} s"
+        )
     stdout.print(
         f"round {round_number}: {'published' if published else 'nothing new published'}; "
         f"{len(report.verified)} peer adapter(s) verified: {', '.join(report.verified) or 'none'}"

@@ -58,6 +58,10 @@ class PullReport:
         """The peers mixed with an older round's adapter, and that round."""
         return {p: r for p, r in self.peer_rounds.items() if r != self.round}
 
+    def fresh(self) -> list[str]:
+        """The peers whose adapter of this very round is here: what a wait waits for."""
+        return [p for p in self.verified if p not in self.stale()]
+
 
 def registered_keys(store: Store, workspace: Workspace) -> tuple[dict[str, str], list[dict]]:
     """Peers' public keys from the store, pinned on first sight; changed keys are rejected.
@@ -176,15 +180,16 @@ def pull_round(
 ) -> PullReport:
     """Verify and keep every peer adapter of the round not yet pulled; log what is rejected.
 
-    Waits up to `wait_seconds` for at least `min_peers` verified peers, calling
-    `on_wait(verified, seconds waited)` before each poll; a device that stays away does not
+    Waits up to `wait_seconds` for at least `min_peers` peers' adapters of this round (older
+    ones do not end the wait, they are what is used when it runs out), calling
+    `on_wait(fresh peers, seconds waited)` before each poll; a device that stays away does not
     block: the report lists whoever arrived.
     """
     started = time.monotonic()
     report = _pull_once(store, workspace, round_number)
-    while len(report.verified) < min_peers and time.monotonic() - started < wait_seconds:
+    while len(report.fresh()) < min_peers and time.monotonic() - started < wait_seconds:
         if on_wait is not None:
-            on_wait(len(report.verified), time.monotonic() - started)
+            on_wait(len(report.fresh()), time.monotonic() - started)
         time.sleep(poll_seconds)
         report = _pull_once(store, workspace, round_number)
     return PullReport(
