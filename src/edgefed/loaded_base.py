@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from edgefed.adapter import LoraSpec, attach_lora, initialize_lora, lora_state
 from edgefed.errors import AdapterMismatchError, ConfigError, InputFileError
 from edgefed.quant.gguf_file import read_base_info, resolve_base
-from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
+from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT, check_runtime_quant
 
 if TYPE_CHECKING:
     from edgefed.runtime.llama import Adapter, LlamaRuntime
@@ -84,8 +84,6 @@ class LoadedBase:
         runtime_quant: str | None = None,
         threads: int | None = None,
     ) -> None:
-        from edgefed.runtime.quantize import check_runtime_quant
-
         if precision not in TRAIN_PRECISIONS:
             raise ConfigError(
                 f"unknown training precision '{precision}'",

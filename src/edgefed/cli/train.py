@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,7 @@ from edgefed.documents import DEFAULT_TEXT_FIELD
 from edgefed.loaded_base import DEFAULT_DEVICE, DEFAULT_PRECISION
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 from edgefed.train.loop import TrainConfig
-from edgefed.train.run import DEFAULT_EVAL_TOKENS
+from edgefed.train.run import DEFAULT_VAL_TOKENS
 from edgefed.train.split import SplitRule
 
 _TRAINING = "Training"
@@ -188,7 +189,7 @@ def train(
             min=0,
             rich_help_panel=_RUN,
         ),
-    ] = DEFAULT_EVAL_TOKENS,
+    ] = DEFAULT_VAL_TOKENS,
     as_json: JsonOption = False,
 ) -> None:
     """Train a LoRA adapter on your text over the 4-bit base (QLoRA) and score it with llama.cpp.
@@ -219,24 +220,17 @@ def train(
         gradient_checkpointing=gradient_checkpointing,
     )
     rule = SplitRule(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    lora_given = any(v is not None for v in (rank, alpha, dropout, targets, init_seed))
-    if from_adapter is not None and lora_given:
+    given = {"rank": rank, "alpha": alpha, "dropout": dropout, "init_seed": init_seed}
+    given = {k: v for k, v in given.items() if v is not None}
+    if targets is not None:
+        given["targets"] = LoraSpec.parse_targets(targets)
+    if from_adapter is not None and given:
         raise ConfigError(
             "--from continues an adapter with its own rank, alpha, dropout and targets; "
             "--rank/--alpha/--dropout/--targets/--init-seed shape a fresh one",
             "give one or the other",
         )
-    lora = (
-        LoraSpec(
-            rank=LORA_DEFAULTS.rank if rank is None else rank,
-            alpha=LORA_DEFAULTS.alpha if alpha is None else alpha,
-            dropout=LORA_DEFAULTS.dropout if dropout is None else dropout,
-            targets=LoraSpec.parse_targets(targets) if targets else LORA_DEFAULTS.targets,
-            init_seed=LORA_DEFAULTS.init_seed if init_seed is None else init_seed,
-        )
-        if lora_given
-        else None
-    )
+    lora = replace(LORA_DEFAULTS, **given) if given else None
 
     display = ProgressDisplay()
 

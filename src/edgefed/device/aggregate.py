@@ -28,15 +28,19 @@ from edgefed.loaded_base import LoadedBase
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
 from edgefed.scoring import ScoreProgress
 from edgefed.train.blocks import evaluation_stream
-from edgefed.train.run import DEFAULT_EVAL_TOKENS
+from edgefed.train.run import DEFAULT_VAL_TOKENS
 from edgefed.train.run_folder import RunFolder
 from edgefed.train.split import TRUST_VAL
 from edgefed.trust.clip import clip_peers
 from edgefed.trust.merge import MERGES
-from edgefed.trust.schemes import TrustInputs, TrustRow, compute_trust, trust_scheme
+from edgefed.trust.schemes import (
+    TrustInputs,
+    TrustRow,
+    TrustScheme,
+    compute_trust,
+    trust_scheme,
+)
 from edgefed.trust.settings import TrustSettings
-
-DEFAULT_VAL_TOKENS = DEFAULT_EVAL_TOKENS  # trust-validation tokens a trust row scores
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ def aggregate_round(
 
     if scheme.needs_runtime and len(adapters) > 1:
         row = _runtime_row(
-            workspace, scheme.name, adapters, own_path, settings, val_tokens, loaded, on_progress
+            workspace, scheme, adapters, own_path, settings, val_tokens, loaded, on_progress
         )
     else:
         options = {"by_tokens": settings.by_tokens} if scheme.uses_train_tokens else {}
@@ -155,7 +159,7 @@ def aggregate_round(
 
 def _runtime_row(
     workspace: Workspace,
-    scheme: str,
+    scheme: TrustScheme,
     adapters: dict,
     own_path: Path,
     settings: TrustSettings,
@@ -164,9 +168,9 @@ def _runtime_row(
     on_progress: Callable[[ScoreProgress], None] | None,
 ) -> TrustRow:
     reference_path = workspace.reference_path
-    if trust_scheme(scheme).needs_reference and not reference_path.is_file():
+    if scheme.needs_reference and not reference_path.is_file():
         raise DataError(
-            f"{scheme} trust needs the federation's reference text, and it has none",
+            f"{scheme.name} trust needs the federation's reference text, and it has none",
             "use --trust perplexity, or a federation made with `edgefed init --reference FILE`",
         )
     runtime = loaded.runtime
@@ -177,14 +181,14 @@ def _runtime_row(
         runtime=runtime,
         runtime_adapters={d: loaded.load_tensors(t, spec) for d, t in adapters.items()},
         val_tokens=device_split_tokens(workspace, own_path, runtime, TRUST_VAL, val_tokens)
-        if trust_scheme(scheme).needs_validation_text
+        if scheme.needs_validation_text
         else None,
         reference_tokens=_reference_tokens(runtime, reference_path, val_tokens)
-        if trust_scheme(scheme).needs_reference
+        if scheme.needs_reference
         else None,
         on_progress=on_progress,
     )
-    return compute_trust(scheme, inputs, settings.normalization)
+    return compute_trust(scheme.name, inputs, settings.normalization)
 
 
 def trust_history(workspace: Workspace) -> list[TrustRecord]:

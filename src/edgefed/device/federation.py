@@ -16,7 +16,6 @@ from edgefed.atomic import atomic_write_bytes
 from edgefed.device.publish import create_once
 from edgefed.device.workspace import DeviceConfig, Workspace, default_workspace
 from edgefed.errors import (
-    AdapterMismatchError,
     ConfigError,
     InputFileError,
     ModelFormatError,
@@ -135,12 +134,7 @@ def join_federation(
     check_device_name(device)
     federation = read_federation(store)
     info = read_base_info(resolve_base(base))
-    if info.fingerprint != federation.base_sha256:
-        raise AdapterMismatchError(
-            f"this base ({info.path.name}, sha256 {info.fingerprint[:12]}) is not the "
-            f"federation's: {federation.base_label}, sha256 {federation.base_sha256[:12]}",
-            "pass that base with --base",
-        )
+    federation.check_base(info, "pass that base with --base")
     root = Path(workspace).expanduser() if workspace else default_workspace(federation.id, device)
     if (root / DeviceConfig.FILE).exists():
         raise InputFileError(

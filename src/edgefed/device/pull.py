@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edgefed.atomic import atomic_write_bytes
 from edgefed.device.workspace import Workspace
@@ -40,10 +40,14 @@ class PullReport:
     """What a pull found for one round."""
 
     round: int
-    verified: list[str] = field(default_factory=list)  # peers whose adapter is in the workspace
+    peer_rounds: dict[str, int] = field(default_factory=dict)  # peer -> round of its adapter
     rejected: list[dict] = field(default_factory=list)
     waited_seconds: float = 0.0
-    peer_rounds: dict[str, int] = field(default_factory=dict)  # the round of each peer's adapter
+
+    @property
+    def verified(self) -> list[str]:
+        """The peers whose adapter is in the workspace, verified."""
+        return sorted(self.peer_rounds)
 
     def as_dict(self) -> dict:
         return {
@@ -130,11 +134,9 @@ def _pull_once(store: Store, workspace: Workspace, round_number: int) -> PullRep
             if _pull_adapter(store, workspace, verifier, number, peer, rejected):
                 peer_rounds[peer] = number
                 break
-    ordered = [rejected[k] for k in sorted(rejected, key=lambda k: (k[0], str(k[1]), k[2]))]
+    ordered = [rejected[k] for k in sorted(rejected)]
     workspace.record_rejections(round_number, ordered)
-    return PullReport(
-        round=round_number, verified=sorted(peer_rounds), rejected=ordered, peer_rounds=peer_rounds
-    )
+    return PullReport(round=round_number, peer_rounds=peer_rounds, rejected=ordered)
 
 
 def _pull_adapter(
@@ -192,9 +194,4 @@ def pull_round(
             on_wait(len(report.fresh()), time.monotonic() - started)
         time.sleep(poll_seconds)
         report = _pull_once(store, workspace, round_number)
-    return PullReport(
-        round=round_number,
-        verified=report.verified,
-        rejected=report.rejected,
-        waited_seconds=time.monotonic() - started,
-    )
+    return replace(report, waited_seconds=time.monotonic() - started)

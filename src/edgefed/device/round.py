@@ -219,7 +219,6 @@ def run_round(
     if until is not None and until not in ROUND_STEPS:
         raise ConfigError(f"no round step '{until}'", f"choose one of {', '.join(ROUND_STEPS)}")
     options = options or RoundOptions()
-    workspace.check_base(loaded)
     if round_number is None:
         round_number = workspace.next_round()
     steps = _Round(

@@ -16,7 +16,7 @@ from edgefed.errors import InputFileError
 from edgefed.loaded_base import LoadedBase
 from edgefed.train.loop import TrainConfig, TrainProgress
 from edgefed.train.metrics import TrainMetrics
-from edgefed.train.run import DEFAULT_EVAL_TOKENS, train_adapter
+from edgefed.train.run import DEFAULT_VAL_TOKENS, train_adapter
 
 
 def train_round(
@@ -25,7 +25,7 @@ def train_round(
     loaded: LoadedBase,
     config: TrainConfig | None = None,
     *,
-    val_tokens: int | None = DEFAULT_EVAL_TOKENS,
+    val_tokens: int | None = DEFAULT_VAL_TOKENS,
     on_status: Callable[[str], None] | None = None,
     on_progress: Callable[[TrainProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,

@@ -22,13 +22,14 @@ device. Every write here is atomic.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgefed.device.records import EvaluationRecord, RoundRecord, TrustRecord
-from edgefed.errors import AdapterMismatchError, InputFileError
+from edgefed.errors import InputFileError
 from edgefed.home import edgefed_home
 from edgefed.record_file import RecordFile, read_json_file, write_json_file
 from edgefed.sync.manifest import Federation
@@ -88,8 +89,9 @@ class Workspace:
     def device(self) -> str:
         return self.config.device
 
-    @property
+    @functools.cached_property
     def federation(self) -> Federation:
+        """The pinned manifest, parsed once: it never changes after `join`."""
         document = read_json_file(
             self.root / FEDERATION_FILE, "pinned federation manifest", DeviceConfig.FIX
         )
@@ -98,13 +100,9 @@ class Workspace:
     def check_base(self, loaded: LoadedBase) -> None:
         """AdapterMismatchError unless `loaded` is the federation's base: a step over another
         base would train, score or convert against weights no peer has."""
-        expected = self.federation.base_sha256
-        if loaded.fingerprint != expected:
-            raise AdapterMismatchError(
-                f"the loaded base {loaded.base_path.name} (sha256 {loaded.fingerprint[:12]}) is "
-                f"not this federation's (sha256 {expected[:12]})",
-                f"load the base the workspace joined with: {self.config.base}",
-            )
+        self.federation.check_base(
+            loaded.info, f"load the base the workspace joined with: {self.config.base}"
+        )
 
     def pin_federation(self, federation: Federation) -> None:
         write_json_file(self.root / FEDERATION_FILE, federation.document)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from edgefed.adapter import LoraSpec
-from edgefed.errors import EdgefedError, ModelFormatError
+from edgefed.errors import AdapterMismatchError, EdgefedError, ModelFormatError
 from edgefed.sync.signing import DeviceKey, signature_is_valid
 
 FORMAT_VERSION = 1
@@ -221,6 +221,12 @@ class Federation:
                 "the store's federation.json is damaged; ask the federation's creator",
             ) from exc
 
-    @property
-    def base_label(self) -> str:
-        return self.base_name or self.base_architecture
+    def check_base(self, info, fix: str) -> None:
+        """AdapterMismatchError unless `info` (a BaseInfo) is this federation's base."""
+        if info.fingerprint != self.base_sha256:
+            raise AdapterMismatchError(
+                f"this base ({info.path.name}, sha256 {info.fingerprint[:12]}) is not the "
+                f"federation's: {self.base_name or self.base_architecture}, sha256 "
+                f"{self.base_sha256[:12]}",
+                fix,
+            )

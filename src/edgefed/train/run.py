@@ -45,7 +45,7 @@ from edgefed.train.split import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EVAL_TOKENS = 8192  # trust-validation tokens a run (and a trust row) scores
+DEFAULT_VAL_TOKENS = 8192  # trust-validation tokens a run (and a trust row) scores
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def train_adapter(
     from_adapter: str | os.PathLike[str] | None = None,
     optimizer_state: str | os.PathLike[str] | None = None,
     resume: bool = False,
-    eval_tokens: int | None = DEFAULT_EVAL_TOKENS,
+    eval_tokens: int | None = DEFAULT_VAL_TOKENS,
     on_status: Callable[[str], None] | None = None,
     on_data: Callable[[SplitSummary], None] | None = None,
     on_progress: Callable[[TrainProgress], None] | None = None,
@@ -168,7 +168,7 @@ def train_adapter(
     status = on_status or (lambda message: None)
     config = config or TrainConfig()
     split_rule = split_rule or SplitRule()
-    run = RunFolder.at(out)
+    run = RunFolder(Path(out))
     _check_out_dir(run, resume)
     loaded.device  # noqa: B018 - an unavailable device is refused before any work
     spec, start_tensors = _resolve_lora(

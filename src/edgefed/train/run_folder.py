@@ -10,7 +10,6 @@ checkpoint.safetensors   while training only
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +19,6 @@ from edgefed.train.metrics import TrainMetrics
 @dataclass(frozen=True)
 class RunFolder:
     root: Path
-
-    @classmethod
-    def at(cls, path: str | os.PathLike[str]) -> RunFolder:
-        return cls(Path(path))
 
     @property
     def split(self) -> Path:

@@ -68,9 +68,9 @@ class TrustSettings:
 
     @property
     def normalization(self) -> Normalization:
-        resolved = self.resolved() if self.temperature is None else self
+        """top-k, threshold and the temperature these settings resolve to."""
         return Normalization(
-            temperature=resolved.temperature, top_k=self.top_k, threshold=self.threshold
+            temperature=self.resolved().temperature, top_k=self.top_k, threshold=self.threshold
         )
 
     def federation_default(self) -> dict:
