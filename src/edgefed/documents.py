@@ -5,6 +5,16 @@ with a text field); a .csv file one per row (a named column). Each document is i
 sha256 of its text, so its identity (and the split it falls in) does not depend on where it sits
 or what else is in the folder; exact duplicates are kept once and counted.
 
+A .txt/.md file longer than LONG_FILE_CHARS (32,000 characters) is a book or a log, not one
+document: whole, it would land in a single split, and a client holding one such file could not be
+split at all. It is cut into documents of consecutive paragraphs (text between blank lines) of at
+most BLOCK_CHARS (8,000 characters) each, source "path#n" (n from 1); a paragraph longer than that
+is cut at line breaks, and a line longer than that every BLOCK_CHARS characters. Paragraphs in a
+block are joined by one blank line. The longest BBC News article of the demo data is 25,485
+characters, so articles, and files like them, stay whole. Cutting is a pure function of the
+file's text: the same file gives the same blocks (and ids); text appended at its end changes only
+the last block and adds new ones.
+
 Files that are not UTF-8 text are skipped and counted, not fatal: a folder synced from a laptop
 always holds a stray binary. Fatal are a path with no usable text at all and a structured file
 that is malformed (a .jsonl line that is not JSON, a missing field or column), because silently
@@ -18,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +38,9 @@ from edgefed.errors import DataError, InputFileError
 
 DOCUMENT_SUFFIXES = (".txt", ".md", ".jsonl", ".csv")
 DEFAULT_TEXT_FIELD = "text"
+LONG_FILE_CHARS = 32_000  # a .txt/.md file longer than this is cut into blocks
+BLOCK_CHARS = 8_000  # the most characters of one block
+_BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
 
 
 @dataclass(frozen=True)
@@ -103,12 +117,54 @@ def _csv_texts(path: Path, text: str, column: str) -> Iterator[tuple[str, str]]:
         yield row[column] or "", f"{path}:{number}"
 
 
+def _pieces(paragraph: str) -> Iterator[str]:
+    """A paragraph as pieces of at most BLOCK_CHARS: itself, or its lines packed, or cut."""
+    if len(paragraph) <= BLOCK_CHARS:
+        yield paragraph
+        return
+    piece = ""
+    for line in paragraph.split("\n"):
+        while len(line) > BLOCK_CHARS:
+            if piece:
+                yield piece
+                piece = ""
+            yield line[:BLOCK_CHARS]
+            line = line[BLOCK_CHARS:]
+        if piece and len(piece) + 1 + len(line) > BLOCK_CHARS:
+            yield piece
+            piece = ""
+        piece = f"{piece}\n{line}" if piece else line
+    if piece.strip():
+        yield piece
+
+
+def text_blocks(text: str) -> list[str]:
+    """A long text cut into blocks of consecutive paragraphs, each at most BLOCK_CHARS."""
+    blocks: list[str] = []
+    block = ""
+    for paragraph in _BLANK_LINES.split(text):
+        paragraph = paragraph.rstrip()
+        if not paragraph.strip():
+            continue
+        for piece in _pieces(paragraph):
+            if block and len(block) + 2 + len(piece) > BLOCK_CHARS:
+                blocks.append(block)
+                block = ""
+            block = f"{block}\n\n{piece}" if block else piece
+    if block:
+        blocks.append(block)
+    return blocks
+
+
 def _file_texts(path: Path, text: str, field: str) -> Iterator[tuple[str, str]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from _jsonl_texts(path, text, field)
     elif suffix == ".csv":
         yield from _csv_texts(path, text, field)
+    elif len(text) > LONG_FILE_CHARS:
+        for number, block in enumerate(text_blocks(text), start=1):
+            yield block, f"{path}#{number}"
     else:
         yield text, str(path)
 

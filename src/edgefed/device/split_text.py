@@ -1,8 +1,11 @@
-"""The tokens of one of this device's splits, cut by the rule its training run recorded.
+"""The tokens of one of this device's splits, as its training run recorded them.
 
 Trust is measured on the trust-validation split and results are reported on the test split;
-both must be cut by the very rule the training run used, or a training document could leak
-into the text that judges it. The rule is read from the run's split.json.
+both must be cut exactly as the training run cut them, or a training document could leak into
+the text that judges it. The rule alone is not enough: a small set's empty split is filled by
+moving a document out of its hash split (`edgefed.train.split`), so the run's split.json is read
+for its rule and for every recorded document's split, and a document keeps the split it was
+trained (or held out) in.
 """
 
 from __future__ import annotations
@@ -15,15 +18,27 @@ from edgefed.device.workspace import Workspace
 from edgefed.documents import read_documents
 from edgefed.train.blocks import evaluation_stream, token_stream
 from edgefed.train.run_folder import RunFolder
-from edgefed.train.split import SplitRule, read_split_rule, split_documents
+from edgefed.train.split import SplitRule, read_split_rule, recorded_splits, split_documents
+
+
+def _split_manifest(run_dir: Path) -> Path | None:
+    """The split.json of the run whose adapter is `run_dir` (or `run_dir/..`), if any."""
+    for run in (RunFolder(run_dir), RunFolder(run_dir.parent)):
+        if run.split.is_file():
+            return run.split
+    return None
 
 
 def recorded_rule(run_dir: Path) -> SplitRule:
     """The split rule of the run whose adapter is `run_dir` (or `run_dir/..`); default if none."""
-    for run in (RunFolder(run_dir), RunFolder(run_dir.parent)):
-        if run.split.is_file():
-            return read_split_rule(run.split)
-    return SplitRule()
+    manifest = _split_manifest(run_dir)
+    return read_split_rule(manifest) if manifest else SplitRule()
+
+
+def recorded_assignment(run_dir: Path) -> dict[str, str]:
+    """Document id -> split as the run whose adapter is `run_dir` recorded it; empty if none."""
+    manifest = _split_manifest(run_dir)
+    return recorded_splits(manifest) if manifest else {}
 
 
 def device_split_tokens(
@@ -31,6 +46,8 @@ def device_split_tokens(
 ) -> np.ndarray:
     """BOS-led tokens of `split` of this device's data, at most `limit` (None: all)."""
     documents = read_documents(workspace.config.data)
-    parts = split_documents(documents.documents, recorded_rule(run_dir))
+    parts = split_documents(
+        documents.documents, recorded_rule(run_dir), recorded_assignment(run_dir)
+    )
     stream = token_stream(parts[split], lambda t: runtime.tokenize(t, add_bos=False), runtime.eos)
     return evaluation_stream(stream, runtime.bos, limit)

@@ -4,6 +4,11 @@ Round 0 trains the federation's warm-up steps (its round steps when the warm-up 
 shared initial adapter; every later round trains its round steps from the previous round's
 mix, with the previous round's AdamW state (the optimizer state never leaves the device). A
 crash inside the step resumes from the run's last checkpoint.
+
+Every round of a device splits its data the same way, or a later round could train on a document
+an earlier round held out and its numbers would not compare: a round's run folder starts from the
+latest earlier round's split.json, so each document keeps its recorded split (see
+`edgefed.train.split`) and only documents added since are assigned anew.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from edgefed.atomic import atomic_write_text
 from edgefed.device.workspace import Workspace
 from edgefed.errors import InputFileError
 from edgefed.loaded_base import LoadedBase
@@ -51,6 +57,7 @@ def train_round(
         start = workspace.aggregated_dir(round_number - 1)
         previous_optimizer = workspace.train_run(round_number - 1).optimizer
         optimizer = previous_optimizer if previous_optimizer.is_file() else None
+        _carry_split_record(workspace, round_number)
     result = train_adapter(
         workspace.config.data,
         run.root,
@@ -71,3 +78,15 @@ def train_round(
         should_stop=should_stop,
     )
     return result.metrics
+
+
+def _carry_split_record(workspace: Workspace, round_number: int) -> None:
+    """Start the round's split.json as a copy of the latest earlier round's, unless it has one."""
+    target = workspace.train_run(round_number).split
+    if target.exists():
+        return
+    for earlier in range(round_number - 1, -1, -1):
+        source = workspace.train_run(earlier).split
+        if source.is_file():
+            atomic_write_text(target, source.read_text(encoding="utf-8"))
+            return
