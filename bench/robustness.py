@@ -77,7 +77,9 @@ def main() -> None:
         store = FolderStore(out / "store")
         names = [c.name for c in clients.clients]
         if fresh:
-            init_federation(store, base=loaded.base_path, warmup_steps=8, round_steps=4)
+            init_federation(
+                store, base=loaded.base_path, warmup_steps=8, round_steps=4, wait_seconds=0
+            )
             spaces = {
                 d: join_federation(store, d, data=data.get(d, data[names[0]]),
                                    workspace=out / "devices" / d, base=loaded.base_path)

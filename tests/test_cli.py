@@ -154,3 +154,26 @@ def test_bad_conversions_leave_no_output_behind(bad_files, tiny_lora, tmp_path, 
         run("quant", "convert", peft_dir, "-o", out_dir / "c.gguf"), "config.json"
     )
     assert list(out_dir.iterdir()) == []  # nothing half-written, no temporaries
+
+
+def test_base_show_into_a_pipe_keeps_the_fingerprint_and_path_whole(tiny_llama_gguf, tmp_path):
+    """Piped or redirected, the table is not cut at 80 columns (nor at a narrow COLUMNS): the
+    fingerprint and the path are copied and compared from there, so no value may lose its end
+    to an ellipsis or be wrapped."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    base = tmp_path / ("a-folder-with-a-long-name-" * 4) / "tiny-base.gguf"
+    base.parent.mkdir()
+    shutil.copy(tiny_llama_gguf, base)
+    shown = subprocess.run(
+        [sys.executable, "-m", "edgefed", "base", "show", str(base)],
+        env=os.environ | {"COLUMNS": "40"},
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"sha256:{hashlib.sha256(base.read_bytes()).hexdigest()}" in shown.stdout
+    assert str(base) in shown.stdout and "…" not in shown.stdout

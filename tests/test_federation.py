@@ -35,7 +35,7 @@ def test_three_device_processes_exchange_verified_adapters_through_a_store(
     store_url, tmp_path, tiny_llama_gguf, train_corpus, adapters
 ):
     store, spaces = store_url, {d: tmp_path / "ws" / d for d in DEVICES}
-    edgefed("init", store, "--base", tiny_llama_gguf, "--id", "fed-folder")
+    edgefed("init", store, "--base", tiny_llama_gguf, "--id", "fed-folder", "--wait", 0)
     for device in ("alice", "bob"):  # carol joins late
         edgefed("join", store, "--device", device, "--data", train_corpus,
                 "--workspace", spaces[device], "--base", tiny_llama_gguf)  # fmt: skip
@@ -100,14 +100,15 @@ def test_three_device_processes_exchange_verified_adapters_through_a_store(
 
     status = json.loads(edgefed("status", "--workspace", spaces["carol"], "--json").stdout)
     assert status["current_round"] == 1
-    assert status["devices"] == {d: {"latest_round": 1} for d in DEVICES}
+    assert status["devices"] == {d: {"latest_round": 1, "left": False} for d in DEVICES}
+    assert status["damaged_publishes"] == {}
 
 
 def test_a_missing_device_does_not_block_the_round(
     tmp_path, tiny_llama_gguf, train_corpus, adapters
 ):
     store = tmp_path / "shared"
-    edgefed("init", store, "--base", tiny_llama_gguf)
+    edgefed("init", store, "--base", tiny_llama_gguf, "--wait", 0)
     for device in DEVICES:
         edgefed("join", store, "--device", device, "--data", train_corpus,
                 "--workspace", tmp_path / device, "--base", tiny_llama_gguf)  # fmt: skip
@@ -117,7 +118,7 @@ def test_a_missing_device_does_not_block_the_round(
     done = edgefed("sync", "--round", 0, "--adapter", adapters["bob", 0],
                    "--workspace", tmp_path / "bob", "--min-peers", 2, "--wait", 2)  # fmt: skip
     assert "1 peer adapter(s) verified: alice" in done.stdout
-    assert "only 1 of 2 peers" in done.stderr
+    assert "went on without carol" in " ".join(done.stderr.split())
 
 
 def test_join_refuses_another_base_and_a_taken_name(
@@ -128,7 +129,7 @@ def test_join_refuses_another_base_and_a_taken_name(
     from edgefed.sync.folder import FolderStore
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf)
+    init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
     other_base = convert_hf_to_gguf(tiny_llama, tmp_path / "other.f32.gguf", out_type="f32")
     with pytest.raises(AdapterMismatchError, match="is not the federation's"):
         join_federation(
@@ -142,7 +143,7 @@ def test_join_refuses_another_base_and_a_taken_name(
             store, "alice", data=train_corpus, workspace=tmp_path / "b", base=tiny_llama_gguf
         )
     with pytest.raises(StoreError, match="already holds a federation"):
-        init_federation(store, base=tiny_llama_gguf)
+        init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
 
 
 def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_are_used(
@@ -154,7 +155,7 @@ def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_a
     from edgefed.sync.folder import FolderStore
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf)
+    init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
     spaces = {
         d: join_federation(
             store, d, data=train_corpus, workspace=tmp_path / d, base=tiny_llama_gguf
@@ -181,7 +182,7 @@ def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_a
     ]
     status = federation_status(store, spaces["bob"])
     assert status["rejected"] == report.rejected
-    assert status["devices"]["alice"] == {"latest_round": 0}
+    assert status["devices"]["alice"] == {"latest_round": 0, "left": False}
     assert not (tmp_path / "bob" / "rounds" / "0" / "peers" / "alice.safetensors").exists()
 
 
@@ -212,7 +213,6 @@ def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
         "not a valid device name": ["join", store, "--device", "Bad/Name", "--data", train_corpus],
         "is not the federation's": ["join", store, "--device", "erin", "--data", train_corpus],
         "refused to store federation.json (401": ["init", url, "--base", tiny_llama_gguf],
-        "no device workspace": ["status"],
         "not a device workspace": ["sync", "--round", "0", "--workspace", tmp_path],
         "unknown trust scheme 'dynamic'": ["init", tmp_path / "other", "--trust", "dynamic"],
     }
@@ -234,7 +234,7 @@ def test_aggregate_writes_the_mix_and_its_trust_row_for_each_scheme(
     from edgefed.trust.settings import TrustSettings
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf)
+    init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
     spaces = {
         d: join_federation(
             store, d, data=train_corpus, workspace=tmp_path / d, base=tiny_llama_gguf
@@ -248,6 +248,8 @@ def test_aggregate_writes_the_mix_and_its_trust_row_for_each_scheme(
     pull_round(store, alice, 0)
     own = adapters["alice", 0]
     rows = {}
+    killed_mix = alice.round_dir(0) / ".aggregated.k2j3x9ab.tmp"  # what kill -9 mid-write left
+    (killed_mix / "adapter").mkdir(parents=True)
     loaded = LoadedBase(tiny_llama_gguf, runtime_quant="keep")
     for scheme in ("local", "fedavg", "weights", "perplexity"):
         rows[scheme] = aggregate_round(alice, 0, own, loaded, TrustSettings(scheme))
@@ -266,6 +268,9 @@ def test_aggregate_writes_the_mix_and_its_trust_row_for_each_scheme(
     assert 0 < exact.relative_error < rows["fedavg"].relative_error
     shown = run("trust", "show", "--workspace", alice.root, "--json")
     assert shown.exit_code == 0 and json.loads(shown.stdout)[0]["merge"] == "exact"
+    assert not killed_mix.exists()
+    table = run("trust", "show", "--workspace", alice.root).stdout
+    assert "alice (self)" in table and "bob" in table and "bob (self)" not in table
     cli = run("aggregate", "--round", 0, "--adapter", own, "--workspace", alice.root,
               "--trust", "prediction")  # fmt: skip
     assert cli.exit_code == 2 and "reference text" in cli.stderr
@@ -275,7 +280,7 @@ def test_a_relative_store_path_names_the_same_federation_from_any_folder(
     tmp_path, monkeypatch, tiny_llama_gguf, train_corpus
 ):
     monkeypatch.chdir(tmp_path)
-    edgefed("init", "x/fed", "--base", tiny_llama_gguf, "--id", "fed-relative")
+    edgefed("init", "x/fed", "--base", tiny_llama_gguf, "--id", "fed-relative", "--wait", 0)
     edgefed("join", "x/fed", "--device", "alice", "--data", train_corpus, "--workspace", "ws",
             "--base", tiny_llama_gguf)  # fmt: skip
     config = json.loads((tmp_path / "ws" / "device.json").read_text())
@@ -293,7 +298,7 @@ def test_round_checks_store_token_registration_and_data_before_any_training(
 ):
     url, token, root = relay_server
     monkeypatch.setenv("EDGEFED_TOKEN", token)
-    edgefed("init", url, "--base", tiny_llama_gguf)
+    edgefed("init", url, "--base", tiny_llama_gguf, "--wait", 0)
     workspace = tmp_path / "alice"
     edgefed("join", url, "--device", "alice", "--data", train_corpus, "--workspace", workspace,
             "--base", tiny_llama_gguf)  # fmt: skip
@@ -308,3 +313,29 @@ def test_round_checks_store_token_registration_and_data_before_any_training(
     (workspace / "device.json").write_text(json.dumps(config | {"data": str(tmp_path / "gone")}))
     assert_one_line_error(run("round", "--workspace", workspace), "does not exist")
     assert not (workspace / "rounds").exists()  # nothing trained, nothing written
+
+
+def test_init_refuses_a_folder_of_other_files_but_not_what_sync_tools_keep(
+    tmp_path, tiny_llama_gguf
+):
+    """`init` makes an empty store: a folder that holds the user's own files (a mistyped path)
+    is refused in one line and left as it was, while what Syncthing, Resilio or Dropbox keep
+    in a folder they sync does not count."""
+    busy = tmp_path / "documents"
+    (busy / ".stfolder").mkdir(parents=True)
+    (busy / "notes.txt").write_text("mine")
+    assert_one_line_error(
+        run("init", busy, "--base", tiny_llama_gguf),
+        f"{busy} is not empty (holds 1 entry, e.g. notes.txt)",
+        "init into an empty or new folder",
+    )
+    (busy / "photos").mkdir()
+    assert_one_line_error(run("init", busy), "holds 2 entries, e.g. notes.txt")
+    assert sorted(p.name for p in busy.iterdir()) == [".stfolder", "notes.txt", "photos"]
+
+    synced = tmp_path / "synced"
+    for name in (".stfolder", ".stversions", ".sync", ".dropbox", ".dropbox.cache"):
+        (synced / name).mkdir(parents=True)
+    (synced / ".federation.json.0a1b2c3d.tmp").write_bytes(b"{")  # an init killed mid-write
+    edgefed("init", synced, "--base", tiny_llama_gguf)
+    assert (synced / "federation.json").is_file()

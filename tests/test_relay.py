@@ -151,3 +151,28 @@ def test_a_download_without_a_length_stops_at_the_limit_instead_of_reading_it_al
     finally:
         server.close()
     assert sent["cut_off"] and sent["chunks"] < chunks_meant
+
+
+def test_a_busy_port_gets_one_line_and_leaves_no_root_behind(tmp_path):
+    """Another server on the port: exit 2 and one line, before the root is made (uvicorn on
+    its own logged its error, exited 3 and left an empty root folder)."""
+    import subprocess
+    import sys
+
+    token_file = tmp_path / "token"
+    token_file.write_text("t" * 32 + "\n")
+    root = tmp_path / "relay-root"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "edgefed", "relay", "serve", "--root", str(root),
+             "--token-file", str(token_file), "--port", str(port)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("error:") and "\n" not in message, message
+    assert f"port {port} on 127.0.0.1 is in use" in message and "--port" in message, message
+    assert not root.exists()

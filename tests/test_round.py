@@ -37,7 +37,7 @@ def federation(store_url, tmp_path, tiny_llama_gguf, train_corpus) -> dict[str, 
     """alice and bob in a federation of 4 warm-up steps, then 2 per round; on the folder store
     bob did round 0."""
     edgefed("init", store_url, "--base", tiny_llama_gguf, "--warmup-steps", 4,
-            "--round-steps", 2)  # fmt: skip
+            "--round-steps", 2, "--wait", 0)  # fmt: skip
     spaces = {}
     for device in ("alice", "bob"):
         spaces[device] = tmp_path / device
@@ -145,7 +145,7 @@ def test_a_poisoned_peer_gets_no_weight_and_does_no_harm(tmp_path, tiny_llama_gg
     from edgefed.trust.settings import TrustSettings
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf, warmup_steps=10, round_steps=2)
+    init_federation(store, base=tiny_llama_gguf, warmup_steps=10, round_steps=2, wait_seconds=0)
     spaces = {
         d: join_federation(store, d, data=train_corpus, workspace=tmp_path / d,
                            base=tiny_llama_gguf)
@@ -209,7 +209,9 @@ def test_a_round_over_a_shared_loaded_base_equals_one_that_loads_everything(
     with LoadedBase(tiny_llama_gguf, runtime_quant="keep") as loaded:
         for mode, shared in (("own loads", None), ("shared", loaded)):
             store = FolderStore(tmp_path / mode / "shared")
-            init_federation(store, base=tiny_llama_gguf, warmup_steps=4, round_steps=2)
+            init_federation(
+                store, base=tiny_llama_gguf, warmup_steps=4, round_steps=2, wait_seconds=0
+            )
             for device in ("bob", "alice"):  # bob first: alice must not see his state
                 space = join_federation(store, device, data=train_corpus, base=tiny_llama_gguf,
                                         workspace=tmp_path / mode / device)  # fmt: skip
@@ -240,7 +242,7 @@ def test_devices_on_their_own_schedules_each_mix_every_peer_by_round_1(
     its rounds when it likes. Every device mixes every peer by round 1, a late peer with its
     freshest adapter, and trust.json says which round each mixed adapter is from."""
     edgefed("init", store_url, "--base", tiny_llama_gguf, "--warmup-steps", 2,
-            "--round-steps", 1)  # fmt: skip
+            "--round-steps", 1, "--wait", 0)  # fmt: skip
     spaces = {d: tmp_path / d for d in DEVICES}
     for device in DEVICES:
         edgefed("join", store_url, "--device", device, "--data", train_corpus,

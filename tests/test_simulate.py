@@ -63,7 +63,7 @@ def test_a_simulated_device_trains_the_adapter_its_real_round_would(
     out, _ = simulation
     store, workspace = tmp_path / "store", tmp_path / "north"
     edgefed("init", store, "--base", tiny_llama_gguf, "--warmup-steps", 4, "--round-steps", 2,
-            "--trust", "local")  # fmt: skip
+            "--trust", "local", "--wait", 0)  # fmt: skip
     edgefed("join", store, "--device", "north", "--data", out / "clients" / "north",
             "--workspace", workspace, "--base", tiny_llama_gguf)  # fmt: skip
     edgefed("round", "--workspace", workspace, *SMALL[6:])
@@ -83,11 +83,11 @@ def test_client_folders_that_cannot_make_a_federation_get_one_clear_line(tmp_pat
     write_repetitive_corpus(single / "only", 30)
     tiny = tmp_path / "unequal"
     write_repetitive_corpus(tiny / "big", 30)
-    write_repetitive_corpus(tiny / "small", 7)
+    write_repetitive_corpus(tiny / "small", 2)  # 3 documents split, 2 cannot
     cases = {
         "client nothing: ": ["--clients", empty],
         "has 1 client sub-folder(s)": ["--clients", single],
-        "client small: the": ["--clients", tiny],
+        "client small has 2 document(s)": ["--clients", tiny],
         "--dataset and --clients both name the data": ["--clients", single, "--dataset",
                                                       "bbc-mixed"],
         "unknown trust scheme 'dynamic'": ["--clients", client_folders, "--trust", "dynamic"],
@@ -95,3 +95,11 @@ def test_client_folders_that_cannot_make_a_federation_get_one_clear_line(tmp_pat
     for needle, args in cases.items():
         assert_one_line_error(run("simulate", *args, "--out", tmp_path / "out"), needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_help_says_where_the_run_folder_goes_by_default(monkeypatch):
+    """The markdown help drops `<...>` as HTML: it once read "Default: simulations/-."."""
+    monkeypatch.setenv("COLUMNS", "200")  # one option per line, not wrapped mid-default
+    shown = run("simulate", "--help")
+    assert shown.exit_code == 0
+    assert "Default: simulations/DATASET-YYYYMMDD-HHMMSS" in shown.stdout, shown.stdout

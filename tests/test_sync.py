@@ -178,3 +178,26 @@ def test_compressed_adapters_are_half_the_bytes_and_close_to_the_original(federa
     nan[next(iter(tensors))] = torch.full_like(tensors[next(iter(tensors))], float("nan"))
     with pytest.raises(Rejected, match="NaN or infinite"):
         verifier.check(0, "alice", *publish(federation, "alice", alice, nan, encoding="int8"))
+
+
+def test_folder_store_files_get_the_users_mode_while_the_device_key_stays_private(tmp_path):
+    """A store folder shared over NFS is read by the other users: its files get the mode any
+    file the user makes gets (0666 less the umask), not a temporary file's 0600, while the
+    device key stays 0600 whatever the umask."""
+    import os
+    import stat
+
+    for umask, expected in ((0o022, 0o644), (0o027, 0o640)):
+        previous = os.umask(umask)
+        try:
+            store = FolderStore(tmp_path / f"shared-{umask:o}")
+            store.create("federation.json", b"{}")
+            store.create(manifest_key(0, "bob"), b"m")
+            key_path = tmp_path / f"device-{umask:o}.key"
+            DeviceKey.generate().save(key_path)
+        finally:
+            os.umask(previous)
+        for key in ("federation.json", manifest_key(0, "bob")):
+            assert stat.S_IMODE((store.root / key).stat().st_mode) == expected, (key, umask)
+        assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+        assert not list(store.root.rglob(".*"))  # no temporary left behind

@@ -266,3 +266,38 @@ def test_train_command_writes_one_json_document_and_refuses_bad_input_in_one_lin
         out = ["--out", tmp_path / "new"] if "--out" not in args else []
         assert_one_line_error(run("train", *args, *out, *common), needle)
         assert not (tmp_path / "new" / "checkpoint.safetensors").exists(), needle
+
+
+def test_a_resumed_run_removes_what_a_killed_write_left_and_nothing_else(
+    train_corpus, tiny_llama_gguf, tmp_path
+):
+    """kill -9 while the adapter is written leaves `.adapter.<random>.tmp/` in the run folder
+    (no `finally` runs): the run that resumes it removes such leftovers, by their exact
+    pattern only."""
+    from edgefed.atomic import remove_leftovers
+
+    out = tmp_path / "run"
+    calls = iter(range(100))
+    with pytest.raises(TrainingInterrupted):
+        train(train_corpus, out, tiny_llama_gguf, config={"steps": 3},
+              should_stop=lambda: next(calls) >= 1)  # fmt: skip
+    names = (".adapter.k2j3x9_a.tmp", ".adapter.0a1b2c3d.old", ".adapter.gguf.abcdefgh.tmp")
+    left = [out / name for name in names]
+    (left[0] / "adapter").mkdir(parents=True)
+    (left[0] / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
+    left[1].mkdir()
+    left[2].write_bytes(b"partial")
+    others = [out / ".adapter.tmp", out / "notes.tmp", out / ".adapter.short.tmp", out / ".mine"]
+    for path in others:
+        path.write_text("not edgefed's")
+
+    train(train_corpus, out, tiny_llama_gguf, config={"steps": 3}, resume=True)
+    assert [p for p in left if p.exists()] == []
+    assert all(p.read_text() == "not edgefed's" for p in others)
+    assert (out / "metrics.json").is_file() and (out / "adapter").is_dir()
+
+    # limited to some destinations' names, the others' leftovers stay
+    left[0].mkdir()
+    left[2].write_bytes(b"partial")
+    assert remove_leftovers(out, ["adapter.gguf"]) == [left[2]]
+    assert left[0].is_dir() and remove_leftovers(tmp_path / "absent") == []

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -51,6 +52,14 @@ def atomic_write_bytes(destination: str | os.PathLike[str], data: bytes) -> None
         tmp.write_bytes(data)
 
 
+def atomic_write_private(destination: str | os.PathLike[str], data: bytes) -> None:
+    """Write a secret (a key, a token) atomically, readable by its owner only from the first
+    byte on (the temporary is created mode 0600 and never loosened)."""
+    with atomic_path(destination) as tmp:
+        os.chmod(tmp, 0o600)
+        tmp.write_bytes(data)
+
+
 def atomic_write_text(destination: str | os.PathLike[str], text: str) -> None:
     """Write UTF-8 `text` to `destination` atomically."""
     atomic_write_bytes(destination, text.encode("utf-8"))
@@ -83,3 +92,45 @@ def atomic_dir(destination: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# how atomic_path and atomic_dir name their temporaries: "." + the destination's name + "." +
+# mkstemp's 8 random characters + ".tmp" (".old": a folder's previous version moved aside)
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.(?:tmp|old)")
+
+
+def find_leftovers(
+    folder: str | os.PathLike[str], names: Iterable[str] | None = None
+) -> list[Path]:
+    """The temporaries that writes killed mid-way (kill -9, a power cut: no `finally` ran)
+    left in `folder`, those for the destinations `names` only if given. Only this module's
+    own pattern matches, never another file."""
+    wanted = None if names is None else set(names)
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for path in entries:
+        match = _LEFTOVER.fullmatch(path.name)
+        if match is not None and (wanted is None or match["name"] in wanted):
+            found.append(path)
+    return found
+
+
+def remove_leftovers(
+    folder: str | os.PathLike[str], names: Iterable[str] | None = None
+) -> list[Path]:
+    """Delete what `find_leftovers` finds; the paths removed.
+
+    Call it only where no other process writes into `folder` at that moment (a run folder
+    about to be resumed, a round step about to rewrite its outputs): a live writer's
+    temporary has the same name.
+    """
+    removed = find_leftovers(folder, names)
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed

@@ -11,7 +11,8 @@
     ├── TrainingError            training cannot go on as configured (diverged, wrong resume)
     └── StoreError               the federation store cannot be read or written (folder, relay)
         ├── KeyMissing           (edgefed.sync.store) a key not in the store (yet)
-        └── KeyExists            (edgefed.sync.store) a create-once key already taken
+        ├── KeyExists            (edgefed.sync.store) a create-once key already taken
+        └── StoreUnreachable     (edgefed.sync.store) no answer after retries: try again later
 
 Outside the tree, on purpose: `edgefed.sync.verify.Rejected` (a peer's adapter refused; logged
 in rejected.json, never shown as a failure of this device) and

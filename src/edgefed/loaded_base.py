@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,6 +104,8 @@ class LoadedBase:
         self._model = None
         self._shape: tuple | None = None
         self._initial: dict[int, dict] = {}  # init seed -> initial LoRA state
+        # told what a first use is about to do when it takes long (building a cache)
+        self.on_status: Callable[[str], None] = lambda message: None
 
     @property
     def fingerprint(self) -> str:
@@ -123,7 +126,7 @@ class LoadedBase:
             from edgefed.runtime.quantize import runtime_copy
 
             self._runtime = LlamaRuntime(
-                runtime_copy(self.base_path, self.runtime_quant),
+                runtime_copy(self.base_path, self.runtime_quant, on_build=self.on_status),
                 threads=self.threads,
                 remember_scores=True,
             )
@@ -137,6 +140,7 @@ class LoadedBase:
                 import torch
 
                 torch.set_num_threads(self.threads)
+            self.on_status(f"loading the {self.precision} training copy of the base")
             self._model = attach_lora(
                 load_training_copy(self.base_path, self.precision, self.device), spec
             )

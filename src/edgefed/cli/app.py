@@ -7,7 +7,19 @@ from typing import Annotated
 import typer
 
 from edgefed import __version__
-from edgefed.cli import base, evaluate, federation, quant, relay, round, simulate, train, trust
+from edgefed.cli import (
+    base,
+    device,
+    evaluate,
+    federation,
+    prune,
+    quant,
+    relay,
+    round,
+    simulate,
+    train,
+    trust,
+)
 from edgefed.cli.output import configure_logging
 
 app = typer.Typer(
@@ -23,15 +35,20 @@ app.add_typer(base.app, name="base")
 app.add_typer(quant.app, name="quant")
 app.add_typer(relay.app, name="relay")
 app.add_typer(trust.app, name="trust")
+app.add_typer(device.app, name="device")
 app.command("init")(federation.init)
 app.command("join")(federation.join)
 app.command("train")(train.train)
 app.command("sync")(federation.sync)
 app.command("aggregate")(trust.aggregate)
 app.command("round")(round.round_command)
+app.command("run")(round.run_command)
 app.command("simulate")(simulate.simulate)
 app.command("status")(federation.status)
+app.command("leave")(federation.leave)
+app.command("repair")(federation.repair)
 app.command("evaluate")(evaluate.evaluate)
+app.command("prune")(prune.prune)
 
 
 def _version(value: bool) -> None:

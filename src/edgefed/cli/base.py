@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from edgefed.cli.options import JsonOption
-from edgefed.cli.output import emit_json, stdout, user_errors
+from edgefed.cli.output import emit_json, print_whole, user_errors
 from edgefed.quant.gguf_file import SUPPORTED_ARCHITECTURES, read_base_info, resolve_base
 
 app = typer.Typer(help="Inspect base models.", no_args_is_help=True)
@@ -34,7 +34,7 @@ def show(
         return
     table = Table(title=f"base model {info.path.name}", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # a narrow terminal folds a value; never cuts it short
     rows = [
         ("path", str(info.path)),
         ("architecture", info.architecture + ("" if summary["supported"] else "  (not supported)")),
@@ -54,4 +54,4 @@ def show(
     ]
     for key, value in rows:
         table.add_row(key, value)
-    stdout.print(table)
+    print_whole(table)

@@ -18,18 +18,23 @@ from edgefed.cli.options import (
     DropoutOption,
     InitSeedOption,
     JsonOption,
+    MinPeersOption,
     RankOption,
     StoreArgument,
     TargetsOption,
     TokenFileOption,
+    WaitOption,
     WorkspaceOption,
     dp_noise,
     store_token,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
+from edgefed.cli.round_report import describe_wait, went_on_without
 from edgefed.device.federation import (
     DEFAULT_MAX_STALENESS,
     DEFAULT_ROUND_STEPS,
+    DEFAULT_WAIT_SECONDS,
     DEFAULT_WARMUP_STEPS,
 )
 from edgefed.trust.schemes import DEFAULT_SCHEME, schemes_help, temperatures_help
@@ -59,6 +64,15 @@ def init(
             min=0,
         ),
     ] = DEFAULT_MAX_STALENESS,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            help="How many seconds a round waits by default for its peers' adapters of the "
+            "round before it mixes what it has (late adapters count next time).",
+            min=0,
+        ),
+    ] = DEFAULT_WAIT_SECONDS,
     reference: Annotated[
         Path | None,
         typer.Option(help="Shared reference text for prediction trust.", show_default=False),
@@ -103,6 +117,7 @@ def init(
             warmup_steps=warmup_steps,
             round_steps=round_steps,
             max_staleness=max_staleness,
+            wait_seconds=wait,
             trust=defaults,
             reference=reference,
             federation_id=federation_id,
@@ -115,6 +130,8 @@ def init(
         f"{federation.base_name} ({federation.base_sha256[:12]}), LoRA rank {rank} on "
         f"{len(federation.lora_modules)} modules. Devices join with: "
         f"edgefed join {store} --device NAME --data PATH"
+        + (f" --token-file {token_file}" if token_file is not None else ""),
+        soft_wrap=True,
     )
 
 
@@ -128,14 +145,26 @@ def join(
     workspace: WorkspaceOption = None,
     base: BaseOption = None,
     token_file: TokenFileOption = None,
+    save_token: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the relay token in the workspace (file `token`, mode 0600) so later "
+            "commands need no --token-file.",
+        ),
+    ] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Join a federation: make this device's workspace and key, register the public key."""
+    """Join a federation: check the data, make this device's workspace and key, register the
+    public key. The data must hold at least 3 documents (train, trust-validation and test each
+    get one); it never leaves the device."""
     from edgefed.device.federation import join_federation
     from edgefed.sync.backends import open_store
 
-    with open_store(store, token=store_token(token_file)) as opened:
+    token = store_token(token_file)
+    with open_store(store, token=token) as opened:
         joined = join_federation(opened, device, data=data, workspace=workspace, base=base)
+    if token and save_token:
+        joined.save_token(token)
     if as_json:
         config = joined.config
         emit_json({"workspace": str(joined.root), "format": config.FORMAT} | config.as_dict())
@@ -163,19 +192,15 @@ def sync(
     ] = False,
     dp_clip: DpClipOption = None,
     dp_noise_multiplier: DpNoiseOption = 0.0,
-    min_peers: Annotated[
-        int, typer.Option(help="Wait until this many peers' adapters are verified.", min=0)
-    ] = 0,
-    wait: Annotated[
-        float, typer.Option(help="Wait at most this many seconds for --min-peers.", min=0)
-    ] = 0.0,
+    min_peers: MinPeersOption = None,
+    wait: WaitOption = None,
     workspace: WorkspaceOption = None,
     token_file: TokenFileOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Publish this device's adapter for a round and pull its peers' verified adapters."""
     from edgefed.device.publish import publish_adapter
-    from edgefed.device.pull import pull_round
+    from edgefed.device.pull import WaitInterrupted, pull_round
     from edgefed.device.workspace import find_workspace
     from edgefed.sync.backends import open_store
 
@@ -183,28 +208,31 @@ def sync(
     dp = dp_noise(dp_clip, dp_noise_multiplier)
     if dp is not None:
         stderr.print(dp.describe())
-    with open_store(ws.config.store, token=store_token(token_file)) as opened:
+    with open_store(ws.config.store, token=store_token(token_file, ws)) as opened:
         published = adapter is not None and publish_adapter(
             opened, ws, round_number, adapter, compress=compress, dp=dp
         )
-        report = pull_round(
-            opened,
-            ws,
-            round_number,
-            min_peers=min_peers,
-            wait_seconds=wait,
-            on_wait=lambda n, s: stderr.print(
-                f"waiting for peers: {n}/{min_peers} after {s:.0f} s"
-            ),
-        )
+        with ProgressDisplay() as display, stop_on_signals() as should_stop:
+            try:
+                report = pull_round(
+                    opened,
+                    ws,
+                    round_number,
+                    min_peers=min_peers,
+                    wait_seconds=ws.federation.schedule.wait_seconds if wait is None else wait,
+                    on_wait=lambda state: display.status(describe_wait(state)),
+                    should_stop=should_stop,
+                )
+            except WaitInterrupted as stop:
+                display.close()
+                stderr.print(f"{stop}; what arrived so far is in the workspace.")
+                raise typer.Exit(EXIT_INTERRUPTED) from None
     if as_json:
         emit_json({"round": round_number, "published": published} | report.as_dict())
         return
-    if min_peers and len(report.fresh()) < min_peers:
-        stderr.print(
-            f"warning: only {len(report.fresh())} of {min_peers} peers published round "
-            f"{round_number} within {wait:g} s"
-        )
+    warning = went_on_without(round_number, report.as_dict())
+    if warning:
+        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
     stdout.print(
         f"round {round_number}: {'published' if published else 'nothing new published'}; "
         f"{len(report.verified)} peer adapter(s) verified: {', '.join(report.verified) or 'none'}"
@@ -219,29 +247,131 @@ def status(
     token_file: TokenFileOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The federation, the current round, every device's latest round, rejections, metrics."""
+    """The federation, every device's latest round (and who left), this device's publishes
+    that peers would refuse, rejections, and this device's last published metrics."""
     from edgefed.device.federation import federation_status
     from edgefed.device.workspace import find_workspace
     from edgefed.sync.backends import open_store
 
     ws = find_workspace(workspace)
-    with open_store(ws.config.store, token=store_token(token_file)) as opened:
+    with open_store(ws.config.store, token=store_token(token_file, ws)) as opened:
         report = federation_status(opened, ws)
     if as_json:
         emit_json(report)
         return
+    current = report["current_round"]
     stdout.print(
-        f"federation {report['federation']} in {report['store']}; this device: {report['device']}; "
-        f"current round {report['current_round']}"
+        f"federation {report['federation']} in {report['store']}; this device: "
+        f"{report['device']}, next round {report['next_round']}; "
+        + ("no round published yet" if current is None else f"latest round published {current}"),
+        soft_wrap=True,
     )
-    table = Table("device", "latest round", title_justify="left")
+    table = Table("device", "latest round", "state", title_justify="left")
     for name, info in report["devices"].items():
         latest = info["latest_round"]
-        table.add_row(name, "-" if latest is None else str(latest))
+        state = "left" if info["left"] else ("this device" if name == report["device"] else "")
+        table.add_row(name, "-" if latest is None else str(latest), state)
     stdout.print(table)
+    for number, why in report["damaged_publishes"].items():
+        stderr.print(
+            f"[yellow]warning:[/] this device's round {number} in the store would be refused by "
+            f"its peers ({why}); publish a replacement with `edgefed repair --round {number}`",
+            highlight=False,
+        )
     for rejection in report["rejected"]:
         stdout.print(
-            f"rejected {rejection['device']} round {rejection['round']}: {rejection['reason']}"
+            f"rejected {rejection['device']} round {rejection['round']}: {rejection['reason']}",
+            soft_wrap=True,
         )
-    if report["last_metrics"]:
-        stdout.print(f"last metrics: {report['last_metrics']}")
+    metrics = report["last_metrics"]
+    if metrics:
+        shown = ", ".join(
+            f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in metrics.items()
+        )
+        stdout.print(f"last published round's metrics: {shown}")
+
+
+@user_errors
+def leave(
+    workspace: WorkspaceOption = None,
+    token_file: TokenFileOption = None,
+) -> None:
+    """Leave the federation: publish this device's signed departure so its peers stop waiting
+    for it. Its adapters already published stay usable by them; the workspace stays, but runs
+    no more rounds (join again under a new name to come back)."""
+    from edgefed.device.federation import leave_federation
+    from edgefed.device.workspace import find_workspace
+    from edgefed.sync.backends import open_store
+
+    ws = find_workspace(workspace)
+    with open_store(ws.config.store, token=store_token(token_file, ws)) as opened:
+        left = leave_federation(opened, ws)
+    stdout.print(
+        f"{ws.device} left the federation; its peers stop waiting for it"
+        if left
+        else f"{ws.device} had already left on {ws.config.left}"
+    )
+
+
+@user_errors
+def repair(
+    round_number: Annotated[
+        int | None,
+        typer.Option(
+            "--round", "-r", help="Only this round. Default: every round that needs it.", min=0
+        ),
+    ] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            help="The adapter the round published, for a round published by hand with `sync "
+            "--adapter` (a round's own training is found in the workspace).",
+            show_default=False,
+        ),
+    ] = None,
+    compress: Annotated[
+        bool, typer.Option(help="Send int8 codes instead of float16 (half the bytes, lossy).")
+    ] = False,
+    workspace: WorkspaceOption = None,
+    token_file: TokenFileOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check this device's published adapters as a peer would, and publish a signed
+    replacement (the next version; nothing is overwritten) of each one that is damaged or
+    lost in the store. Peers use the highest version that verifies."""
+    from edgefed.device.federation import check_own_publishes
+    from edgefed.device.publish import republish_adapter
+    from edgefed.device.workspace import find_workspace
+    from edgefed.errors import ConfigError
+    from edgefed.sync.backends import open_store
+
+    if adapter is not None and round_number is None:
+        raise ConfigError(
+            "--adapter names one round's adapter", "give the round it was published for: --round R"
+        )
+    ws = find_workspace(workspace)
+    with open_store(ws.config.store, token=store_token(token_file, ws)) as opened:
+        problems = check_own_publishes(opened, ws)
+        if round_number is not None:
+            problems = {r: why for r, why in problems.items() if r == round_number}
+        repaired = {
+            number: republish_adapter(opened, ws, number, adapter=adapter, compress=compress)
+            for number in sorted(problems)
+        }
+    if as_json:
+        emit_json(
+            {
+                "repaired": {
+                    str(r): {"version": v, "problem": problems[r]} for r, v in repaired.items()
+                }
+            }
+        )
+        return
+    if not repaired:
+        stdout.print("every published adapter of this device verifies; nothing to repair")
+    for number, version in repaired.items():
+        stdout.print(
+            f"round {number}: published version {version} (was: {problems[number]})",
+            soft_wrap=True,
+        )

@@ -33,7 +33,8 @@ WorkspaceOption = Annotated[
     typer.Option(
         "--workspace",
         "-w",
-        help="Device workspace. Default: the only one under $EDGEFED_HOME.",
+        help="Device workspace. Default: $EDGEFED_WORKSPACE, else the only one this machine "
+        "knows (`edgefed device list`).",
         show_default=False,
     ),
 ]
@@ -41,24 +42,29 @@ TokenFileOption = Annotated[
     Path | None,
     typer.Option(
         "--token-file",
-        help="File holding the relay's bearer token (or set EDGEFED_TOKEN).",
+        help="File holding the relay's bearer token (or set EDGEFED_TOKEN). Default: the "
+        "token the workspace kept at join.",
         show_default=False,
     ),
 ]
 
 
-def store_token(token_file: Path | None) -> str | None:
-    """The relay token: --token-file's content, else $EDGEFED_TOKEN, else none."""
+def store_token(token_file: Path | None, workspace=None) -> str | None:
+    """The relay token: --token-file's content, else $EDGEFED_TOKEN, else the one `workspace`
+    kept at join, else none."""
     from edgefed.errors import InputFileError
 
-    if token_file is None:
-        return os.environ.get("EDGEFED_TOKEN") or None
-    try:
-        return token_file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise InputFileError(
-            f"cannot read token file {token_file} ({exc})", "check the path"
-        ) from exc
+    if token_file is not None:
+        try:
+            return token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InputFileError(
+                f"cannot read token file {token_file} ({exc})", "check the path"
+            ) from exc
+    from_environment = os.environ.get("EDGEFED_TOKEN") or None
+    if from_environment is not None or workspace is None:
+        return from_environment
+    return workspace.saved_token()
 
 
 BaseOption = Annotated[
@@ -99,6 +105,31 @@ RuntimeQuantOption = Annotated[
         f"({DEFAULT_RUNTIME_QUANT} measured fastest at equal perplexity on the embedded base), "
         "or 'keep' to use "
         "the base file as it is.",
+    ),
+]
+
+_SYNC = "Sync"
+MinPeersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--min-peers",
+        help="Stop waiting once this many peers have published the round. Default: every "
+        "peer taking part (registered and not left).",
+        min=0,
+        show_default=False,
+        rich_help_panel=_SYNC,
+    ),
+]
+WaitOption = Annotated[
+    float | None,
+    typer.Option(
+        "--wait",
+        help="Wait at most this many seconds for the peers' adapters of the round; who is "
+        "late is mixed from an older round, or next time. Default: the federation's "
+        "(`edgefed init --wait`).",
+        min=0,
+        show_default=False,
+        rich_help_panel=_SYNC,
     ),
 ]
 

@@ -40,6 +40,15 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def print_whole(renderable: Any) -> None:
+    """Print to stdout; to a pipe or a file at the renderable's own width, not rich's 80
+    columns, so that no value (a path, a fingerprint to compare) is cut or wrapped there."""
+    if stdout.is_terminal:
+        stdout.print(renderable)
+    else:
+        Console(file=sys.stdout, width=1 << 20).print(renderable)
+
+
 def emit_json(document: Any) -> None:
     """Write exactly one JSON document to stdout."""
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from edgefed.cli.output import stdout, user_errors
+from edgefed.cli.output import stderr, stdout, user_errors
 
 app = typer.Typer(help="The HTTP relay: stores and forwards adapters, never opens them.")
 
@@ -62,8 +64,11 @@ def serve(
         ) from exc
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise InputFileError("TLS needs both --ssl-certfile and --ssl-keyfile", "give both")
+    # bound here, before the root is made, and handed to uvicorn: a busy port is one line and
+    # leaves nothing behind (uvicorn alone logs, exits 3 and would find the root made)
+    listener = _listen(host, port)
     root.mkdir(parents=True, exist_ok=True)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(root, secret, max_bytes),
         host=host,
         port=port,
@@ -71,3 +76,33 @@ def serve(
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
         log_level="info",
     )
+    scheme = "https" if ssl_certfile else "http"
+    shown = f"[{host}]" if ":" in host else host
+    stderr.print(
+        f"relay serving {root} on {scheme}://{shown}:{port} (Ctrl-C stops it)",
+        markup=False,
+        highlight=False,
+    )
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to HOST:PORT as uvicorn binds one; ConfigError when it cannot be."""
+    from edgefed.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is in use", "stop the other server or pass --port"
+            ) from exc
+        raise ConfigError(
+            f"cannot listen on {host} port {port} ({exc.strerror or exc})",
+            "pass a --host this machine has (127.0.0.1, or 0.0.0.0 for every interface)",
+        ) from exc
+    return listener

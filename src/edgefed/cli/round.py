@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import inspect
+import time
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,6 +18,7 @@ from edgefed.cli.options import (
     JsonOption,
     LearningRateOption,
     MergeOption,
+    MinPeersOption,
     PrecisionOption,
     RuntimeQuantOption,
     SeqLenOption,
@@ -25,12 +28,14 @@ from edgefed.cli.options import (
     TokenFileOption,
     TopKOption,
     TrustOption,
+    WaitOption,
     WorkspaceOption,
     dp_noise,
     store_token,
 )
 from edgefed.cli.output import emit_json, render_evaluation, stderr, stdout, user_errors
 from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
+from edgefed.cli.round_report import describe_wait, round_summary, went_on_without
 from edgefed.device.evaluate import DEFAULT_TEST_TOKENS
 from edgefed.loaded_base import DEFAULT_DEVICE, DEFAULT_PRECISION
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
@@ -39,6 +44,9 @@ from edgefed.trust.settings import DEFAULT_MERGE
 
 _TRAINING = "Training"
 _SYNC = "Sync"
+
+if TYPE_CHECKING:
+    from edgefed.device.pull import WaitState
 
 
 @user_errors
@@ -82,18 +90,8 @@ def round_command(
             rich_help_panel=_SYNC,
         ),
     ] = False,
-    min_peers: Annotated[
-        int,
-        typer.Option(
-            help="Wait until this many peers' adapters are verified.", min=0, rich_help_panel=_SYNC
-        ),
-    ] = 0,
-    wait: Annotated[
-        float,
-        typer.Option(
-            help="Wait at most this many seconds for --min-peers.", min=0, rich_help_panel=_SYNC
-        ),
-    ] = 0.0,
+    min_peers: MinPeersOption = None,
+    wait: WaitOption = None,
     dp_clip: DpClipOption = None,
     dp_noise_multiplier: DpNoiseOption = 0.0,
     test_tokens: Annotated[
@@ -109,15 +107,101 @@ def round_command(
     """Run one round of this device: train, publish and pull, mix by trust, evaluate.
 
     Round 0 trains the federation's warm-up steps from its shared initial adapter; every later
-    round trains its round steps from the previous round's mix. Each step is recorded when it
-    finishes, so after a crash or Ctrl-C the same command resumes where it stopped and never
-    trains a finished round again.
+    round trains its round steps from the previous round's mix. The pull waits for the peers'
+    adapters of the round up to the federation's wait, showing who has published, and says by
+    name whom it went on without. Each step is recorded when it finishes, so after a crash or
+    Ctrl-C the same command resumes where it stopped and never trains a finished round again.
     """
+    settings = dict(locals())
+    _drive_rounds(first=settings.pop("round_number"), count=1, **settings)
+
+
+def run_command(rounds: int | None = None, **settings) -> None:
+    """Keep this device going: round after round (`--rounds N`, or until Ctrl-C or SIGTERM),
+    each exactly as `edgefed round` runs it, with one summary line per round (test
+    perplexity, peers mixed, time).
+
+    A store that stops answering between rounds is tried again with backoff, not fatal; after
+    a crash or a stop the same command resumes the unfinished round. Stop it with Ctrl-C: it
+    finishes the step it is in (training saves a checkpoint) and exits.
+    """
+    _drive_rounds(first=None, count=rounds, loop=True, **settings)
+
+
+_RoundsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--rounds",
+        "-n",
+        help="Rounds to run, then stop. Default: until stopped.",
+        min=1,
+        show_default=False,
+    ),
+]
+
+# `run` takes every option of `round` (one list of options, one meaning), with --rounds for
+# --round
+_round_parameters = inspect.signature(round_command, eval_str=True).parameters
+run_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter(
+            "rounds", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_RoundsOption
+        ),
+        *(
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for name, p in _round_parameters.items()
+            if name != "round_number"
+        ),
+    ]
+)
+run_command.__annotations__ = {
+    name: p.annotation for name, p in run_command.__signature__.parameters.items()
+}
+run_command = user_errors(run_command)
+
+RETRY_SECONDS = (10, 30, 60, 120, 300)  # `run` between tries of a store that does not answer
+
+
+def _drive_rounds(
+    *,
+    first: int | None,
+    count: int | None,
+    loop: bool = False,
+    trust,
+    temperature,
+    top_k,
+    threshold,
+    merge,
+    by_tokens,
+    clip_norm,
+    precision,
+    seq_len,
+    batch_size,
+    lr,
+    seed,
+    checkpoint_every,
+    device,
+    compress,
+    min_peers,
+    wait,
+    dp_clip,
+    dp_noise_multiplier,
+    test_tokens,
+    workspace,
+    token_file,
+    threads,
+    runtime_quant,
+    as_json,
+) -> None:
+    """`round` (one round, `first` or the next) and `run` (`count` rounds, None: until
+    stopped; `loop` rides out store outages between rounds)."""
     from edgefed.device.federation import check_ready
-    from edgefed.device.round import RoundOptions, run_round
+    from edgefed.device.pull import WaitInterrupted
+    from edgefed.device.round import RoundOptions, estimate_round, run_round
     from edgefed.device.workspace import find_workspace
     from edgefed.loaded_base import LoadedBase
     from edgefed.sync.backends import open_store
+    from edgefed.sync.store import StoreUnreachable
     from edgefed.train.loop import TrainingInterrupted
     from edgefed.trust.settings import TrustSettings
 
@@ -149,12 +233,17 @@ def round_command(
         stderr.print(options.dp.describe())
     display = ProgressDisplay()
 
+    def on_wait(state: WaitState) -> None:
+        display.status(describe_wait(state))
+
     def on_step(number: int, step: str, done: bool) -> None:
         if done:
-            stderr.print(f"round {number}: {step} finished earlier, skipped")
+            if not loop:
+                stderr.print(f"round {number}: {step} finished earlier, skipped")
         else:
             display.status(f"round {number}: {step}")
 
+    reports = []
     try:
         with (
             LoadedBase(
@@ -164,39 +253,81 @@ def round_command(
                 runtime_quant=runtime_quant,
                 threads=threads,
             ) as loaded,
-            open_store(ws.config.store, token=store_token(token_file)) as store,
+            open_store(ws.config.store, token=store_token(token_file, ws)) as store,
             stop_on_signals() as should_stop,
         ):
             display.status("checking the store, this device's registration and its data")
             check_ready(store, ws)
-            report = run_round(
-                store,
-                ws,
-                loaded,
-                round_number,
-                options=options,
-                on_step=on_step,
-                on_status=display.status,
-                on_progress=display.progress,
-                should_stop=should_stop,
-            )
-    except TrainingInterrupted as stop:
+            failures = 0
+            loaded.on_status = display.status  # the first use builds the runtime's cache
+            while count is None or len(reports) < count:
+                number = ws.next_round() if first is None else first
+                if not as_json and "train" not in ws.read_round_record(number).steps:
+                    estimate = estimate_round(ws, number, options)
+                    stderr.print(
+                        estimate.describe()
+                        if estimate
+                        else f"round {number}: no estimate yet (this round measures the speeds)",
+                        highlight=False,
+                    )
+                try:
+                    report = run_round(
+                        store,
+                        ws,
+                        loaded,
+                        first,
+                        options=options,
+                        on_step=on_step,
+                        on_status=display.status,
+                        on_progress=display.progress,
+                        on_wait=on_wait,
+                        should_stop=should_stop,
+                    )
+                except StoreUnreachable as exc:
+                    if not loop:
+                        raise
+                    pause = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
+                    failures += 1
+                    display.close()
+                    stderr.print(
+                        f"[yellow]warning:[/] {exc}; trying again in {pause} s", highlight=False
+                    )
+                    _sleep_unless_stopped(pause, should_stop)
+                    if should_stop():
+                        break
+                    continue
+                failures = 0
+                reports.append(report)
+                display.close()
+                _report_round(report, details=not loop and not as_json, quiet=as_json)
+                if should_stop():
+                    break
+    except (TrainingInterrupted, WaitInterrupted) as stop:
         display.close()
-        stderr.print(
-            f"interrupted after step {stop.step}/{stop.total_steps} with a checkpoint; run "
-            "`edgefed round` again to resume."
-        )
+        again = "edgefed run" if loop else "edgefed round"
+        stderr.print(f"{stop}; run `{again}` again to resume.")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         display.close()
-
     if as_json:
-        emit_json(report.as_dict())
+        documents = [r.as_dict() for r in reports]
+        emit_json(documents if loop else documents[0])
+
+
+def _sleep_unless_stopped(seconds: float, should_stop) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not should_stop():
+        time.sleep(min(1.0, deadline - time.monotonic()))
+
+
+def _report_round(report, *, details: bool, quiet: bool) -> None:
+    """A warning for the peers the round went without, its summary line, and for `round` the
+    test table and trust row."""
+    if quiet:
         return
-    steps = report.record.steps
-    pull = steps["pull"]
-    stdout.print(
-        f"round {report.round}: trained {steps['train']['steps']} steps; "
-        f"{len(pull['verified_peers'])} peer adapter(s) verified, {pull['rejected']} rejected"
-    )
-    render_evaluation(report.evaluation)
+    warning = went_on_without(report.round, report.record.steps["pull"])
+    if warning:
+        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    stdout.print(round_summary(report.record), highlight=False, soft_wrap=True)
+    if details:
+        render_evaluation(report.evaluation)

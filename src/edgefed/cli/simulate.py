@@ -128,7 +128,11 @@ def simulate(
     ] = DEMO_TEST_TOKENS,
     out: Annotated[
         Path | None,
-        typer.Option(help="Run folder. Default: simulations/<dataset>-<time>.", show_default=False),
+        typer.Option(
+            # no <placeholders>: the markdown help drops them as HTML tags
+            help="Run folder. Default: simulations/DATASET-YYYYMMDD-HHMMSS (the start time).",
+            show_default=False,
+        ),
     ] = None,
     base: BaseOption = None,
     threads: ThreadsOption = None,

@@ -86,7 +86,8 @@ def aggregate(
     for device, score, weight in zip(
         result.row.devices, result.row.scores, result.row.weights, strict=True
     ):
-        table.add_row(device, "-" if score is None else f"{score:.4f}", f"{weight:.3f}")
+        score_text = "-" if score is None else f"{score:.4f}"
+        table.add_row(_name(device, ws.device), score_text, f"{weight:.3f}")
     stdout.print(table)
     stdout.print(
         f"mixed adapter: {result.adapter_dir} ({settings.merge} merge, relative ΔW error "
@@ -101,12 +102,13 @@ def show(workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None
     from edgefed.device.aggregate import trust_history
     from edgefed.device.workspace import find_workspace
 
-    history = trust_history(find_workspace(workspace))
+    ws = find_workspace(workspace)
+    history = trust_history(ws)
     if as_json:
         emit_json([record.as_dict() for record in history])
         return
     devices = sorted({d for record in history for d in record.devices})
-    table = Table("round", "scheme", *devices, title="trust weights")
+    table = Table("round", "scheme", *(_name(d, ws.device) for d in devices), title="trust weights")
     for record in history:
         weights = record.weights_by_device()
         table.add_row(
@@ -115,3 +117,9 @@ def show(workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None
             *(f"{weights[d]:.3f}" if d in weights else "-" for d in devices),
         )
     stdout.print(table)
+
+
+def _name(device: str, me: str) -> str:
+    """A device's name in a trust table, this device's own marked: its weight is how much of
+    its own adapter the device keeps, not trust in a peer."""
+    return f"{device} (self)" if device == me else device

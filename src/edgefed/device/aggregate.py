@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefed.adapter import BASE_FINGERPRINT_KEY, read_adapter_folder, save_lora_tensors
+from edgefed.atomic import remove_leftovers
 from edgefed.device.records import TrustRecord
 from edgefed.device.split_text import device_split_tokens
 from edgefed.device.workspace import Workspace
@@ -125,6 +126,9 @@ def aggregate_round(
         row = compute_trust(scheme.name, inputs, settings.normalization, **options)
 
     result = MERGES[settings.merge]([adapters[d] for d in row.devices], row.weights)
+    # a mix killed mid-write left its temporaries beside the outputs rewritten now
+    outputs = (workspace.aggregated_dir(round_number), workspace.aggregated_gguf(round_number))
+    remove_leftovers(workspace.round_dir(round_number), [path.name for path in outputs])
     adapter_dir = save_lora_tensors(
         result.tensors,
         spec,

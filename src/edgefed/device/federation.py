@@ -14,9 +14,16 @@ from pathlib import Path
 from edgefed.adapter import LoraSpec
 from edgefed.atomic import atomic_write_bytes
 from edgefed.device.publish import create_once
-from edgefed.device.workspace import DeviceConfig, Workspace, default_workspace
+from edgefed.device.workspace import (
+    DeviceConfig,
+    Workspace,
+    default_workspace,
+    remember_workspace,
+)
+from edgefed.documents import Documents
 from edgefed.errors import (
     ConfigError,
+    DataError,
     InputFileError,
     ModelFormatError,
     StoreError,
@@ -27,13 +34,16 @@ from edgefed.sync.layout import (
     FEDERATION_KEY,
     REFERENCE_KEY,
     ROUNDS_PREFIX,
+    adapter_key,
     check_device_name,
+    departure_key,
     device_key,
     manifest_key,
     parse_round_key,
 )
 from edgefed.sync.manifest import (
     Federation,
+    departure,
     encode_document,
     federation_manifest,
     now,
@@ -50,6 +60,10 @@ DEFAULT_ROUND_STEPS = 25
 # a round (a laptop off for a day) count for its peers' next two rounds; not yet measured
 # against other values (see README, Limits)
 DEFAULT_MAX_STALENESS = 2
+# how long a round waits by default for its peers' adapters of the round: long enough for
+# devices started together to meet (a round of the embedded base trains in minutes), short
+# enough that a device whose peers are offline goes on with their older work the same session
+DEFAULT_WAIT_SECONDS = 300.0
 
 
 def read_federation(store: Store) -> Federation:
@@ -75,6 +89,7 @@ def init_federation(
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
     round_steps: int = DEFAULT_ROUND_STEPS,
     max_staleness: int = DEFAULT_MAX_STALENESS,
+    wait_seconds: float = DEFAULT_WAIT_SECONDS,
     trust: TrustSettings | None = None,
     reference: str | os.PathLike[str] | None = None,
     federation_id: str | None = None,
@@ -84,10 +99,15 @@ def init_federation(
 
     Raises StoreError when the store already holds one (it is never replaced).
     """
-    if max_staleness < 0:
+    if max_staleness < 0 or wait_seconds < 0:
         raise ConfigError(
-            f"max staleness {max_staleness} is negative", "give --max-staleness 0 or more"
+            f"max staleness {max_staleness} / wait {wait_seconds:g} s is negative",
+            "give --max-staleness and --wait of 0 or more",
         )
+    from edgefed.sync.folder import FolderStore
+
+    if isinstance(store, FolderStore):  # a folder may hold the user's own files: not those
+        store.check_empty()
     info = read_base_info(resolve_base(base))
     reference_bytes = None
     if reference is not None:
@@ -106,6 +126,7 @@ def init_federation(
         warmup_steps=warmup_steps,
         round_steps=round_steps,
         max_staleness=max_staleness,
+        wait_seconds=wait_seconds,
         trust=(trust or TrustSettings()).federation_default(),
         reference=reference_bytes,
     )
@@ -140,6 +161,7 @@ def join_federation(
         raise InputFileError(
             f"{root} is already a device workspace", "use it, or another --workspace"
         )
+    check_data(data)  # before the name is taken: a typo in --data must not burn it
     reference = None
     if federation.reference_sha256 is not None:
         reference = store.read(REFERENCE_KEY)
@@ -170,10 +192,23 @@ def join_federation(
         base=str(info.path),
         joined=now(),
     ).write(root / DeviceConfig.FILE)
+    remember_workspace(joined.root)
     return joined
 
 
-def check_ready(store: Store, workspace: Workspace) -> None:
+def check_data(path: str | os.PathLike[str]) -> Documents:
+    """The device's documents, checked to be usable: the path exists, holds text, and splits
+    into non-empty train, trust-validation and test parts. Raises InputFileError or DataError
+    with one line each."""
+    from edgefed.documents import read_documents
+    from edgefed.train.split import SplitRule, split_documents
+
+    documents = read_documents(path)
+    split_documents(documents.documents, SplitRule())
+    return documents
+
+
+def check_ready(store: Store, workspace: Workspace, *, data: bool = True) -> None:
     """Everything a round needs from outside the workspace, checked before any work: the store
     answers (and takes the token), holds this device's federation, has this device registered
     with the key in the workspace, and the device's data is readable. Raises StoreError,
@@ -201,23 +236,136 @@ def check_ready(store: Store, workspace: Workspace) -> None:
             f"{workspace.key_path}",
             "use the workspace that joined as this device",
         )
-    from edgefed.documents import read_documents
+    if not data:
+        return
+    if workspace.config.left is not None:
+        raise InputFileError(
+            f"{me} left the federation on {workspace.config.left}",
+            "join again under a new --device name to take part again",
+        )
+    try:
+        check_data(workspace.config.data)
+    except (InputFileError, DataError) as exc:
+        raise type(exc)(
+            f"{me}'s data: {exc.problem}",
+            "point the workspace at usable text with `edgefed device set --data PATH`",
+        ) from exc
 
-    read_documents(workspace.config.data)
+
+def leave_federation(store: Store, workspace: Workspace) -> bool:
+    """Publish this device's signed departure, so its peers stop waiting for it, and mark the
+    workspace; its adapters already published stay usable. False when it had left before."""
+    from dataclasses import replace
+
+    from edgefed.sync.verify import Verifier
+
+    config = workspace.config
+    if config.left is not None:
+        return False
+    last_round = max(published_versions(store, workspace.device), default=None)
+    notice = departure(workspace.federation.id, workspace.device, last_round, workspace.key())
+    key = departure_key(workspace.device)
+    if not create_once(store, key, encode_document(notice), signer=workspace.key()):
+        # a notice from an interrupted leave: ours if it verifies with our key
+        earlier = parse_document(store.read(key), key)
+        verifier = Verifier(workspace.federation, {workspace.device: workspace.key().public_key})
+        if not verifier.departed(workspace.device, encode_document(earlier)):
+            raise StoreError(
+                f"{store.url} holds a departure of {workspace.device} not signed by this device",
+                "the store is damaged or tampered with; tell the federation's creator",
+            )
+    replace(config, left=now()).write(workspace.root / DeviceConfig.FILE)
+    return True
+
+
+def set_device(
+    workspace: Workspace,
+    *,
+    data: str | os.PathLike[str] | None = None,
+    store: Store | None = None,
+) -> DeviceConfig:
+    """Point the workspace at other data (checked like join's) or at the federation's store in
+    another place (checked to hold this federation with this device registered); the new
+    config, written only when everything checks."""
+    from dataclasses import replace
+
+    config = workspace.config
+    if data is not None:
+        check_data(data)
+        config = replace(config, data=str(Path(data).resolve()))
+    if store is not None:
+        check_ready(store, workspace, data=False)
+        config = replace(config, store=store.url)
+    config.write(workspace.root / DeviceConfig.FILE)
+    return config
+
+
+def published_versions(store: Store, device: str) -> dict[int, list[int]]:
+    """Round -> the versions of the device's adapter with both blob and manifest in the store;
+    a round with a manifest or blob alone lists no version (a publish that was cut or lost)."""
+    parts: dict[tuple[int, int], set[bool]] = {}
+    for key in store.keys(ROUNDS_PREFIX):
+        item = parse_round_key(key)
+        if item is not None and item.device == device:
+            parts.setdefault((item.round, item.version), set()).add(item.is_manifest)
+    versions: dict[int, list[int]] = {}
+    for (number, version), kinds in sorted(parts.items()):
+        versions.setdefault(number, [])
+        if kinds == {True, False}:
+            versions[number].append(version)
+    return versions
+
+
+def check_own_publishes(store: Store, workspace: Workspace) -> dict[int, str]:
+    """This device's published rounds that a peer would not accept, and why: each is checked
+    as a peer checks it (the highest version that verifies counts). Rounds this device
+    published (round.json says so) but the store has lost count as well."""
+    from edgefed.sync.verify import Rejected, Verifier
+
+    me = workspace.device
+    verifier = Verifier(workspace.federation, {me: workspace.key().public_key})
+    problems: dict[int, str] = {}
+    versions = published_versions(store, me)
+    recorded = [r for r in workspace.rounds() if "publish" in workspace.read_round_record(r).steps]
+    for number in sorted(set(versions) | set(recorded)):
+        reasons = []
+        for version in reversed(versions.get(number, [])):
+            try:
+                verifier.check(
+                    number,
+                    me,
+                    store.read(manifest_key(number, me, version)),
+                    store.read(adapter_key(number, me, version)),
+                    version,
+                )
+                break
+            except Rejected as exc:
+                reasons.append(f"version {version}: {exc}")
+            except KeyMissing:
+                reasons.append(f"version {version}: gone from the store")
+        else:
+            problems[number] = "; ".join(reasons) or "not in the store (lost)"
+    return problems
 
 
 def federation_status(store: Store, workspace: Workspace) -> dict:
-    """The federation, each device's latest published round, rejections, this device's metrics.
+    """The federation, each device's latest published round and whether it left, this
+    device's publishes that peers would refuse, rejections, this device's last metrics.
 
     This device's own manifest, when unreadable, reports no metrics rather than failing: the
     status is for finding out what is wrong.
     """
+    from edgefed.device.pull import departed_peers, registered_keys
+    from edgefed.sync.verify import Verifier
+
     federation = workspace.federation
     latest: dict[str, int] = {}
     for key in store.keys(ROUNDS_PREFIX):
         item = parse_round_key(key)
         if item is not None and item.is_manifest:
             latest[item.device] = max(latest.get(item.device, -1), item.round)
+    keys, _ = registered_keys(store, workspace)
+    departed = departed_peers(store, Verifier(federation, keys))
     devices = sorted(
         k.removeprefix(DEVICES_PREFIX).removesuffix(".json") for k in store.keys(DEVICES_PREFIX)
     )
@@ -236,8 +384,12 @@ def federation_status(store: Store, workspace: Workspace) -> dict:
         "base": federation.document["base"],
         "lora": federation.document["lora"],
         "schedule": federation.document["schedule"],
-        "current_round": max(latest.values(), default=-1),
-        "devices": {d: {"latest_round": latest.get(d)} for d in devices},
+        "current_round": max(latest.values(), default=None),
+        "next_round": workspace.next_round(),
+        "devices": {d: {"latest_round": latest.get(d), "left": d in departed} for d in devices},
+        "damaged_publishes": {
+            str(r): why for r, why in check_own_publishes(store, workspace).items()
+        },
         "rejected": [r for n in workspace.rounds() for r in workspace.rejections(n)],
         "last_metrics": my_metrics,
     }

@@ -16,10 +16,10 @@ from pathlib import Path
 from edgefed.adapter import initial_tensors, read_adapter_folder
 from edgefed.atomic import atomic_write_bytes
 from edgefed.device.workspace import Workspace
-from edgefed.errors import AdapterMismatchError, DataError
+from edgefed.errors import AdapterMismatchError, DataError, InputFileError
 from edgefed.faults import crash_point
 from edgefed.privacy import DpNoise, privatize
-from edgefed.sync.layout import adapter_key, manifest_key
+from edgefed.sync.layout import ROUNDS_PREFIX, adapter_key, manifest_key, parse_round_key
 from edgefed.sync.manifest import ENCODING_FP16, ENCODING_INT8, adapter_manifest, encode_document
 from edgefed.sync.store import KeyExists, Store
 from edgefed.sync.verify import encode_adapter
@@ -45,6 +45,26 @@ def _published_metrics(adapter: Path) -> tuple[int, dict]:
     return run.read_metrics().published_metrics() if run.is_finished() else (0, {})
 
 
+def _publishable(workspace: Workspace, adapter: str | os.PathLike[str]) -> tuple[dict, int, dict]:
+    """An adapter folder's tensors, training tokens and metrics, checked to fit the federation;
+    AdapterMismatchError for another base or LoRA shape."""
+    federation = workspace.federation
+    spec, tensors, trained_on = read_adapter_folder(adapter)
+    if trained_on is not None and trained_on != federation.base_sha256:
+        raise AdapterMismatchError(
+            f"{adapter} was trained on another base", "train on the federation's base"
+        )
+    lora = federation.lora
+    if (spec.rank, spec.targets) != (lora.rank, lora.targets):
+        raise AdapterMismatchError(
+            f"{adapter} has rank {spec.rank} on {','.join(spec.targets)}; the federation "
+            f"uses rank {lora.rank} on {','.join(lora.targets)}",
+            "train with the federation's LoRA configuration",
+        )
+    train_tokens, metrics = _published_metrics(Path(adapter))
+    return tensors, train_tokens, metrics
+
+
 def publish_adapter(
     store: Store,
     workspace: Workspace,
@@ -61,25 +81,27 @@ def publish_adapter(
     `dp` publishes a clipped and noised release instead (`edgefed.privacy`), without metrics.
     Raises AdapterMismatchError for an adapter of another base or LoRA shape.
     """
-    federation = workspace.federation
-    spec, tensors, trained_on = read_adapter_folder(adapter)
-    if trained_on is not None and trained_on != federation.base_sha256:
-        raise AdapterMismatchError(
-            f"{adapter} was trained on another base", "train on the federation's base"
-        )
-    lora = federation.lora
-    if (spec.rank, spec.targets) != (lora.rank, lora.targets):
-        raise AdapterMismatchError(
-            f"{adapter} has rank {spec.rank} on {','.join(spec.targets)}; the federation "
-            f"uses rank {lora.rank} on {','.join(lora.targets)}",
-            "train with the federation's LoRA configuration",
-        )
-    train_tokens, metrics = _published_metrics(Path(adapter))
+    tensors, train_tokens, metrics = _publishable(workspace, adapter)
     if dp is not None:
         tensors = _private_release(workspace, round_number, tensors, dp)
         metrics = {}  # the adapter's scores would leak what the noise hides
-    device, key = workspace.device, workspace.key()
     encoding = ENCODING_INT8 if compress else ENCODING_FP16
+    return _publish(store, workspace, round_number, tensors, train_tokens, metrics, encoding)
+
+
+def _publish(
+    store: Store,
+    workspace: Workspace,
+    round_number: int,
+    tensors: dict,
+    train_tokens: int,
+    metrics: dict,
+    encoding: str,
+    version: int = 1,
+) -> bool:
+    """Sign and store one version of the round's adapter; False when it was there before."""
+    federation = workspace.federation
+    device, key = workspace.device, workspace.key()
     blob = encode_adapter(tensors, encoding)
     manifest = adapter_manifest(
         federation=federation.id,
@@ -92,18 +114,76 @@ def publish_adapter(
         metrics=metrics,
         key=key,
         encoding=encoding,
+        version=version,
     )
     # blob first: a manifest never points at a blob that is not there yet. A blob already there
     # with these bytes is an interrupted publish of this same adapter, finished here; another
     # adapter published before is kept.
-    if not create_once(store, adapter_key(round_number, device), blob, signer=key):
+    if not create_once(store, adapter_key(round_number, device, version), blob, signer=key):
         return False
     crash_point("publish-blob")
     try:
-        store.create(manifest_key(round_number, device), encode_document(manifest), signer=key)
+        store.create(
+            manifest_key(round_number, device, version), encode_document(manifest), signer=key
+        )
     except KeyExists:
         return False  # published before (its manifest, whenever made, stays)
     return True
+
+
+def republish_adapter(
+    store: Store,
+    workspace: Workspace,
+    round_number: int,
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+    compress: bool = False,
+) -> int:
+    """Publish a signed replacement of this device's adapter for a round whose publish is
+    damaged or lost: the next version (readers take the highest that verifies; nothing is
+    overwritten), made from the same adapter the workspace published (the same noised release
+    when the round was published with --dp-clip: a second draw would spend privacy twice), or
+    from `adapter` for a round published by hand (`edgefed sync --adapter`). Returns the
+    version. InputFileError when the workspace no longer holds the adapter."""
+    run = workspace.train_run(round_number)
+    release = workspace.release_path(round_number)
+    private = workspace.read_round_record(round_number).steps.get("publish", {}).get("dp")
+    if release.is_file():
+        from safetensors.torch import load
+
+        if adapter is not None:
+            raise InputFileError(
+                f"round {round_number} was published as a noised release (--dp-clip)",
+                "repair it without --adapter: the same release is sent again",
+            )
+        tensors, metrics = load(release.read_bytes()), {}
+        train_tokens = run.read_metrics().tokens_seen if run.is_finished() else 0
+    elif private:
+        raise InputFileError(
+            f"round {round_number} was published as a noised release (--dp-clip) and "
+            f"{release} is gone",
+            "it cannot be repaired: sending the adapter again, or a new draw, would reveal "
+            "more than the noise allowed; leave the round as it is",
+        )
+    elif adapter is not None:
+        tensors, train_tokens, metrics = _publishable(workspace, adapter)
+    elif run.is_finished():
+        tensors, train_tokens, metrics = _publishable(workspace, run.root)
+    else:
+        raise InputFileError(
+            f"{workspace.root} holds no trained adapter of round {round_number} to publish again",
+            "give the adapter the round published with --adapter PATH",
+        )
+    me = workspace.device
+    taken = [
+        item.version
+        for key in store.keys(f"{ROUNDS_PREFIX}{round_number}/")
+        if (item := parse_round_key(key)) is not None and item.device == me
+    ]
+    version = max(taken, default=0) + 1
+    encoding = ENCODING_INT8 if compress else ENCODING_FP16
+    _publish(store, workspace, round_number, tensors, train_tokens, metrics, encoding, version)
+    return version
 
 
 def _private_release(workspace: Workspace, round_number: int, tensors: dict, dp: DpNoise) -> dict:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from edgefed.device.aggregate import DEFAULT_VAL_TOKENS, aggregate_round
 from edgefed.device.evaluate import DEFAULT_TEST_TOKENS, evaluate_round
 from edgefed.device.publish import publish_adapter
-from edgefed.device.pull import pull_round
+from edgefed.device.pull import WaitState, pull_round
 from edgefed.device.records import ROUND_STEPS, EvaluationRecord, RoundRecord
 from edgefed.device.train import train_round
 from edgefed.device.workspace import Workspace
@@ -41,8 +41,8 @@ class RoundOptions:
     train: TrainConfig = field(default_factory=TrainConfig)  # steps come from the schedule
     compress: bool = False
     dp: DpNoise | None = None  # clipping and noise on the published adapter
-    min_peers: int = 0
-    wait_seconds: float = 0.0
+    min_peers: int | None = None  # fresh peers to wait for; None: every peer taking part
+    wait_seconds: float | None = None  # None: the federation's default wait
     test_tokens: int | None = DEFAULT_TEST_TOKENS
     val_tokens: int | None = DEFAULT_VAL_TOKENS  # trust-validation tokens scored (None: all)
 
@@ -51,9 +51,9 @@ class RoundOptions:
             raise ConfigError(
                 f"trust is {self.trust!r}, not a TrustSettings", "pass trust=TrustSettings(...)"
             )
-        if self.min_peers < 0 or self.wait_seconds < 0:
+        if (self.min_peers or 0) < 0 or (self.wait_seconds or 0) < 0:
             raise ConfigError(
-                f"min-peers {self.min_peers} / wait {self.wait_seconds:g} s is negative",
+                f"min-peers {self.min_peers} / wait {self.wait_seconds} s is negative",
                 "give --min-peers and --wait of 0 or more",
             )
 
@@ -99,11 +99,13 @@ class _Round:
         options: RoundOptions,
         on_status: Callable[[str], None],
         on_progress: Callable | None,
+        on_wait: Callable[[WaitState], None] | None,
         should_stop: Callable[[], bool] | None,
     ) -> None:
         self.store, self.workspace, self.round = store, workspace, round_number
         self.loaded, self.options = loaded, options
         self.on_status, self.on_progress, self.stop = on_status, on_progress, should_stop
+        self.on_wait = on_wait
         self.run = workspace.train_run(round_number)
 
     def finished_record(self, step: str) -> dict | None:
@@ -140,24 +142,27 @@ class _Round:
             compress=self.options.compress,
             dp=self.options.dp,
         )
-        return {"published": published}
+        return {"published": published, "dp": self.options.dp is not None}
 
     def pull(self) -> dict:
         self.on_status("pulling the peers' adapters")
+        wait = self.options.wait_seconds
         report = pull_round(
             self.store,
             self.workspace,
             self.round,
             min_peers=self.options.min_peers,
-            wait_seconds=self.options.wait_seconds,
-            on_wait=lambda n, s: self.on_status(
-                f"waiting for peers: {n}/{self.options.min_peers} after {s:.0f} s"
-            ),
+            wait_seconds=self.workspace.federation.schedule.wait_seconds if wait is None else wait,
+            on_wait=self.on_wait,
+            should_stop=self.stop,
         )
         return {
             "verified_peers": report.verified,
             "peer_rounds": report.peer_rounds,
             "rejected": len(report.rejected),
+            "missing": report.missing(),
+            "departed": list(report.departed),
+            "waited_seconds": round(report.waited_seconds, 1),
         }
 
     def aggregate(self) -> dict:
@@ -194,6 +199,69 @@ class _Round:
         return evaluation.perplexities()
 
 
+@dataclass(frozen=True)
+class RoundEstimate:
+    """How long a round should take, from this device's own measured speeds."""
+
+    round: int
+    train_steps: int
+    train_seconds: float  # at the training speed the last round measured
+    train_tokens_per_second: float
+    other_seconds: float  # publish, pull without waiting, aggregate, evaluate: as last time
+    wait_seconds: float  # the most the pull may wait for peers
+
+    def describe(self) -> str:
+        def minutes(seconds: float) -> str:
+            return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+        work = minutes(self.train_seconds + self.other_seconds)
+        waiting = f", plus up to {minutes(self.wait_seconds)} waiting for peers" * bool(
+            self.wait_seconds
+        )
+        return (
+            f"round {self.round}: about {work} ({self.train_steps} training steps at "
+            f"{self.train_tokens_per_second:,.0f} tokens/s, scoring as long as last round)"
+            f"{waiting}"
+        )
+
+
+def estimate_round(
+    workspace: Workspace, round_number: int, options: RoundOptions | None = None
+) -> RoundEstimate | None:
+    """The round's expected duration from the last finished round's measured speeds; None
+    before the first round (nothing measured yet)."""
+    options = options or RoundOptions()
+    finished = [
+        r
+        for r in workspace.rounds()
+        if r < round_number
+        and workspace.read_round_record(r).is_finished()
+        and workspace.train_run(r).is_finished()
+    ]
+    if not finished:
+        return None
+    last = finished[-1]
+    speed = workspace.train_run(last).read_metrics().train_tokens_per_second
+    if speed <= 0:
+        return None
+    steps = workspace.federation.schedule.steps_of(round_number)
+    config = options.train
+    record = workspace.read_round_record(last)
+    waited = record.steps.get("pull", {}).get("waited_seconds", 0.0)
+    other = sum(
+        details.get("seconds", 0.0) for step, details in record.steps.items() if step != "train"
+    )
+    wait = options.wait_seconds
+    return RoundEstimate(
+        round=round_number,
+        train_steps=steps,
+        train_seconds=steps * config.batch_size * config.seq_len / speed,
+        train_tokens_per_second=speed,
+        other_seconds=max(0.0, other - waited),
+        wait_seconds=workspace.federation.schedule.wait_seconds if wait is None else wait,
+    )
+
+
 def run_round(
     store: Store,
     workspace: Workspace,
@@ -204,6 +272,7 @@ def run_round(
     on_step: Callable[[int, str, bool], None] | None = None,
     on_status: Callable[[str], None] | None = None,
     on_progress: Callable | None = None,
+    on_wait: Callable[[WaitState], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     until: str | None = None,
 ) -> RoundReport:
@@ -211,10 +280,11 @@ def run_round(
     unfinished one.
 
     `on_step(round, step, skipped)` is called as each step starts or is found finished;
-    `on_progress` gets training's TrainProgress and scoring's ScoreProgress events. Raises
-    the EdgefedError subclasses of the steps, and TrainingInterrupted when `should_stop` turns
-    true during training (the checkpoint is kept; a rerun resumes it). `until` stops after that
-    step (the simulation has every device publish before any of them pulls).
+    `on_progress` gets training's TrainProgress and scoring's ScoreProgress events, `on_wait`
+    the pull's WaitState while it waits for peers. Raises the EdgefedError subclasses of the
+    steps, TrainingInterrupted when `should_stop` turns true during training (the checkpoint
+    is kept; a rerun resumes it) and WaitInterrupted when it does while waiting for peers.
+    `until` stops after that step (the simulation has every device publish before any pulls).
     """
     if until is not None and until not in ROUND_STEPS:
         raise ConfigError(f"no round step '{until}'", f"choose one of {', '.join(ROUND_STEPS)}")
@@ -229,6 +299,7 @@ def run_round(
         options,
         on_status or (lambda message: None),
         on_progress,
+        on_wait,
         should_stop,
     )
     record = workspace.read_round_record(round_number)

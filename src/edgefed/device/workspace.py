@@ -3,6 +3,7 @@ the workspace's layout as `edgefed.sync.layout` owns the store's.
 
     device.json                  DeviceConfig: federation, device, store, data, base, joined
     device.key                   Ed25519 private key (PEM, mode 0600); never leaves the device
+    token                        the relay's bearer token given at join (mode 0600), if any
     federation.json              the federation manifest as first seen (pinned)
     reference.txt                the shared reference text, when the federation has one
     peers.json                   each peer's public key as first seen (pinned)
@@ -14,6 +15,10 @@ the workspace's layout as `edgefed.sync.layout` owns the store's.
     rounds/<r>/trust.json        TrustRecord
     rounds/<r>/evaluation.json   EvaluationRecord
     rounds/<r>/round.json        RoundRecord
+
+A machine knows its workspaces: those under $EDGEFED_HOME/<federation>/<device>/ and those
+`join --workspace` made elsewhere, which join records in $EDGEFED_HOME/workspaces.json. A
+command without --workspace uses $EDGEFED_WORKSPACE, else the only workspace it knows.
 
 Pinning makes the store trust-on-first-use: after a device has seen a peer's key (or the
 federation manifest) once, a store that later swaps it cannot slip a forged adapter past this
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgefed.atomic import atomic_write_private
 from edgefed.device.records import EvaluationRecord, RoundRecord, TrustRecord
 from edgefed.errors import InputFileError
 from edgefed.home import edgefed_home
@@ -44,6 +50,9 @@ KEY_FILE = "device.key"
 FEDERATION_FILE = "federation.json"
 REFERENCE_FILE = "reference.txt"
 PEERS_FILE = "peers.json"
+TOKEN_FILE = "token"
+REGISTRY_FILE = "workspaces.json"  # under $EDGEFED_HOME: workspaces joined elsewhere
+WORKSPACE_VARIABLE = "EDGEFED_WORKSPACE"
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class DeviceConfig(RecordFile):
     data: str
     base: str
     joined: str
+    left: str | None = None  # when `edgefed leave` published this device's departure
 
 
 def default_workspace(federation_id: str, device: str) -> Path:
@@ -113,6 +123,19 @@ class Workspace:
 
     def key(self) -> DeviceKey:
         return DeviceKey.load(self.key_path)
+
+    @property
+    def token_path(self) -> Path:
+        return self.root / TOKEN_FILE
+
+    def saved_token(self) -> str | None:
+        """The relay token kept at join, if any."""
+        path = self.token_path
+        return path.read_text(encoding="utf-8").strip() or None if path.is_file() else None
+
+    def save_token(self, token: str) -> None:
+        """Keep the relay token for later commands, readable by the owner only."""
+        atomic_write_private(self.token_path, token.encode("utf-8"))
 
     @property
     def reference_path(self) -> Path:
@@ -201,18 +224,44 @@ class Workspace:
         return finished[-1]
 
 
+def known_workspaces() -> list[Path]:
+    """Every workspace this machine knows: under $EDGEFED_HOME, and those join recorded."""
+    found = {p.parent.absolute() for p in edgefed_home().glob(f"*/*/{DEVICE_FILE}")}
+    registry = edgefed_home() / REGISTRY_FILE
+    if registry.is_file():
+        recorded = read_json_file(registry, "workspace list", f"delete {registry}")
+        if isinstance(recorded, list):
+            found |= {Path(p) for p in recorded if (Path(p) / DEVICE_FILE).is_file()}
+    return sorted(found)
+
+
+def remember_workspace(root: Path) -> None:
+    """Record a workspace made outside $EDGEFED_HOME, so the machine still knows it."""
+    root = root.absolute()
+    if root.is_relative_to(edgefed_home().absolute()):
+        return
+    registry = edgefed_home() / REGISTRY_FILE
+    known = [str(p) for p in known_workspaces() if not p.is_relative_to(edgefed_home())]
+    if str(root) not in known:
+        write_json_file(registry, sorted([*known, str(root)]))
+
+
 def find_workspace(root: str | os.PathLike[str] | None) -> Workspace:
-    """`root`, or the only workspace under $EDGEFED_HOME when none is given."""
+    """`root`, else $EDGEFED_WORKSPACE, else the only workspace this machine knows."""
+    if root is None:
+        root = os.environ.get(WORKSPACE_VARIABLE) or None
     if root is not None:
         return Workspace.open(root)
-    found = sorted(p.parent for p in edgefed_home().glob(f"*/*/{DEVICE_FILE}"))
+    found = known_workspaces()
     if len(found) == 1:
         return Workspace.open(found[0])
     if not found:
         raise InputFileError(
-            f"no device workspace under {edgefed_home()}", "join a federation with `edgefed join`"
+            f"no device workspace on this machine (none under {edgefed_home()}, none recorded "
+            "by `edgefed join --workspace`)",
+            "join a federation with `edgefed join`, or pass --workspace DIR",
         )
     raise InputFileError(
-        f"{len(found)} device workspaces under {edgefed_home()}",
-        "choose one with --workspace (" + ", ".join(str(p) for p in found[:4]) + ")",
+        f"{len(found)} device workspaces on this machine, so none is the default",
+        f"choose one with --workspace or ${WORKSPACE_VARIABLE} (`edgefed device list` shows them)",
     )

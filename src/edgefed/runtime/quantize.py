@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from edgefed.atomic import atomic_path
@@ -92,12 +93,17 @@ def requantize(
     return out
 
 
-def runtime_copy(base: str | os.PathLike[str], quant_type: str = DEFAULT_RUNTIME_QUANT) -> Path:
+def runtime_copy(
+    base: str | os.PathLike[str],
+    quant_type: str = DEFAULT_RUNTIME_QUANT,
+    on_build: Callable[[str], None] | None = None,
+) -> Path:
     """The file the runtime should load for `base`: itself, or a cached `quant_type` copy.
 
     The copy lives in $EDGEFED_HOME/cache/gguf/<base sha256>.<quant>.gguf and is made once.
     A base that already has that file type is used as is. Once the copy exists, finding it
     costs one hash of the base, not a parse of its metadata (~2 s on a 49k vocabulary).
+    `on_build` is told before the copy is made (the first time: up to a minute).
     """
     if quant_type == KEEP:
         return Path(base)
@@ -107,5 +113,7 @@ def runtime_copy(base: str | os.PathLike[str], quant_type: str = DEFAULT_RUNTIME
         return copy
     if read_base_info(base).file_type.lower() == key:
         return Path(base)
+    if on_build is not None:
+        on_build(f"building the runtime's {key} copy of the base (once; it is cached)")
     requantize(base, copy, key)
     return copy

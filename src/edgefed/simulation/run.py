@@ -176,6 +176,7 @@ def simulate(
                     lora=replace(settings.lora, init_seed=seed),
                     warmup_steps=settings.warmup_steps,
                     round_steps=settings.round_steps,
+                    wait_seconds=0,  # every device publishes before any pulls: none is late
                     trust=variant,
                     reference=reference,
                 )

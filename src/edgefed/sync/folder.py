@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
+import re
+import secrets
 from pathlib import Path
 
 from edgefed.errors import StoreError
 from edgefed.faults import crash_point
-from edgefed.sync.layout import is_store_key
+from edgefed.sync.layout import FEDERATION_KEY, REFERENCE_KEY, is_store_key
 from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KEY_EXISTS_FIX, KEY_MISSING_FIX, KeyExists, KeyMissing, Store
+
+# what sync tools and file systems keep in a folder they manage: a new store may hold these
+_TOOL_FILES = (
+    ".stfolder", ".stversions", ".stignore",  # Syncthing
+    ".sync", "._sync_", ".owncloudsync.log", ".nextcloudsync.log",  # Resilio, Nextcloud
+    ".dropbox",  # .dropbox, .dropbox.cache, .dropbox.attr
+    ".DS_Store", ".Trash-", "lost+found", "desktop.ini", "Thumbs.db",  # file systems
+)  # fmt: skip
+# a write's hidden temporary (`_new_temporary`; mkstemp's before), left by a killed `init`
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 class FolderStore(Store):
@@ -34,6 +45,32 @@ class FolderStore(Store):
         self.url = str(self.root)
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {self.root} is a file, not a folder", "pass a folder path")
+
+    def check_empty(self) -> None:
+        """StoreError when the folder holds files of its own, before `init` makes it a store: a
+        mistyped path or a folder of documents must not become a federation, and a store's
+        folder should hold nothing else. What sync tools keep there (`_TOOL_FILES`) and the
+        temporary of a killed `init` do not count; a folder that holds a federation is left to
+        `init`'s own refusal."""
+        try:
+            names = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+        except OSError as exc:
+            raise StoreError(f"cannot list {self.root} ({exc})", "check the folder") from exc
+        if FEDERATION_KEY in names:
+            return
+        foreign = [
+            name
+            for name in names
+            if not name.startswith(_TOOL_FILES)
+            and not _TEMPORARY.fullmatch(name)
+            and name != REFERENCE_KEY  # written first by an `init --reference` that was killed
+        ]
+        if foreign:
+            entries = f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}"
+            raise StoreError(
+                f"{self.root} is not empty (holds {entries}, e.g. {foreign[0]})",
+                "init into an empty or new folder",
+            )
 
     def _path(self, key: str) -> Path:
         if not is_store_key(key):
@@ -68,12 +105,9 @@ class FolderStore(Store):
         final = self._path(key)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
-            )
+            fd, tmp = _new_temporary(final)
         except OSError as exc:
             raise StoreError(f"cannot write to {self.root} ({exc})", "check the folder") from exc
-        tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -102,3 +136,20 @@ class FolderStore(Store):
             ) from exc
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _new_temporary(final: Path) -> tuple[int, Path]:
+    """A new hidden temporary beside `final`, open for writing.
+
+    Made with mode 0666 less the umask (and the folder's default ACL), as any file the user
+    creates, not mkstemp's 0600: a store folder shared on NFS or a group drive is read by other
+    users, and its hard link keeps the temporary's mode. Nothing secret is ever stored here.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final.parent))

@@ -5,6 +5,10 @@
     devices/<device>.json            a device's registration: its Ed25519 public key
     rounds/<r>/<device>.safetensors  the device's adapter for round r
     rounds/<r>/<device>.json         its signed manifest
+    rounds/<r>/<device>.v<k>.*       a signed replacement (version k >= 2) of both, published
+                                     when the first is damaged or lost; readers take the
+                                     highest version that verifies (nothing is ever overwritten)
+    departures/<device>.json         a device's signed notice that it left the federation
 
 Keys are data, checked here once: a device name is 1-64 characters of [a-z0-9_-] starting with
 a letter or digit, a round is a non-negative decimal without leading zeros. Anything else under
@@ -22,16 +26,21 @@ from edgefed.errors import InputFileError
 FEDERATION_KEY = "federation.json"
 REFERENCE_KEY = "reference.txt"
 DEVICES_PREFIX = "devices/"
+DEPARTURES_PREFIX = "departures/"
 ROUNDS_PREFIX = "rounds/"
 ADAPTER_SUFFIX = ".safetensors"
 MANIFEST_SUFFIX = ".json"
+MAX_VERSION = 9999
 
 _DEVICE = r"[a-z0-9][a-z0-9_-]{0,63}"
 _ROUND = r"0|[1-9][0-9]{0,8}"
+_VERSION = r"[2-9]|[1-9][0-9]{1,3}"  # version 1 has no tag: stores made before versions read
 DEVICE_NAME = re.compile(rf"^{_DEVICE}$")
 _KEY = re.compile(
     rf"^(?:federation\.json|reference\.txt|devices/(?P<registered>{_DEVICE})\.json"
-    rf"|rounds/(?P<round>{_ROUND})/(?P<device>{_DEVICE})(?P<suffix>\.json|\.safetensors))$"
+    rf"|departures/(?P<departed>{_DEVICE})\.json"
+    rf"|rounds/(?P<round>{_ROUND})/(?P<device>{_DEVICE})(?:\.v(?P<version>{_VERSION}))?"
+    rf"(?P<suffix>\.json|\.safetensors))$"
 )
 
 
@@ -42,6 +51,7 @@ class RoundItem:
     round: int
     device: str
     is_manifest: bool
+    version: int = 1
 
 
 def check_device_name(name: str) -> str:
@@ -62,19 +72,44 @@ def device_key(device: str) -> str:
     return f"{DEVICES_PREFIX}{check_device_name(device)}.json"
 
 
-def adapter_key(round_number: int, device: str) -> str:
-    return f"{ROUNDS_PREFIX}{int(round_number)}/{check_device_name(device)}{ADAPTER_SUFFIX}"
+def departure_key(device: str) -> str:
+    return f"{DEPARTURES_PREFIX}{check_device_name(device)}.json"
 
 
-def manifest_key(round_number: int, device: str) -> str:
-    return f"{ROUNDS_PREFIX}{int(round_number)}/{check_device_name(device)}{MANIFEST_SUFFIX}"
+def _round_item_key(round_number: int, device: str, version: int, suffix: str) -> str:
+    if not 1 <= int(version) <= MAX_VERSION:
+        raise InputFileError(
+            f"adapter version {version} is outside 1..{MAX_VERSION}",
+            f"a round's adapter can be replaced at most {MAX_VERSION - 1} times",
+        )
+    tag = "" if version == 1 else f".v{int(version)}"
+    return f"{ROUNDS_PREFIX}{int(round_number)}/{check_device_name(device)}{tag}{suffix}"
+
+
+def adapter_key(round_number: int, device: str, version: int = 1) -> str:
+    return _round_item_key(round_number, device, version, ADAPTER_SUFFIX)
+
+
+def manifest_key(round_number: int, device: str, version: int = 1) -> str:
+    return _round_item_key(round_number, device, version, MANIFEST_SUFFIX)
 
 
 def parse_round_key(key: str) -> RoundItem | None:
     match = _KEY.match(key)
     if match is None or match["round"] is None:
         return None
-    return RoundItem(int(match["round"]), match["device"], match["suffix"] == MANIFEST_SUFFIX)
+    return RoundItem(
+        int(match["round"]),
+        match["device"],
+        match["suffix"] == MANIFEST_SUFFIX,
+        int(match["version"] or 1),
+    )
+
+
+def parse_departure_key(key: str) -> str | None:
+    """The device a departures/ key belongs to, or None."""
+    match = _KEY.match(key)
+    return None if match is None else match["departed"]
 
 
 def key_owner(key: str) -> str | None:
@@ -82,4 +117,4 @@ def key_owner(key: str) -> str | None:
     match = _KEY.match(key)
     if match is None:
         return None
-    return match["registered"] or match["device"]
+    return match["registered"] or match["device"] or match["departed"]

@@ -8,19 +8,23 @@ signature vouches for the manifest and the blob together.
     federation.json  {"format", "id", "created", "base": {"sha256", "architecture", "name",
                       "parameters"}, "lora": {"rank", "alpha", "dropout", "targets",
                       "init_seed"}, "lora_modules": {module: [in, out]}, "schedule":
-                      {"warmup_steps", "round_steps", "max_staleness"}, "trust": {...},
-                      "reference":
-                      {"sha256", "bytes"} | null, "limits": {"adapter_bytes"}}
+                      {"warmup_steps", "round_steps", "max_staleness", "wait_seconds"},
+                      "trust": {...}, "reference": {"sha256", "bytes"} | null,
+                      "limits": {"adapter_bytes"}}
     devices/<d>.json {"format", "device", "public_key" (base64 raw Ed25519), "registered"}
-    rounds/<r>/<d>.json
-                     {"format", "federation", "round", "device", "sha256", "bytes",
-                      "encoding": "fp16" | "int8", "base_sha256", "train_tokens", "metrics",
-                      "created", "signature"}
+    rounds/<r>/<d>[.v<k>].json
+                     {"format", "federation", "round", "device", "version" (absent: 1),
+                      "sha256", "bytes", "encoding": "fp16" | "int8", "base_sha256",
+                      "train_tokens", "metrics", "created", "signature"}
+    departures/<d>.json
+                     {"format", "kind": "departure", "federation", "device", "last_round",
+                      "left", "signature"}
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,13 +83,16 @@ def adapter_manifest(
     metrics: Mapping,
     key: DeviceKey,
     encoding: str = ENCODING_FP16,
+    version: int = 1,
 ) -> dict:
-    """A signed manifest for one published adapter."""
+    """A signed manifest for one published adapter; `version` > 1 marks a replacement of a
+    damaged or lost publish (a manifest without one is version 1)."""
     body = {
         "format": FORMAT_VERSION,
         "federation": federation,
         "round": round_number,
         "device": device,
+        "version": version,
         "sha256": sha256,
         "bytes": size,
         "encoding": encoding,
@@ -93,6 +100,23 @@ def adapter_manifest(
         "train_tokens": int(train_tokens),
         "metrics": dict(metrics),
         "created": now(),
+    }
+    return body | {"signature": key.sign(body)}
+
+
+DEPARTURE_KIND = "departure"
+
+
+def departure(federation: str, device: str, last_round: int | None, key: DeviceKey) -> dict:
+    """A device's signed notice that it left: its peers stop waiting for it (its adapters
+    already published stay usable within the staleness window)."""
+    body = {
+        "format": FORMAT_VERSION,
+        "kind": DEPARTURE_KIND,  # signed: no other signed document can pass for a departure
+        "federation": federation,
+        "device": device,
+        "last_round": last_round,
+        "left": now(),
     }
     return body | {"signature": key.sign(body)}
 
@@ -113,6 +137,7 @@ def federation_manifest(
     round_steps: int,
     trust: Mapping,
     max_staleness: int = 0,
+    wait_seconds: float = 0.0,
     reference: bytes | None = None,
 ) -> dict:
     """The manifest of a new federation over `base_info` with LoRA spec `lora`.
@@ -143,6 +168,7 @@ def federation_manifest(
             "warmup_steps": warmup_steps,
             "round_steps": round_steps,
             "max_staleness": max_staleness,
+            "wait_seconds": wait_seconds,
         },
         "trust": dict(trust),
         "reference": None
@@ -157,11 +183,21 @@ class Schedule:
     """How many local steps each round trains: round 0 the warm-up (when set), then round_steps;
     and how many rounds old a peer's adapter may be and still be mixed (`max_staleness`: a
     device aggregating round r mixes each peer's freshest adapter of rounds r-max_staleness..r).
-    A federation made before asynchronous mixing has none recorded: 0, lock-step as it was."""
+    A federation made before asynchronous mixing has none recorded: 0, lock-step as it was.
+    `wait_seconds` is how long a round waits by default for its peers' adapters of the round
+    (0 in a federation made before the wait had a default)."""
 
     warmup_steps: int
     round_steps: int
     max_staleness: int = 0
+    wait_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        # read from a store: a NaN or infinite wait would hold every device for ever
+        if not (0 <= self.wait_seconds < math.inf) or self.max_staleness < 0:
+            raise ValueError(
+                f"schedule wait {self.wait_seconds} s / max staleness {self.max_staleness}"
+            )
 
     def steps_of(self, round_number: int) -> int:
         if round_number == 0 and self.warmup_steps > 0:
@@ -209,6 +245,7 @@ class Federation:
                     int(schedule["warmup_steps"]),
                     int(schedule["round_steps"]),
                     int(schedule.get("max_staleness", 0)),
+                    float(schedule.get("wait_seconds", 0.0)),
                 ),
                 trust_default=dict(document.get("trust") or {}),
                 reference_sha256=(document.get("reference") or {}).get("sha256"),

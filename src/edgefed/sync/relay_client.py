@@ -30,6 +30,7 @@ from edgefed.sync.store import (
     KeyExists,
     KeyMissing,
     Store,
+    StoreUnreachable,
 )
 from edgefed.sync.wire import (
     DEVICE_HEADER,
@@ -90,9 +91,9 @@ class RelayStore(Store):
             except httpx.TransportError as exc:
                 problem = f"cannot reach the relay {self.url} ({exc.__class__.__name__}: {exc})"
                 if attempt == RETRIES:
-                    raise StoreError(problem, _UNREACHABLE_FIX) from exc
+                    raise StoreUnreachable(problem, _UNREACHABLE_FIX) from exc
             if attempt == RETRIES:
-                raise StoreError(problem, _UNREACHABLE_FIX)
+                raise StoreUnreachable(problem, _UNREACHABLE_FIX)
             logger.info("%s; retry %d/%d in %.1f s", problem, attempt, RETRIES - 1, delay)
             time.sleep(delay)
             delay *= 2

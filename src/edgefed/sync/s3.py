@@ -33,6 +33,7 @@ from edgefed.sync.store import (
     KeyExists,
     KeyMissing,
     Store,
+    StoreUnreachable,
 )
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -89,10 +90,13 @@ class S3Store(Store):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _error(self, exc: Exception, what: str) -> StoreError:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
         code = exc.response["Error"].get("Code", "") if isinstance(exc, ClientError) else ""
-        return StoreError(
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if code else 0
+        # no answer, or a server in trouble, after botocore's own retries: may pass
+        transient = isinstance(exc, ConnectionError | HTTPClientError) or status >= 500
+        return (StoreUnreachable if transient else StoreError)(
             f"cannot {what} in {self.url} ({code or exc.__class__.__name__}: {exc})",
             _FIXES.get(code, "check the endpoint, the bucket and the credentials"),
         )

@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgefed.atomic import atomic_write_bytes
+from edgefed.atomic import atomic_write_private
 from edgefed.errors import InputFileError
 
 
@@ -77,8 +77,7 @@ class DeviceKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        atomic_write_bytes(path, pem)
-        os.chmod(path, 0o600)
+        atomic_write_private(path, pem)
 
     def sign(self, document: Mapping) -> str:
         return base64.b64encode(self._private.sign(canonical_bytes(document))).decode("ascii")

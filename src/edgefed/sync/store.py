@@ -28,6 +28,7 @@ __all__ = [
     "KeyExists",
     "KeyMissing",
     "Store",
+    "StoreUnreachable",
 ]
 
 # far above any adapter; verification applies the federation's real limit afterwards, but a
@@ -41,6 +42,12 @@ class KeyMissing(StoreError):
 
 class KeyExists(StoreError):
     """`create` found the key already there; the store is unchanged."""
+
+
+class StoreUnreachable(StoreError):
+    """The store did not answer (network down, server down or overloaded) after the backend's
+    own retries: worth trying again later, unlike a refused token or a damaged file. A round
+    waiting for its peers rides these out until its wait ends."""
 
 
 # the fixes every backend gives with these two errors, so that they read the same everywhere

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from edgefed.adapter import lora_tensor_shapes
 from edgefed.errors import ModelFormatError
 from edgefed.sync.manifest import (
+    DEPARTURE_KIND,
     ENCODING_FP16,
     ENCODING_INT8,
     ENCODINGS,
@@ -115,17 +116,28 @@ class Verifier:
         self.max_bytes = federation.adapter_bytes_limit
 
     def check(
-        self, round_number: int, device: str, manifest_bytes: bytes, adapter_bytes: bytes
+        self,
+        round_number: int,
+        device: str,
+        manifest_bytes: bytes,
+        adapter_bytes: bytes,
+        version: int = 1,
     ) -> PeerAdapter:
         """The verified adapter; raises Rejected with the first reason it fails."""
         try:
             manifest = parse_document(manifest_bytes, "the manifest")
         except ModelFormatError as exc:
             raise Rejected(exc.problem) from exc
-        claimed = (manifest.get("federation"), manifest.get("round"), manifest.get("device"))
-        if claimed != (self.federation.id, round_number, device):
+        claimed = (
+            manifest.get("federation"),
+            manifest.get("round"),
+            manifest.get("device"),
+            manifest.get("version", 1),
+        )
+        if claimed != (self.federation.id, round_number, device, version):
             raise Rejected(
-                f"the manifest claims federation/round/device {claimed}, not its place in the store"
+                f"the manifest claims federation/round/device/version {claimed}, not its place "
+                "in the store"
             )
         public_key = self.public_keys.get(device)
         if public_key is None:
@@ -160,6 +172,22 @@ class Verifier:
             tensors = _dequantize_int8(tensors)
         self._check_tensors(tensors)
         return PeerAdapter(device=device, round=round_number, tensors=tensors, manifest=manifest)
+
+    def departed(self, device: str, notice_bytes: bytes) -> bool:
+        """Whether `notice_bytes` is `device`'s own signed departure from this federation (a
+        notice anyone else could have written is ignored, so nobody can make peers stop
+        waiting for a device but the device itself)."""
+        public_key = self.public_keys.get(device)
+        try:
+            notice = parse_document(notice_bytes, "the departure notice")
+        except ModelFormatError:
+            return False
+        claimed = (notice.get("kind"), notice.get("federation"), notice.get("device"))
+        return (
+            public_key is not None
+            and claimed == (DEPARTURE_KIND, self.federation.id, device)
+            and manifest_signed_by(notice, public_key)
+        )
 
     def _check_int8(self, tensors: Mapping) -> None:
         import torch

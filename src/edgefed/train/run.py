@@ -25,6 +25,7 @@ from edgefed.adapter import (
     read_adapter_folder,
     save_peft_adapter,
 )
+from edgefed.atomic import remove_leftovers
 from edgefed.documents import DEFAULT_TEXT_FIELD, Documents, read_documents
 from edgefed.errors import AdapterMismatchError, InputFileError, TrainingError
 from edgefed.loaded_base import LoadedBase
@@ -40,6 +41,7 @@ from edgefed.train.split import (
     DataSplit,
     SplitRule,
     record_split,
+    recorded_splits,
     split_documents,
 )
 
@@ -170,6 +172,9 @@ def train_adapter(
     split_rule = split_rule or SplitRule()
     run = RunFolder(Path(out))
     _check_out_dir(run, resume)
+    # what a run killed mid-write left (a half-written adapter folder, checkpoint, ...):
+    # nothing else writes into a run folder while its run goes on
+    remove_leftovers(run.root)
     loaded.device  # noqa: B018 - an unavailable device is refused before any work
     spec, start_tensors = _resolve_lora(
         lora, Path(from_adapter) if from_adapter else None, loaded.fingerprint
@@ -177,7 +182,9 @@ def train_adapter(
 
     status("reading data")
     documents: Documents = read_documents(data, text_field=text_field)
-    split: DataSplit = split_documents(documents.documents, split_rule)
+    # a document recorded in the folder's split.json (a resumed run, or a round seeded with the
+    # previous round's record) keeps its recorded split
+    split: DataSplit = split_documents(documents.documents, split_rule, recorded_splits(run.split))
     record_split(split, run.split)
 
     status(f"loading the base in llama.cpp ({loaded.runtime_quant})")
