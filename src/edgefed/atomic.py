@@ -99,6 +99,12 @@ def atomic_dir(destination: str | os.PathLike[str]) -> Iterator[Path]:
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.(?:tmp|old)")
 
 
+def is_temporary_name(name: str) -> bool:
+    """Whether `name` is how this module (and the folder store, which follows it) names a
+    temporary: what a killed write leaves behind."""
+    return _LEFTOVER.fullmatch(name) is not None
+
+
 def find_leftovers(
     folder: str | os.PathLike[str], names: Iterable[str] | None = None
 ) -> list[Path]:

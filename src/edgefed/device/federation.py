@@ -40,6 +40,7 @@ from edgefed.sync.layout import (
     device_key,
     manifest_key,
     parse_round_key,
+    publishes,
 )
 from edgefed.sync.manifest import (
     Federation,
@@ -208,11 +209,9 @@ def check_data(path: str | os.PathLike[str]) -> Documents:
     return documents
 
 
-def check_ready(store: Store, workspace: Workspace, *, data: bool = True) -> None:
-    """Everything a round needs from outside the workspace, checked before any work: the store
-    answers (and takes the token), holds this device's federation, has this device registered
-    with the key in the workspace, and the device's data is readable. Raises StoreError,
-    InputFileError or DataError with one line each."""
+def check_registration(store: Store, workspace: Workspace) -> None:
+    """StoreError unless the store answers (and takes the token), holds this device's
+    federation, and has this device registered with the key in the workspace."""
     federation = read_federation(store)
     pinned = workspace.federation
     if federation.id != pinned.id:
@@ -236,8 +235,14 @@ def check_ready(store: Store, workspace: Workspace, *, data: bool = True) -> Non
             f"{workspace.key_path}",
             "use the workspace that joined as this device",
         )
-    if not data:
-        return
+
+
+def check_ready(store: Store, workspace: Workspace) -> None:
+    """Everything a round needs from outside the workspace, checked before any work: the
+    registration (`check_registration`), the device not departed, and its data readable and
+    splitting. Raises StoreError, InputFileError or DataError with one line each."""
+    check_registration(store, workspace)
+    me = workspace.device
     if workspace.config.left is not None:
         raise InputFileError(
             f"{me} left the federation on {workspace.config.left}",
@@ -262,7 +267,7 @@ def leave_federation(store: Store, workspace: Workspace) -> bool:
     config = workspace.config
     if config.left is not None:
         return False
-    last_round = max(published_versions(store, workspace.device), default=None)
+    last_round = max(publishes(store.keys(ROUNDS_PREFIX)).get(workspace.device, {}), default=None)
     notice = departure(workspace.federation.id, workspace.device, last_round, workspace.key())
     key = departure_key(workspace.device)
     if not create_once(store, key, encode_document(notice), signer=workspace.key()):
@@ -294,42 +299,31 @@ def set_device(
         check_data(data)
         config = replace(config, data=str(Path(data).resolve()))
     if store is not None:
-        check_ready(store, workspace, data=False)
+        check_registration(store, workspace)
         config = replace(config, store=store.url)
     config.write(workspace.root / DeviceConfig.FILE)
     return config
 
 
-def published_versions(store: Store, device: str) -> dict[int, list[int]]:
-    """Round -> the versions of the device's adapter with both blob and manifest in the store;
-    a round with a manifest or blob alone lists no version (a publish that was cut or lost)."""
-    parts: dict[tuple[int, int], set[bool]] = {}
-    for key in store.keys(ROUNDS_PREFIX):
-        item = parse_round_key(key)
-        if item is not None and item.device == device:
-            parts.setdefault((item.round, item.version), set()).add(item.is_manifest)
-    versions: dict[int, list[int]] = {}
-    for (number, version), kinds in sorted(parts.items()):
-        versions.setdefault(number, [])
-        if kinds == {True, False}:
-            versions[number].append(version)
-    return versions
-
-
-def check_own_publishes(store: Store, workspace: Workspace) -> dict[int, str]:
+def check_own_publishes(
+    store: Store, workspace: Workspace, round_keys: list[str] | None = None
+) -> dict[int, str]:
     """This device's published rounds that a peer would not accept, and why: each is checked
     as a peer checks it (the highest version that verifies counts). Rounds this device
-    published (round.json says so) but the store has lost count as well."""
+    published (round.json says so) but the store has lost count as well. `round_keys`: the
+    store's listing of rounds/, when the caller has it already."""
     from edgefed.sync.verify import Rejected, Verifier
 
     me = workspace.device
     verifier = Verifier(workspace.federation, {me: workspace.key().public_key})
     problems: dict[int, str] = {}
-    versions = published_versions(store, me)
+    keys = store.keys(ROUNDS_PREFIX) if round_keys is None else round_keys
+    mine = publishes(keys).get(me, {})
     recorded = [r for r in workspace.rounds() if "publish" in workspace.read_round_record(r).steps]
-    for number in sorted(set(versions) | set(recorded)):
+    for number in sorted(set(mine) | set(recorded)):
         reasons = []
-        for version in reversed(versions.get(number, [])):
+        whole = [v for v, complete in mine.get(number, {}).items() if complete]
+        for version in reversed(whole):
             try:
                 verifier.check(
                     number,
@@ -359,8 +353,9 @@ def federation_status(store: Store, workspace: Workspace) -> dict:
     from edgefed.sync.verify import Verifier
 
     federation = workspace.federation
+    round_keys = store.keys(ROUNDS_PREFIX)
     latest: dict[str, int] = {}
-    for key in store.keys(ROUNDS_PREFIX):
+    for key in round_keys:
         item = parse_round_key(key)
         if item is not None and item.is_manifest:
             latest[item.device] = max(latest.get(item.device, -1), item.round)
@@ -388,7 +383,7 @@ def federation_status(store: Store, workspace: Workspace) -> dict:
         "next_round": workspace.next_round(),
         "devices": {d: {"latest_round": latest.get(d), "left": d in departed} for d in devices},
         "damaged_publishes": {
-            str(r): why for r, why in check_own_publishes(store, workspace).items()
+            str(r): why for r, why in check_own_publishes(store, workspace, round_keys).items()
         },
         "rejected": [r for n in workspace.rounds() for r in workspace.rejections(n)],
         "last_metrics": my_metrics,

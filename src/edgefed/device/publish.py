@@ -19,7 +19,7 @@ from edgefed.device.workspace import Workspace
 from edgefed.errors import AdapterMismatchError, DataError, InputFileError
 from edgefed.faults import crash_point
 from edgefed.privacy import DpNoise, privatize
-from edgefed.sync.layout import ROUNDS_PREFIX, adapter_key, manifest_key, parse_round_key
+from edgefed.sync.layout import ROUNDS_PREFIX, adapter_key, manifest_key, publishes
 from edgefed.sync.manifest import ENCODING_FP16, ENCODING_INT8, adapter_manifest, encode_document
 from edgefed.sync.store import KeyExists, Store
 from edgefed.sync.verify import encode_adapter
@@ -174,13 +174,9 @@ def republish_adapter(
             f"{workspace.root} holds no trained adapter of round {round_number} to publish again",
             "give the adapter the round published with --adapter PATH",
         )
-    me = workspace.device
-    taken = [
-        item.version
-        for key in store.keys(f"{ROUNDS_PREFIX}{round_number}/")
-        if (item := parse_round_key(key)) is not None and item.device == me
-    ]
-    version = max(taken, default=0) + 1
+    # after every version with any half in the store: a half-published version is taken too
+    taken = publishes(store.keys(f"{ROUNDS_PREFIX}{round_number}/"))
+    version = max(taken.get(workspace.device, {}).get(round_number, {}), default=0) + 1
     encoding = ENCODING_INT8 if compress else ENCODING_FP16
     _publish(store, workspace, round_number, tensors, train_tokens, metrics, encoding, version)
     return version

@@ -33,7 +33,7 @@ from edgefed.sync.layout import (
     adapter_key,
     manifest_key,
     parse_departure_key,
-    parse_round_key,
+    publishes,
 )
 from edgefed.sync.manifest import parse_document
 from edgefed.sync.store import KeyMissing, Store, StoreUnreachable
@@ -175,18 +175,17 @@ def _pull_once(store: Store, workspace: Workspace, round_number: int) -> PullRep
         for r in workspace.rejections(round_number)
         + [p | {"round": round_number} for p in problems]
     }
-    # peer -> (round, version) -> {manifest?, adapter?}
-    complete: dict[str, dict[tuple[int, int], set[bool]]] = {}
-    for number in range(round_number, oldest - 1, -1):
-        for key in store.keys(f"{ROUNDS_PREFIX}{number}/"):
-            item = parse_round_key(key)
-            if item is not None and item.device != workspace.device:
-                kinds = complete.setdefault(item.device, {})
-                kinds.setdefault((item.round, item.version), set()).add(item.is_manifest)
+    me = workspace.device
+    window = publishes(
+        key
+        for number in range(oldest, round_number + 1)
+        for key in store.keys(f"{ROUNDS_PREFIX}{number}/")
+    )
+    window.pop(me, None)
     peer_rounds: dict[str, int] = {}
-    for peer in sorted(complete):
+    for peer, rounds in window.items():
         published = sorted(
-            (place for place, kinds in complete[peer].items() if kinds == {True, False}),
+            ((n, v) for n, versions in rounds.items() for v, whole in versions.items() if whole),
             reverse=True,
         )
         for number, version in published:  # the freshest round, its highest version, verified
@@ -195,7 +194,6 @@ def _pull_once(store: Store, workspace: Workspace, round_number: int) -> PullRep
                 break
     ordered = [rejected[k] for k in sorted(rejected)]
     workspace.record_rejections(round_number, ordered)
-    me = workspace.device
     return PullReport(
         round=round_number,
         peer_rounds=peer_rounds,
@@ -205,7 +203,7 @@ def _pull_once(store: Store, workspace: Workspace, round_number: int) -> PullRep
         awaited=tuple(
             p
             for p in sorted(keys)
-            if p != me and p not in departed and (oldest == 0 or p in complete)
+            if p != me and p not in departed and (oldest == 0 or p in window)
         ),
         departed=tuple(p for p in departed if p != me),
     )

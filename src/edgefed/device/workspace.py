@@ -131,7 +131,7 @@ class Workspace:
     def saved_token(self) -> str | None:
         """The relay token kept at join, if any."""
         path = self.token_path
-        return path.read_text(encoding="utf-8").strip() or None if path.is_file() else None
+        return (path.read_text(encoding="utf-8").strip() or None) if path.is_file() else None
 
     def save_token(self, token: str) -> None:
         """Keep the relay token for later commands, readable by the owner only."""

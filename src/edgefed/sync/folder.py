@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 from pathlib import Path
 
+from edgefed.atomic import is_temporary_name
 from edgefed.errors import StoreError
 from edgefed.faults import crash_point
 from edgefed.sync.layout import FEDERATION_KEY, REFERENCE_KEY, is_store_key
@@ -31,8 +31,6 @@ _TOOL_FILES = (
     ".dropbox",  # .dropbox, .dropbox.cache, .dropbox.attr
     ".DS_Store", ".Trash-", "lost+found", "desktop.ini", "Thumbs.db",  # file systems
 )  # fmt: skip
-# a write's hidden temporary (`_new_temporary`; mkstemp's before), left by a killed `init`
-_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 class FolderStore(Store):
@@ -62,7 +60,7 @@ class FolderStore(Store):
             name
             for name in names
             if not name.startswith(_TOOL_FILES)
-            and not _TEMPORARY.fullmatch(name)
+            and not is_temporary_name(name)  # a write of a killed `init`
             and name != REFERENCE_KEY  # written first by an `init --reference` that was killed
         ]
         if foreign:
@@ -139,7 +137,8 @@ class FolderStore(Store):
 
 
 def _new_temporary(final: Path) -> tuple[int, Path]:
-    """A new hidden temporary beside `final`, open for writing.
+    """A new hidden temporary beside `final`, open for writing, named as `edgefed.atomic`
+    names its own (so a leftover one is recognised the same way).
 
     Made with mode 0666 less the umask (and the folder's default ACL), as any file the user
     creates, not mkstemp's 0600: a store folder shared on NFS or a group drive is read by other

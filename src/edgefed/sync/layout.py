@@ -19,6 +19,7 @@ read, which is how readers ignore what they did not expect.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from edgefed.errors import InputFileError
@@ -104,6 +105,21 @@ def parse_round_key(key: str) -> RoundItem | None:
         match["suffix"] == MANIFEST_SUFFIX,
         int(match["version"] or 1),
     )
+
+
+def publishes(keys: Iterable[str]) -> dict[str, dict[int, dict[int, bool]]]:
+    """Device -> round -> version -> whether that publish is complete (its blob and its
+    manifest both among `keys`): what every reader of rounds/ needs, from one listing. A
+    version with one half only is a publish cut short or half lost."""
+    halves: dict[tuple[str, int, int], set[bool]] = {}
+    for key in keys:
+        item = parse_round_key(key)
+        if item is not None:
+            halves.setdefault((item.device, item.round, item.version), set()).add(item.is_manifest)
+    found: dict[str, dict[int, dict[int, bool]]] = {}
+    for (device, number, version), kinds in sorted(halves.items()):
+        found.setdefault(device, {}).setdefault(number, {})[version] = len(kinds) == 2
+    return found
 
 
 def parse_departure_key(key: str) -> str | None:
