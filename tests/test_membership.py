@@ -76,6 +76,8 @@ def test_join_checks_the_data_before_it_takes_the_name_and_device_set_repairs_a_
     tmp_path, tiny_llama_gguf, train_corpus
 ):
     store = tmp_path / "shared"
+    assert_one_line_error(run("init", store, "--base", tiny_llama_gguf, "--wait", "inf"), "finite")
+    assert not store.exists()
     edgefed("init", store, "--base", tiny_llama_gguf, "--wait", 0)
     few = write_repetitive_corpus(tmp_path / "few", n_docs=2)
     alice = tmp_path / "alice"

@@ -7,6 +7,7 @@ round's own steps are their own modules: `train`, `publish`, `pull`, `aggregate`
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import uuid
 from pathlib import Path
@@ -100,9 +101,10 @@ def init_federation(
 
     Raises StoreError when the store already holds one (it is never replaced).
     """
-    if max_staleness < 0 or wait_seconds < 0:
+    if max_staleness < 0 or not 0 <= wait_seconds < math.inf:
         raise ConfigError(
-            f"max staleness {max_staleness} / wait {wait_seconds:g} s is negative",
+            f"max staleness {max_staleness} / wait {wait_seconds:g} s is not a count of rounds "
+            "and a finite number of seconds",
             "give --max-staleness and --wait of 0 or more",
         )
     from edgefed.sync.folder import FolderStore
