@@ -32,7 +32,7 @@ import torch
 from edgefed.demo_text import demo_evaluation_text
 from edgefed.quant.gguf_file import embedded_base_path
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
-from edgefed.quant.nf4 import build_training_model
+from edgefed.quant.training_copy import build_training_model
 from edgefed.runtime import DEFAULT_RUNTIME_QUANT, LlamaRuntime, requantize
 from edgefed.runtime.llama import default_lanes, default_threads
 from edgefed.train.perplexity import torch_perplexity

@@ -368,7 +368,7 @@ def adapters(tmp_path_factory, tiny_llama_gguf) -> dict[tuple[str, int], Path]:
 
     from edgefed.adapter import BASE_FINGERPRINT_KEY, LoraSpec, attach_lora, save_peft_adapter
     from edgefed.quant.gguf_file import read_base_info
-    from edgefed.quant.nf4 import build_training_model
+    from edgefed.quant.training_copy import build_training_model
 
     folder = tmp_path_factory.mktemp("adapters")
     fingerprint = read_base_info(tiny_llama_gguf).fingerprint

@@ -13,7 +13,8 @@ import torch
 from edgefed.demo_text import demo_evaluation_text
 from edgefed.home import cache_dir
 from edgefed.quant.gguf_file import embedded_base_path, read_base_info
-from edgefed.quant.nf4 import build_training_model, load_training_model
+from edgefed.quant.nf4 import load_training_model
+from edgefed.quant.training_copy import build_training_model
 from edgefed.runtime import LlamaRuntime
 from edgefed.train.perplexity import torch_perplexity
 

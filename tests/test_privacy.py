@@ -34,7 +34,7 @@ def test_clipping_bounds_peers_only_and_keeps_their_direction(shapes):
 
 
 def test_initial_tensors_are_the_shared_init_of_a_real_peft_adapter(tiny_llama_gguf):
-    from edgefed.quant.nf4 import build_training_model
+    from edgefed.quant.training_copy import build_training_model
 
     state = lora_state(attach_lora(build_training_model(tiny_llama_gguf, "fp32"), LoraSpec()))
     initial = initial_tensors(state, LoraSpec().init_seed)

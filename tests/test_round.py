@@ -156,9 +156,10 @@ def test_a_poisoned_peer_gets_no_weight_and_does_no_harm(tmp_path, tiny_llama_gg
     )
     with LoadedBase(tiny_llama_gguf, runtime_quant="keep") as loaded:
         run_round(store, spaces["bob"], loaded, options=options)
-    # mallory publishes bob's adapter with B scaled 1000x: finite, right shapes, signed
+    # mallory publishes bob's adapter with B scaled -1000x (the learned step reversed and
+    # blown up): finite, right shapes, signed
     spec, tensors, _ = read_adapter_folder(spaces["bob"].root / "rounds" / "0" / "train")
-    poisoned = {n: t * 1000 if "lora_B" in n else t for n, t in tensors.items()}
+    poisoned = {n: t * -1000 if "lora_B" in n else t for n, t in tensors.items()}
     assert max(float(t.abs().max()) for t in poisoned.values()) < 6e4  # survives float16
     publish_adapter(store, spaces["mallory"], 0, save_lora_tensors(poisoned, spec, tmp_path / "p"))
 

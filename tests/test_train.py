@@ -72,7 +72,7 @@ def test_outputs_load_in_peft_and_llama_cpp_with_matching_perplexity(
     from peft import PeftModel
 
     from edgefed.documents import read_documents
-    from edgefed.quant.nf4 import build_training_model
+    from edgefed.quant.training_copy import build_training_model
     from edgefed.runtime import LlamaRuntime
     from edgefed.train.perplexity import torch_perplexity
 
@@ -91,7 +91,7 @@ def test_outputs_load_in_peft_and_llama_cpp_with_matching_perplexity(
 
 
 def test_devices_with_one_init_seed_start_from_one_adapter(tiny_llama_gguf):
-    from edgefed.quant.nf4 import build_training_model
+    from edgefed.quant.training_copy import build_training_model
 
     def initial(seed: int, global_seed: int) -> dict:
         torch.manual_seed(global_seed)  # whatever else the device did with the global RNG
@@ -267,6 +267,15 @@ def test_train_command_writes_one_json_document_and_refuses_bad_input_in_one_lin
         assert_one_line_error(run("train", *args, *out, *common), needle)
         assert not (tmp_path / "new" / "checkpoint.safetensors").exists(), needle
 
+    # continuing an adapter on another base (same shapes, other weights) is refused
+    from edgefed.runtime.quantize import requantize
+
+    other = requantize(tiny_llama_gguf, tmp_path / "other.q8_0.gguf", "q8_0")
+    refused = run("train", "--data", train_corpus, "--out", tmp_path / "elsewhere",
+                  "--from", tmp_path / "run", "--base", other, "--runtime-quant", KEEP)  # fmt: skip
+    assert_one_line_error(refused, "was trained on base")
+    assert not (tmp_path / "elsewhere" / "metrics.json").exists()
+
 
 def test_a_resumed_run_removes_what_a_killed_write_left_and_nothing_else(
     train_corpus, tiny_llama_gguf, tmp_path
@@ -301,3 +310,63 @@ def test_a_resumed_run_removes_what_a_killed_write_left_and_nothing_else(
     left[2].write_bytes(b"partial")
     assert remove_leftovers(out, ["adapter.gguf"]) == [left[2]]
     assert left[0].is_dir() and remove_leftovers(tmp_path / "absent") == []
+
+
+def test_the_sliced_loss_is_transformers_loss_with_its_gradient(tiny_llama_gguf):
+    from edgefed.quant.training_copy import build_training_model
+    from edgefed.train.loss import IGNORE, causal_lm_loss
+
+    model = attach_lora(build_training_model(tiny_llama_gguf, "fp32"), LoraSpec(rank=4))
+    model.eval()  # no LoRA dropout: the three passes must see one function
+    with torch.no_grad():  # B = 0 would leave A's gradient at zero in both
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 1000, (3, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 30:] = 0  # a padded tail, as the last block of a corpus has
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    results = []
+    for compute in (
+        lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+        lambda: causal_lm_loss(model, ids, mask, labels, vocab_slice=1000),  # 50 slices
+        lambda: causal_lm_loss(model, ids, mask, labels, vocab_slice=1 << 20),  # one
+    ):
+        model.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads))
+    reference_loss, reference_grads = results[0]
+    assert len(reference_grads) == 2 * 7 * 2  # A and B of 7 modules in 2 layers
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(reference_loss, rel=1e-6)
+        for name, grad in grads.items():
+            assert torch.allclose(grad, reference_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_the_gguf_copy_trains_the_fp32_copys_adapter(train_corpus, tiny_llama_gguf, tmp_path):
+    """Same weights, so the same adapter: up to the float order of two backward passes; and
+    gradient checkpointing (which runs each layer's forward again in backward) changes nothing."""
+    from edgefed.runtime.quantize import requantize
+
+    base = requantize(tiny_llama_gguf, tmp_path / "q4_1.gguf", "q4_1")
+    runs = {}
+    for name, precision, checkpointing in (
+        ("gguf", "gguf", False),
+        ("fp32", "fp32", False),
+        ("gguf+gc", "gguf", True),
+    ):
+        config = TrainConfig(**FAST | {"steps": 12, "gradient_checkpointing": checkpointing})
+        with LoadedBase(base, runtime_quant=KEEP, precision=precision) as loaded:
+            runs[name] = train_adapter(train_corpus, tmp_path / name, loaded, config=config)
+    native, reference, checkpointed = (
+        adapter_tensors(runs[name].out_dir) for name in ("gguf", "fp32", "gguf+gc")
+    )
+    assert native.keys() == reference.keys() == checkpointed.keys()
+    for name in native:
+        scale = reference[name].abs().max()
+        assert (native[name] - reference[name]).abs().max() <= 1e-4 * scale + 1e-7, name
+        assert torch.allclose(native[name], checkpointed[name], atol=1e-6), name
+    curves = [[loss for _, loss in runs[n].metrics.loss_curve] for n in ("gguf", "fp32")]
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)

@@ -25,14 +25,16 @@ from typing import TYPE_CHECKING
 from edgefed.adapter import LoraSpec, attach_lora, initialize_lora, lora_state
 from edgefed.errors import AdapterMismatchError, ConfigError, InputFileError
 from edgefed.quant.gguf_file import read_base_info, resolve_base
+from edgefed.quant.training_copy import PRECISIONS as TRAIN_PRECISIONS
+from edgefed.quant.training_copy import check_block_types, load_training_copy
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT, check_runtime_quant
 
 if TYPE_CHECKING:
     from edgefed.runtime.llama import Adapter, LlamaRuntime
 
-TRAIN_PRECISIONS = ("nf4", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_PRECISION = "nf4"
+# gguf: fp32's adapter quality at the GGUF file's weight memory (bench/train.py, README)
+DEFAULT_PRECISION = "gguf"
 DEFAULT_DEVICE = "auto"
 
 
@@ -54,22 +56,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_training_copy(base_path: Path, precision: str, device: str):
-    """The base as PyTorch trains it: the NF4 (QLoRA) copy or the exact fp32 one."""
-    from edgefed.quant.nf4 import build_training_model, load_training_model
-
-    model = (
-        load_training_model(base_path)
-        if precision == "nf4"
-        else build_training_model(base_path, "fp32")
-    )
-    return model.to(device)
-
-
 class LoadedBase:
     """A base model and what is made of it: see the module docstring.
 
-    `precision` is the training copy's (nf4 or fp32), `device` torch's (auto, cpu, cuda),
+    `precision` is the training copy's (gguf, nf4 or fp32), `device` torch's (auto, cpu, cuda),
     `runtime_quant` the llama.cpp copy's ('keep': the file as it is), `threads` the CPU
     threads of both (None: all cores). Raises InputFileError or ModelFormatError for a missing
     or malformed base and ConfigError for an unknown precision or quant, at once: nothing heavy
@@ -132,8 +122,15 @@ class LoadedBase:
             )
         return self._runtime
 
+    def check_trainable(self) -> None:
+        """Refuse, in one line, a base the chosen training copy cannot hold (the gguf copy and a
+        Q3_K matrix); scoring with llama.cpp alone needs no training copy and no such check."""
+        if self.precision == "gguf":
+            check_block_types(self.info)
+
     def training_model(self, spec: LoraSpec):
         """The PEFT model for `spec` and its initial LoRA state (the shared seeded init)."""
+        self.check_trainable()
         shape = (spec.rank, spec.alpha, spec.dropout, spec.targets)
         if self._model is None:
             if self.threads:
@@ -142,7 +139,7 @@ class LoadedBase:
                 torch.set_num_threads(self.threads)
             self.on_status(f"loading the {self.precision} training copy of the base")
             self._model = attach_lora(
-                load_training_copy(self.base_path, self.precision, self.device), spec
+                load_training_copy(self.base_path, self.precision).to(self.device), spec
             )
             self._shape = shape
         elif shape != self._shape:

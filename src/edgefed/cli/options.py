@@ -238,10 +238,10 @@ PrecisionOption = Annotated[
     str,
     typer.Option(
         "--precision",
-        help=f"Training copy of the base ({' or '.join(TRAIN_PRECISIONS)}): nf4 (QLoRA, 4-bit "
-        "weights) or fp32 (the exact GGUF "
-        "values: 8x the weight memory; on the small embedded base the better adapter for +5% "
-        "peak memory, see README).",
+        help=f"Training copy of the base ({', '.join(TRAIN_PRECISIONS)}): gguf keeps the GGUF's "
+        "own quantized blocks and trains on exactly the weights llama.cpp runs (about the "
+        "file's size in memory); nf4 re-quantizes to QLoRA's NF4 (bitsandbytes); fp32 is "
+        "the dequantized reference (8x a 4-bit file's weight memory). See README.",
         rich_help_panel=_TRAINING,
     ),
 ]

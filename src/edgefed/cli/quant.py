@@ -9,6 +9,7 @@ import typer
 
 from edgefed.cli.options import BaseOption, JsonOption, ThreadsOption
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.runtime.quantize import QUANT_TYPES
 
 app = typer.Typer(help="Convert and quantize models and adapters.", no_args_is_help=True)
 
@@ -53,9 +54,7 @@ def requantize(
     output: OutputArg,
     quant_type: Annotated[
         str,
-        typer.Option(
-            "--type", help="q4_0, q4_1, q4_k_m, q5_0, q5_k_m, q6_k, q8_0, f16, bf16 or f32."
-        ),
+        typer.Option("--type", help=f"One of {', '.join(QUANT_TYPES)}."),
     ] = "q8_0",
     threads: ThreadsOption = None,
     as_json: JsonOption = False,

@@ -258,6 +258,7 @@ def _drive_rounds(
         ):
             display.status("checking the store, this device's registration and its data")
             check_ready(store, ws)
+            loaded.check_trainable()
             failures = 0
             loaded.on_status = display.status  # the first use builds the runtime's cache
             while count is None or len(reports) < count:

@@ -188,6 +188,7 @@ def simulate(
             transient=True,
         ) as bar,
     ):
+        loaded.check_trainable()  # before any workspace or store is made
         task = bar.add_task("starting", total=None)
         results = run_simulation(
             client_set,

@@ -1,4 +1,5 @@
-"""Base models and adapters as files: GGUF inspection, HF -> GGUF, PEFT LoRA -> GGUF LoRA, NF4 copy.
+"""Base models and adapters as files: GGUF inspection, HF -> GGUF, PEFT LoRA -> GGUF LoRA, the
+training copies (the GGUF's own blocks, NF4, fp32).
 
 Nothing here runs a model; llama.cpp itself is reached only through `edgefed.runtime`.
 """

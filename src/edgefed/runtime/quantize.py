@@ -35,9 +35,14 @@ QUANT_TYPES: dict[str, str] = {
     "q6_k": "MOSTLY_Q6_K",
     "q5_k_m": "MOSTLY_Q5_K_M",
     "q5_0": "MOSTLY_Q5_0",
+    "q5_k_s": "MOSTLY_Q5_K_S",
+    "q5_1": "MOSTLY_Q5_1",
     "q4_k_m": "MOSTLY_Q4_K_M",
+    "q4_k_s": "MOSTLY_Q4_K_S",
     "q4_1": "MOSTLY_Q4_1",
     "q4_0": "MOSTLY_Q4_0",
+    "q3_k_m": "MOSTLY_Q3_K_M",
+    "iq4_xs": "MOSTLY_IQ4_XS",
 }
 
 

@@ -131,11 +131,13 @@ class BatchOrder:
 def _batch_tensors(tokens: np.ndarray, device):
     import torch
 
+    from edgefed.train.loss import IGNORE
+
     ids = torch.from_numpy(tokens.astype(np.int64))
     padding = ids == PAD
     input_ids = ids.masked_fill(padding, 0).to(device)
     attention_mask = (~padding).long().to(device)
-    labels = ids.masked_fill(padding, -100).to(device)
+    labels = ids.masked_fill(padding, IGNORE).to(device)
     return input_ids, attention_mask, labels
 
 
@@ -157,6 +159,8 @@ def train_steps(
     TrainingError when the loss stops being finite.
     """
     import torch
+
+    from edgefed.train.loss import causal_lm_loss
 
     device = next(p for p in model.parameters() if p.requires_grad).device
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -201,7 +205,7 @@ def train_steps(
             if count == 0:
                 continue
             input_ids, attention_mask, labels = _batch_tensors(tokens, device)
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss = causal_lm_loss(model, input_ids, attention_mask, labels)
             (loss * (count / step_tokens)).backward()
             step_loss += float(loss.detach()) * count / step_tokens
         if not math.isfinite(step_loss):

@@ -176,6 +176,7 @@ def train_adapter(
     # nothing else writes into a run folder while its run goes on
     remove_leftovers(run.root)
     loaded.device  # noqa: B018 - an unavailable device is refused before any work
+    loaded.check_trainable()
     spec, start_tensors = _resolve_lora(
         lora, Path(from_adapter) if from_adapter else None, loaded.fingerprint
     )

@@ -1,0 +1,264 @@
+"""The training copies of a GGUF base: PyTorch models that LoRA trains on.
+
+Three copies, one builder:
+
+- "gguf": every matrix stays in memory as the file's own quantized blocks and is dequantized
+  on the fly in forward and backward (`gguf_layers`), so the frozen base costs about the
+  GGUF's size and computes exactly the values llama.cpp dequantizes: the adapter is trained on
+  the weights it will be used with.
+- "nf4": QLoRA's 4-bit NF4 layers (bitsandbytes), the standard path from a Hugging Face
+  folder; on an already 4-bit GGUF it is a second rounding onto another grid (`nf4`).
+- "fp32": the dequantized weights in float32, the reference (8x a 4-bit file's memory).
+
+transformers can load a GGUF (`gguf_file=`), but it dequantizes the whole file into a float32
+state dict and builds the model beside it, and cannot combine that with bitsandbytes. So the
+model is built on the meta device and the file is streamed one tensor at a time, read with
+plain file I/O from the entries `read_base_info` recorded (a GGUF reader alone costs ~180 MB
+of Python objects on a 49k vocabulary), largest tensor first: at most one tensor's raw bytes
+are alive beside what is already placed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from edgefed.errors import ModelFormatError
+from edgefed.quant.gguf_blocks import SUPPORTED_TYPES, TYPE_NAMES, split_blocks, type_name
+from edgefed.quant.gguf_file import (
+    BaseInfo,
+    TensorEntry,
+    read_base_info,
+    read_tensor_bytes,
+    resolve_base,
+)
+from edgefed.quant.hf_convert import unpermute_for_rope
+
+PRECISIONS = ("gguf", "nf4", "fp32")
+# modules kept in float by NF4: embeddings are small next to the layers, and sensitive
+KEEP_FLOAT = ("embed_tokens", "lm_head")
+
+
+def hf_config_for(info: BaseInfo):
+    """A transformers config equivalent to the GGUF base's hyper-parameters."""
+    import gguf
+    from transformers import LlamaConfig, Qwen2Config
+
+    arch = info.architecture
+
+    def value(key: str, default=None):
+        return info.hparams.get(key.format(arch=arch), default)
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    head_dim = value(gguf.Keys.Attention.KEY_LENGTH) or info.n_embd // info.n_head
+    return config_class(
+        vocab_size=info.vocab_size,
+        hidden_size=info.n_embd,
+        intermediate_size=int(value(gguf.Keys.LLM.FEED_FORWARD_LENGTH)),
+        num_hidden_layers=info.n_layers,
+        num_attention_heads=info.n_head,
+        num_key_value_heads=info.n_head_kv,
+        head_dim=int(head_dim),
+        max_position_embeddings=info.context_length,
+        rms_norm_eps=float(value(gguf.Keys.Attention.LAYERNORM_RMS_EPS, 1e-6)),
+        rope_theta=float(value(gguf.Keys.Rope.FREQ_BASE, 10000.0)),
+        tie_word_embeddings="output.weight" not in info.tensor_shapes,
+        bos_token_id=value(gguf.Keys.Tokenizer.BOS_ID),
+        eos_token_id=value(gguf.Keys.Tokenizer.EOS_ID),
+    )
+
+
+def empty_model(config):
+    """The model on the meta device: its structure, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def finish(model):
+    """Re-create buffers that lived on meta (RoPE frequencies), tie the head, freeze, eval."""
+    import torch
+
+    from edgefed.quant.gguf_layers import GGUFEmbedding, GGUFLinear
+
+    rotary = model.model.rotary_emb
+    with torch.device("cpu"):
+        model.model.rotary_emb = type(rotary)(config=model.config)
+    if model.config.tie_word_embeddings:
+        embedding = model.model.embed_tokens
+        if isinstance(embedding, GGUFEmbedding):  # one set of blocks serves both
+            model.lm_head = GGUFLinear(embedding.blocks, embedding.embedding_dim, None)
+        else:
+            model.lm_head.weight = embedding.weight
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise ModelFormatError(
+            f"the base has no weights for {', '.join(leftover[:3])}",
+            "the file lacks tensors its architecture needs: convert or download it again",
+        )
+    return model.eval()
+
+
+def set_float(model, name: str, tensor) -> None:
+    import torch
+
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def dequantize(raw: np.ndarray, entry: TensorEntry, rows_per_chunk: int = 2048) -> np.ndarray:
+    """A tensor's raw bytes as float32 in the model's shape, a slab of rows at a time.
+
+    gguf's numpy dequantizers allocate several float copies of their input; on the 28M-value
+    embedding that alone was 450 MB. Slabs keep those temporaries small.
+    """
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(entry.type)
+    out = np.empty(tuple(reversed(entry.shape)), dtype=np.float32)
+    flat = out.reshape(raw.shape[0], -1)
+    for start in range(0, raw.shape[0], rows_per_chunk):
+        slab = raw[start : start + rows_per_chunk]
+        flat[start : start + len(slab)] = gguf.quants.dequantize(slab, qtype).reshape(len(slab), -1)
+    return out
+
+
+def _rope_rows(info: BaseInfo, entry: TensorEntry) -> np.ndarray | None:
+    """llama.cpp stores Llama's q/k rows permuted for its RoPE; the order that undoes it."""
+    if info.architecture != "llama":
+        return None
+    heads = {".attn_q.": info.n_head, ".attn_k.": info.n_head_kv}
+    for marker, n_head in heads.items():
+        if marker in entry.name:
+            return unpermute_for_rope(np.arange(int(np.prod(entry.shape[1:]))), n_head)
+    return None
+
+
+def check_block_types(info: BaseInfo) -> None:
+    """Refuse, before anything is read, a base with a matrix the gguf copy cannot keep."""
+    for entry in info.tensors:
+        if len(entry.shape) > 1 and entry.type not in TYPE_NAMES:
+            raise ModelFormatError(
+                f"base tensor {entry.name} is {type_name(entry.type)}, which the gguf training "
+                f"copy cannot train on (supported: {', '.join(SUPPORTED_TYPES)})",
+                "train with --precision fp32 (exact values, 8x the weight memory) or nf4, or "
+                "requantize the base: `edgefed quant requantize BASE -o OUT --type q4_k_m`",
+            )
+
+
+def _tensor_places(model, info: BaseInfo) -> dict[str, str]:
+    """GGUF tensor name -> parameter name in the transformers model."""
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[info.architecture.upper()], info.n_layers)
+    places: dict[str, str] = {}
+    for hf_name, _ in model.named_parameters():
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is not None:
+            places[gguf_name] = hf_name
+    return places
+
+
+def _place_blocks(model, hf_name: str, raw: np.ndarray, entry: TensorEntry, order, buffers) -> None:
+    """Put a matrix into the model as a GGUF layer over its own blocks."""
+    import torch
+
+    from edgefed.quant.gguf_layers import GGUFBlocks, GGUFEmbedding, GGUFLinear
+
+    fields = split_blocks(raw, entry.type)
+    if order is not None:  # whole rows move, blocks untouched: exact
+        index = torch.from_numpy(order)
+        fields = {name: tensor[index].contiguous() for name, tensor in fields.items()}
+    blocks = GGUFBlocks(entry.type, fields, entry.shape[0], buffers)
+    parent_name, _, child = hf_name.removesuffix(".weight").rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    if isinstance(old, torch.nn.Embedding):
+        setattr(parent, child, GGUFEmbedding(blocks, entry.shape[0]))
+    else:
+        setattr(parent, child, GGUFLinear(blocks, entry.shape[0], old.bias))
+
+
+def build_training_model(base: str | os.PathLike[str] | None = None, precision: str = "gguf"):
+    """Stream a GGUF base into a PyTorch model in `precision` (see the module docstring)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ModelFormatError(
+            f"unknown precision '{precision}'", f"choose one of {', '.join(PRECISIONS)}"
+        )
+    base_path = resolve_base(base)
+    info = read_base_info(base_path)
+    if precision == "gguf":
+        check_block_types(info)
+    model = empty_model(hf_config_for(info))
+    if precision == "nf4":
+        from edgefed.quant.nf4 import replace_linears, set_nf4
+
+        replace_linears(model)
+    places = _tensor_places(model, info)
+    from edgefed.quant.gguf_layers import DequantBuffers
+
+    buffers = DequantBuffers()
+    for entry in sorted(info.tensors, key=lambda e: -e.n_bytes):
+        hf_name = places.get(entry.name)
+        if hf_name is None:
+            if entry.name == "output.weight" or entry.name.startswith("rope_"):
+                continue
+            raise ModelFormatError(
+                f"base tensor {entry.name} has no place in the model",
+                "use a base of a supported architecture (`edgefed base show` checks one)",
+            )
+        raw = read_tensor_bytes(base_path, entry)
+        order = _rope_rows(info, entry)
+        if precision == "gguf" and len(entry.shape) > 1:
+            _place_blocks(model, hf_name, raw, entry, order, buffers)
+            continue
+        array = dequantize(raw, entry)
+        del raw
+        if order is not None:
+            array = array[order]
+        weight = torch.from_numpy(np.ascontiguousarray(array))
+        if precision == "nf4" and _is_nf4_weight(model, hf_name):
+            set_nf4(model, hf_name, weight)
+        else:
+            set_float(model, hf_name, weight)
+    return finish(model)
+
+
+def _is_nf4_weight(model, hf_name: str) -> bool:
+    import bitsandbytes as bnb
+
+    module = model.get_submodule(hf_name.rpartition(".")[0])
+    return isinstance(module, bnb.nn.Linear4bit) and hf_name.endswith(".weight")
+
+
+def load_training_copy(base: str | os.PathLike[str] | None, precision: str):
+    """The training copy of `base` in `precision`; NF4 comes from its cache when it can."""
+    if precision == "nf4":
+        from edgefed.quant.nf4 import load_training_model
+
+        return load_training_model(base)
+    return build_training_model(base, precision)
+
+
+def frozen_weight_bytes(model) -> int:
+    """Memory the frozen base's weights take in the copy (LoRA tensors excluded)."""
+    from edgefed.quant.gguf_layers import GGUFBlocks
+
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, GGUFBlocks) and id(module) not in seen:
+            seen.add(id(module))
+            total += module.memory_bytes()
+    for name, parameter in model.named_parameters():
+        if "lora_" not in name and id(parameter) not in seen:
+            seen.add(id(parameter))
+            total += parameter.numel() * parameter.element_size()
+    return total

@@ -1,0 +1,107 @@
+"""The training loss, computed over the vocabulary a slice of the output head at a time.
+
+A causal LM's loss needs, for every position, logits over the whole vocabulary: at 4 x 256
+tokens on a 49k vocabulary that is a 200 MB logits tensor, and transformers' loss keeps as
+much again for its backward (log-softmax) and makes two more in it (their gradients). With a
+frozen head whose weight is quantized (the gguf copy), the float head itself (108 MiB on the
+embedded base, 1.5 GB for a 128k x 3072 head) would also have to exist while the loss runs.
+
+Here the head is taken `VOCAB_SLICE` rows at a time, for all positions at once, with the
+softmax kept online as flash attention keeps it: a running maximum and sum per position, and
+the hidden-state gradient accumulated as the softmax-weighted sum of the head's rows,
+rescaled when the maximum moves. One pass over the head gives the loss and its gradient with
+respect to the hidden states (made in forward: the loss is a scalar, so backward only brings
+a factor); no logits outlive their slice, no float head exists, no matmul is added, and a
+quantized head is dequantized once per step. The result is transformers' loss up to float
+summation order, and the same gradient (tested).
+
+A head that is not a plain frozen projection (a LoRA on `lm_head`) is left to transformers'
+own loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # transformers' ignore_index: padding and the last position's target
+# rows of the head per slice: 8 MB of logits at 1,024 positions, 4.5 MB of float head on a
+# 576-wide model
+VOCAB_SLICE = 2048
+
+
+def _head_rows(head: torch.nn.Module):
+    """A function (start, end) -> the head's float rows, without making the whole matrix."""
+    from edgefed.quant.gguf_layers import GGUFLinear
+
+    if type(head) is GGUFLinear:
+        return head.blocks.dequantize_slice
+    if type(head) is torch.nn.Linear:
+        return lambda start, end: head.weight[start:end]
+    return None
+
+
+class _OnlineCrossEntropy(torch.autograd.Function):
+    """Sum over positions of -log softmax(hidden @ W^T + b)[target]; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, head, rows_of, targets, vocab_slice, want_grad):
+        n = hidden.shape[0]
+        vocab = head.out_features
+        bias = head.bias
+        running_max = hidden.new_full((n,), float("-inf"))
+        running_sum = hidden.new_zeros(n)
+        chosen = hidden.new_zeros(n)
+        weighted = torch.zeros_like(hidden) if want_grad else None  # sum_v p_v W_v, unnormed
+        target_rows = torch.zeros_like(hidden) if want_grad else None  # W[target]
+        valid = targets != IGNORE
+        for start in range(0, vocab, vocab_slice):
+            end = min(start + vocab_slice, vocab)
+            rows = rows_of(start, end)
+            logits = F.linear(hidden, rows, bias[start:end] if bias is not None else None)
+            inside = valid & (targets >= start) & (targets < end)
+            if inside.any():
+                where = inside.nonzero()[:, 0]
+                local = targets[where] - start
+                chosen[where] = logits[where, local]
+                if want_grad:
+                    target_rows[where] = rows[local]
+            new_max = torch.maximum(running_max, logits.max(dim=1).values)
+            rescale = torch.exp(running_max - new_max)
+            probs = logits.sub_(new_max[:, None]).exp_()
+            running_sum.mul_(rescale).add_(probs.sum(dim=1))
+            if want_grad:
+                weighted.mul_(rescale[:, None]).add_(probs @ rows)
+            running_max = new_max
+        log_norm = running_max + running_sum.log()
+        total = torch.where(valid, log_norm - chosen, 0.0).sum()
+        grad = None
+        if want_grad:
+            grad = weighted.div_(running_sum[:, None]).sub_(target_rows)
+            grad.mul_(valid[:, None])
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total if grad is not None else None), None, None, None, None, None
+
+
+def causal_lm_loss(model, input_ids, attention_mask, labels, vocab_slice: int = VOCAB_SLICE):
+    """Mean next-token cross-entropy of a (PEFT-wrapped) causal LM, as transformers defines it:
+    position t predicts labels[t + 1], IGNORE labels do not count."""
+    language_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = language_model.lm_head
+    rows_of = _head_rows(head)
+    if rows_of is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    hidden = language_model.model(
+        input_ids=input_ids, attention_mask=attention_mask
+    ).last_hidden_state
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    count = (targets != IGNORE).sum()
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    want_grad = torch.is_grad_enabled() and flat.requires_grad
+    total = _OnlineCrossEntropy.apply(flat, head, rows_of, targets, vocab_slice, want_grad)
+    return total / count.clamp(min=1)
