@@ -62,9 +62,6 @@ class DequantBuffers:
         self._holder[key] = blocks.serial
         return weight
 
-    def memory_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
 
 class GGUFBlocks(nn.Module):
     """One GGUF tensor's fields as buffers (moved by .to(), never in a state dict)."""
@@ -78,6 +75,8 @@ class GGUFBlocks(nn.Module):
         self.cols = cols
         self.buffers_for_weights = buffers
         self.names = tuple(fields)
+        self._codes_name = max(fields, key=lambda name: fields[name].numel())
+        self.rows = next(iter(fields.values())).shape[0]
         for name, tensor in fields.items():
             self.register_buffer(name, tensor, persistent=False)
 
@@ -87,11 +86,7 @@ class GGUFBlocks(nn.Module):
     @property
     def codes(self) -> torch.Tensor:
         """The largest field: the packed codes (the values for a float type)."""
-        return max(self.fields().values(), key=torch.Tensor.numel)
-
-    @property
-    def rows(self) -> int:
-        return self.codes.shape[0]
+        return getattr(self, self._codes_name)
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         return dequantize_fields(self.fields(), self.type_id, out)
