@@ -1,23 +1,23 @@
-"""Quality benchmark: does personalised trust beat local training and FedAvg on the embedded base?
+"""Quality benchmark, the regime map: where collaboration pays and where trust beats FedAvg.
 
-Runs `edgefed simulate` on both BBC splits (bbc-mixed: 5 devices, 75% of one topic + 25% of
-the next; bbc-specific: 10 devices, two per topic) with scarce local data, every trust scheme,
-over several seeds, then prints per dataset: mean ± std over seeds of the devices' mean test
-perplexity after the last round, the gain over local and FedAvg in standard deviations, and the
-clients each scheme beats local on. The paper's claim is met for a scheme when it beats both
-baselines by more than 2σ and local on at least 90% of the clients. σ is the standard deviation
-over seeds of the mean (the issue's measure); the paired σ, over the per-seed differences to the
-baseline, is printed beside it (every variant runs the same seeds).
+A device gains from its peers only when its own data is scarce for the training it gets. So
+the map runs `edgefed simulate` over a grid of data per device (--docs, documents per client)
+and training per device (--epochs, passes over its train split in total over the rounds, shared
+equally by them) for each federation (--datasets), every trust variant (--trust: local, FedAvg,
+the oracle that knows the clients' mixtures, the trust schemes at their temperatures) and
+--seeds seeds (shared init and data order; the same for every variant). For each cell it
+prints the mean over clients of the test perplexity of each device's mix after the last round
+(mean ± std over seeds), the gain over local and FedAvg with its paired σ (mean over the std of
+the per-seed differences: every variant runs the same seeds), the clients that beat local and
+the gap to the oracle; and whether the issue's target is met for the trust schemes (both
+baselines beaten by more than 2 paired σ, at least 90% of clients beating local). One plot:
+the gain over local against epochs, a panel per dataset and data size.
 
-Past the paper, on the same runs: the exact ΔW merge against the paper's factor-wise merge
-(`perplexity:merge=exact`), sharper temperatures for weights and prediction trust, and how well
-ΔW cosine (ours) and the paper's cosine over the raw A and B factors tell a device's same-topic
-twin from the others in bbc-specific. Writes one plot (mean ± std per scheme and dataset).
+    python bench/quality.py --work bench-runs/quality --datasets code-prose-mixed \\
+        --docs 10,20 --epochs 1,3,10 --seeds 3 --plot docs/regime.png
 
-    python bench/quality.py --work bench-runs/quality [--seeds 3] [--plot docs/quality.png]
-
-A finished dataset's run folder in --work is reused, so the report can be redone without
-training again. On a 2-core CPU the defaults take about 2 hours.
+A finished cell's run folder in --work is reused and the report covers every finished cell
+there, so the map can be filled in over several runs; --report-only runs nothing.
 """
 
 from __future__ import annotations
@@ -32,169 +32,160 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-# dataset: (trust variants, rounds). bbc-specific has twice the devices, and perplexity trust
-# scores every peer on every device (N² passes): one round there fits the CPU budget.
-DATASETS = {
-    "bbc-mixed": (
-        "local,fedavg,weights,prediction:t=1,perplexity,perplexity:merge=exact,"
-        "weights:t=0.1,prediction:t=0.1",
-        2,
-    ),
-    "bbc-specific": ("local,fedavg,weights,prediction:t=1,perplexity", 1),
-}
-TARGET_SCHEMES = ("perplexity", "prediction")  # prediction:t=1 is the paper's softmax
+DEFAULT_VARIANTS = (
+    "local,fedavg,oracle,perplexity:t=0.01,perplexity:se=1,perplexity:se=3,prediction:t=0.1,"
+    "prediction:se=3"
+)
+TARGET_SCHEMES = ("perplexity", "prediction")
+CELL_FILE = "cell.json"
 
 
-def run_dataset(work: Path, dataset: str, args: argparse.Namespace) -> dict:
-    """`edgefed simulate` for one dataset (reusing a finished run folder); its results."""
-    out = work / dataset
-    results_file = out / "results.json"
-    if not results_file.is_file():
-        shutil.rmtree(out, ignore_errors=True)  # an unfinished run: start it again
-        trust, rounds = DATASETS[dataset]
-        command = [
-            sys.executable, "-m", "edgefed", "simulate", "--dataset", dataset,
-            "--docs-per-client", str(args.docs_per_client), "--trust", trust,
-            "--seeds", str(args.seeds), "--rounds", str(rounds), "--out", str(out),
-        ]  # fmt: skip
-        print("$ " + " ".join(command[1:]), file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        minutes = (time.perf_counter() - started) / 60
-        print(f"{dataset}: {minutes:.1f} min", file=sys.stderr, flush=True)
-    return json.loads(results_file.read_text(encoding="utf-8"))
+def cell_dir(work: Path, dataset: str, docs: int, epochs: float) -> Path:
+    return work / dataset / f"docs-{docs}_epochs-{epochs:g}"
 
 
-def paired_sigmas(row: dict, baseline: dict) -> float | None:
-    """Mean over seeds of the baseline's minus this variant's perplexity, in standard deviations
-    of those per-seed differences: every variant runs the same seeds (init, data order), so the
-    seed-to-seed spread they share cancels."""
-    gains = [b - v for v, b in zip(row["seed_means"], baseline["seed_means"], strict=True)]
+def run_cell(folder: Path, dataset: str, docs: int, epochs: float, args) -> None:
+    """`edgefed simulate` for one cell, unless its results are there; records its minutes."""
+    if (folder / "results.json").is_file():
+        return
+    shutil.rmtree(folder / "run", ignore_errors=True)  # an unfinished run: start it again
+    command = [
+        sys.executable, "-m", "edgefed", "simulate", "--dataset", dataset,
+        "--docs-per-client", str(docs), "--epochs", f"{epochs:g}", "--rounds", str(args.rounds),
+        "--trust", args.trust, "--seeds", str(args.seeds), "--val-tokens", str(args.val_tokens),
+        "--test-tokens", str(args.test_tokens), "--out", str(folder / "run"),
+    ]  # fmt: skip
+    print("$ edgefed " + " ".join(command[3:]), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    minutes = (time.perf_counter() - started) / 60
+    os.replace(folder / "run" / "results.json", folder / "results.json")
+    cell = {"dataset": dataset, "docs": docs, "epochs": epochs, "minutes": minutes}
+    (folder / CELL_FILE).write_text(json.dumps(cell) + "\n")
+    print(f"{folder.name}: {minutes:.1f} min", file=sys.stderr, flush=True)
+
+
+def paired(row: dict, baseline: dict) -> tuple[float, float, float | None]:
+    """(mean gain, std of the per-seed gains, gain in paired σ); gains as shares of the
+    baseline's perplexity, positive when the row is better."""
+    gains = [1 - v / b for v, b in zip(row["seed_means"], baseline["seed_means"], strict=True)]
+    mean = statistics.fmean(gains)
     spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
-    return statistics.fmean(gains) / spread if spread > 0 else None
+    return mean, spread, (mean / spread if spread > 0 else None)
 
 
-def scheme_table(dataset: str, results: dict) -> list[dict]:
-    """One row per variant with the figures the README records."""
+def separation(results: dict, label: str) -> float | None:
+    """Median over devices, peers and seeds of |peer's score − own score| / its standard error
+    in the last round: how many standard errors apart the scheme's scores are."""
+    ratios = []
+    for rounds in results["runs"][label].values():
+        for device in rounds[-1]["devices"].values():
+            scores, errors = device.get("scores") or [], device.get("errors") or []
+            ratios += [abs(s - scores[0]) / e for s, e in zip(scores[1:], errors[1:], strict=False)
+                       if e]  # fmt: skip
+    return statistics.median(ratios) if ratios else None
+
+
+def cell_rows(results: dict, cell: dict) -> list[dict]:
     summary = results["summary"]
     clients = len(results["clients"])
+    epochs_done = [c["epochs"] for c in results["clients"] if c.get("epochs") is not None]
     rows = []
     for label, row in summary.items():
-        sig_local, sig_fedavg = row.get("sigmas_over_local"), row.get("sigmas_over_fedavg")
-        met = (
-            sig_local is not None
-            and sig_fedavg is not None
-            and sig_local > 2
-            and sig_fedavg > 2
-            and row["beats_local"] >= 0.9 * clients
-        )
-        rows.append(
-            {
-                "dataset": dataset,
-                "trust": label,
-                "mean": row["mean"],
-                "std": row["std"],
-                "gain_over_local": row["gain_over_local"],
-                "gain_over_fedavg": row["gain_over_fedavg"],
-                "sigmas_over_local": sig_local,
-                "sigmas_over_fedavg": sig_fedavg,
-                "paired_sigmas_over_local": paired_sigmas(row, summary["local"]),
-                "paired_sigmas_over_fedavg": paired_sigmas(row, summary["fedavg"]),
-                "beats_local": f"{row['beats_local']}/{clients}",
-                "target_met": met if label.split(":")[0] in TARGET_SCHEMES else None,
-            }
-        )
+        local = paired(row, summary["local"])
+        fedavg = paired(row, summary["fedavg"])
+        oracle = paired(row, summary["oracle"]) if "oracle" in summary else None
+        target = None
+        if label.split(":")[0] in TARGET_SCHEMES:
+            target = bool(
+                local[2] is not None and local[2] > 2
+                and fedavg[2] is not None and fedavg[2] > 2
+                and row["beats_local"] >= 0.9 * clients
+            )  # fmt: skip
+        rows.append({
+            "dataset": cell["dataset"], "docs": cell["docs"], "epochs": cell["epochs"],
+            "epochs_done": statistics.fmean(epochs_done) if epochs_done else None,
+            "train_tokens": statistics.fmean(c["train_tokens"] for c in results["clients"]),
+            "minutes": cell.get("minutes"), "seeds": results["settings"]["seeds"],
+            "trust": label, "mean": row["mean"], "std": row["std"],
+            "gain_over_local": local[0], "gain_over_local_std": local[1],
+            "paired_sigmas_over_local": local[2],
+            "gain_over_fedavg": fedavg[0], "paired_sigmas_over_fedavg": fedavg[2],
+            "gap_to_oracle": None if oracle is None else -oracle[0],
+            "beats_local": row["beats_local"], "clients": clients, "target_met": target,
+            "separation": separation(results, label),
+        })  # fmt: skip
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    header = "| dataset | trust | test ppl (mean ± std) | vs local | vs FedAvg | σ over local | "
-    header += "σ over FedAvg | paired σ over local / FedAvg | beats local | target |"
-    print(header)
-    print("|" + "---|" * 10)
-    for r in rows:
-
-        def sigmas(value):
-            return "-" if value is None else f"{value:+.1f}"
-
-        target = {None: "", True: "met", False: "not met"}[r["target_met"]]
-        print(
-            f"| {r['dataset']} | {r['trust']} | {r['mean']:.3f} ± {r['std']:.3f} | "
-            f"{r['gain_over_local']:+.2%} | {r['gain_over_fedavg']:+.2%} | "
-            f"{sigmas(r['sigmas_over_local'])} | {sigmas(r['sigmas_over_fedavg'])} | "
-            f"{sigmas(r['paired_sigmas_over_local'])} / {sigmas(r['paired_sigmas_over_fedavg'])} | "
-            f"{r['beats_local']} | {target} |"
-        )
+def finished_cells(work: Path) -> list[dict]:
+    rows = []
+    for cell_file in sorted(work.glob(f"*/*/{CELL_FILE}")):
+        cell = json.loads(cell_file.read_text())
+        results = json.loads((cell_file.parent / "results.json").read_text())
+        rows += cell_rows(results, cell)
+    return sorted(rows, key=lambda r: (r["dataset"], r["docs"], r["epochs"]))
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+def print_tables(rows: list[dict]) -> None:
+    def sigmas(value):
+        return "–" if value is None else f"{value:+.1f}"
+
+    cells = list(dict.fromkeys((r["dataset"], r["docs"], r["epochs"]) for r in rows))
+    for dataset, docs, epochs in cells:
+        key = (dataset, docs, epochs)
+        part = [r for r in rows if (r["dataset"], r["docs"], r["epochs"]) == key]
+        first = part[0]
+        done = f"{first['epochs_done']:.1f}" if first["epochs_done"] is not None else "?"
+        print(f"\n**{dataset}, {docs} documents per client ({first['train_tokens']:.0f} train "
+              f"tokens), {epochs:g} epochs ({done} done), {first['seeds']} seeds, "
+              f"{first['minutes'] or 0:.0f} min**\n")  # fmt: skip
+        print("| trust | test ppl (mean ± std) | vs local | vs FedAvg | paired σ over local / "
+              "FedAvg | beats local | gap to oracle | scores apart (SE) | target |")  # fmt: skip
+        print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+        for r in part:
+            gap = "–" if r["gap_to_oracle"] is None else f"{r['gap_to_oracle']:+.2%}"
+            target = {None: "", True: "met", False: "not met"}[r["target_met"]]
+            apart = "–" if r["separation"] is None else f"{r['separation']:.1f}"
+            print(f"| {r['trust']} | {r['mean']:.3f} ± {r['std']:.3f} | "
+                  f"{r['gain_over_local']:+.2%} | {r['gain_over_fedavg']:+.2%} | "
+                  f"{sigmas(r['paired_sigmas_over_local'])} / "
+                  f"{sigmas(r['paired_sigmas_over_fedavg'])} | "
+                  f"{r['beats_local']}/{r['clients']} | {gap} | {apart} | {target} |")  # fmt: skip
 
 
-def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    from edgefed.adapter import read_adapter_folder
-
-    return {n: t.float() for n, t in read_adapter_folder(run_dir)[1].items()}
-
-
-def similarity_check(work: Path, results: dict) -> dict:
-    """For each device of bbc-specific and seed: is its same-topic twin its most similar peer,
-    by ΔW cosine (ours) and by the paper's cosine over the flattened A and B factors?"""
-    from edgefed.trust.similarity import delta_cosine
-
-    clients = [c["name"] for c in results["clients"]]
-    topic = {c["name"]: max(c["mixture"], key=c["mixture"].get) for c in results["clients"]}
-    found = {"delta_w": 0, "factors": 0, "devices": 0}
-    gaps = {"delta_w": [], "factors": []}
-    for seed in range(results["settings"]["seeds"]):
-        folder = work / "bbc-specific" / "federations" / "local" / f"seed-{seed}" / "devices"
-        adapters = {c: _adapter(folder / c / "rounds/0/train") for c in clients}
-        flat = {c: torch.cat([t.flatten() for _, t in sorted(a.items())])
-                for c, a in adapters.items()}  # fmt: skip
-        for me in clients:
-            peers = [c for c in clients if c != me]
-            twin = [c for c in peers if topic[c] == topic[me]]
-            measures = {
-                "delta_w": {p: delta_cosine(adapters[me], adapters[p]) for p in peers},
-                "factors": {p: _cosine(flat[me], flat[p]) for p in peers},
-            }
-            for name, scores in measures.items():
-                found[name] += max(scores, key=scores.get) in twin
-                others = [s for p, s in scores.items() if p not in twin]
-                gaps[name].append(min(scores[t] for t in twin) - max(others))
-            found["devices"] += 1
-    return {
-        "twin_ranked_first": {k: found[k] for k in ("delta_w", "factors")},
-        "devices": found["devices"],
-        "mean_margin": {k: sum(v) / len(v) for k, v in gaps.items()},
-    }
-
-
-def write_plot(all_rows: list[dict], path: Path) -> None:
+def write_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = list(dict.fromkeys(r["dataset"] for r in all_rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        rows = [r for r in all_rows if r["dataset"] == dataset]
-        ax.bar(
-            range(len(rows)),
-            [r["mean"] for r in rows],
-            yerr=[r["std"] for r in rows],
-            capsize=4,
-            color=["#999999" if r["trust"] in ("local", "fedavg") else "#3b75af" for r in rows],
-        )
-        low = min(r["mean"] - r["std"] for r in rows)
-        high = max(r["mean"] + r["std"] for r in rows)
-        ax.set_ylim(low - 0.3 * (high - low), high + 0.2 * (high - low))
-        ax.set_xticks(range(len(rows)), [r["trust"] for r in rows], rotation=35, ha="right")
-        ax.set_ylabel("test perplexity after the last round")
-        ax.set_title(f"{dataset} (mean ± std over seeds)")
+    panels = list(dict.fromkeys((r["dataset"], r["docs"]) for r in rows))
+    datasets = list(dict.fromkeys(d for d, _ in panels))
+    columns = max(sum(d == dataset for d, _ in panels) for dataset in datasets)
+    fig, axes = plt.subplots(len(datasets), columns, figsize=(4.2 * columns, 3.4 * len(datasets)),
+                             squeeze=False, sharey="row")  # fmt: skip
+    for i, dataset in enumerate(datasets):
+        for j, docs in enumerate(d for ds, d in panels if ds == dataset):
+            ax = axes[i][j]
+            part = [r for r in rows if r["dataset"] == dataset and r["docs"] == docs]
+            for label in dict.fromkeys(r["trust"] for r in part):
+                if label == "local":
+                    continue
+                line = sorted((r for r in part if r["trust"] == label), key=lambda r: r["epochs"])
+                ax.errorbar([r["epochs"] for r in line],
+                            [100 * r["gain_over_local"] for r in line],
+                            yerr=[100 * r["gain_over_local_std"] for r in line], marker="o",
+                            capsize=3, label=label,
+                            linestyle="--" if label in ("fedavg", "oracle") else "-")  # fmt: skip
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel("epochs per device (over all rounds)")
+            ax.set_title(f"{dataset}, {docs} documents per client", fontsize="small")
+        axes[i][0].set_ylabel("test perplexity gain over local (%)")
+        for j in range(sum(d == dataset for d, _ in panels), columns):
+            axes[i][j].axis("off")
+    axes[0][0].legend(fontsize="x-small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
@@ -205,35 +196,33 @@ def write_plot(all_rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="run folders, reused when done")
-    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--work", type=Path, required=True, help="cells' run folders, reused")
+    parser.add_argument("--datasets", default="code-prose-mixed,bbc-mixed")
+    parser.add_argument("--docs", default="10,20,60", help="documents per client")
+    parser.add_argument("--epochs", default="1,3,10", help="epochs per device, all rounds")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--docs-per-client", type=int, default=60)
-    parser.add_argument("--plot", type=Path, help="write the bar chart here")
-    parser.add_argument("--json", type=Path, help="write the tables here")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--trust", default=DEFAULT_VARIANTS)
+    parser.add_argument("--val-tokens", type=int, default=1024)
+    parser.add_argument("--test-tokens", type=int, default=1024)
+    parser.add_argument("--report-only", action="store_true", help="run nothing, report")
+    parser.add_argument("--plot", type=Path, help="write the map here")
+    parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
 
-    all_rows, report = [], {}
-    for dataset in args.datasets.split(","):
-        results = run_dataset(args.work, dataset, args)
-        all_rows += scheme_table(dataset, results)
-        if dataset == "bbc-specific":
-            report["similarity"] = similarity_check(args.work, results)
-    print_table(all_rows)
-    if "similarity" in report:
-        s = report["similarity"]
-        print(
-            f"\nsame-topic twin ranked first among 9 peers (of {s['devices']} device-seeds): "
-            f"ΔW cosine {s['twin_ranked_first']['delta_w']}, "
-            f"A/B factor cosine {s['twin_ranked_first']['factors']}; mean margin twin − best "
-            f"other: ΔW {s['mean_margin']['delta_w']:+.4f}, "
-            f"factors {s['mean_margin']['factors']:+.4f}"
-        )
+    if not args.report_only:
+        for dataset in args.datasets.split(","):
+            for docs in (int(d) for d in args.docs.split(",")):
+                for epochs in (float(e) for e in args.epochs.split(",")):
+                    folder = cell_dir(args.work, dataset, docs, epochs)
+                    run_cell(folder, dataset, docs, epochs, args)
+    rows = finished_cells(args.work)
+    print_tables(rows)
     if args.plot:
-        write_plot(all_rows, args.plot)
-        print(f"plot: {args.plot}")
+        write_plot(rows, args.plot)
+        print(f"\nplot: {args.plot}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": all_rows} | report, indent=1) + "\n")
+        args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -103,3 +103,75 @@ def test_the_help_says_where_the_run_folder_goes_by_default(monkeypatch):
     shown = run("simulate", "--help")
     assert shown.exit_code == 0
     assert "Default: simulations/DATASET-YYYYMMDD-HHMMSS" in shown.stdout, shown.stdout
+
+
+def test_code_and_prose_clients_hold_the_mixture_they_claim():
+    from edgefed.code_text import code_documents
+    from edgefed.demo_text import BBC_TOPICS, bbc_topic
+    from edgefed.simulation.clients import load_clients
+
+    code = {d.id for d in code_documents()}
+    prose = {d.id for topic in BBC_TOPICS for d in bbc_topic(topic).documents}
+    expected = {
+        "code-prose": {"code-1": {"code": 20}, "code-2": {"code": 20},
+                       "prose-1": {"prose": 20}, "prose-2": {"prose": 20}},
+        "code-prose-mixed": {"code-mix-1": {"code": 15, "prose": 5},
+                             "code-mix-2": {"code": 15, "prose": 5},
+                             "prose-mix-1": {"prose": 15, "code": 5},
+                             "prose-mix-2": {"prose": 15, "code": 5}},
+    }  # fmt: skip
+    for dataset, mixtures in expected.items():
+        client_set = load_clients(dataset, docs_per_client=20, seed=1)
+        dealt = [d.id for c in client_set.clients for d in c.documents]
+        held_out = {d.id for d in client_set.reference}
+        assert len(set(dealt)) == len(dealt) and not held_out & set(dealt)
+        assert sum(i in code for i in held_out) == sum(i in prose for i in held_out) == 10
+        for client in client_set.clients:
+            counted = {"code": sum(d.id in code for d in client.documents),
+                       "prose": sum(d.id in prose for d in client.documents)}  # fmt: skip
+            claimed = mixtures[client.name]
+            assert counted == {"code": claimed.get("code", 0), "prose": claimed.get("prose", 0)}
+            assert client.mixture == claimed
+    other_seed = load_clients("code-prose", docs_per_client=20, seed=2)
+    assert (
+        other_seed.clients[0].documents
+        != load_clients("code-prose", docs_per_client=20, seed=1).clients[0].documents
+    )
+
+
+def test_a_tiny_code_prose_simulation_shows_the_oracle_and_calibrated_trust(
+    tmp_path, tiny_llama_gguf
+):
+    out = tmp_path / "sim"
+    done = run("simulate", "--dataset", "code-prose-mixed", "--docs-per-client", 8,
+               "--trust", "local,fedavg,oracle,perplexity:se=1", "--out", out,
+               "--base", tiny_llama_gguf, *SMALL, "--json")  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert {c["name"]: c["mixture"] for c in results["clients"]} == {
+        "code-mix-1": {"code": 6, "prose": 2}, "code-mix-2": {"code": 6, "prose": 2},
+        "prose-mix-1": {"prose": 6, "code": 2}, "prose-mix-2": {"prose": 6, "code": 2},
+    }  # fmt: skip
+    same, other = 0.75**2 + 0.25**2, 2 * 0.75 * 0.25
+    row = [same, same, other, other]
+    expected = [[w / sum(row) for w in row], [w / sum(row) for w in row],
+                [w / sum(row) for w in row[::-1]], [w / sum(row) for w in row[::-1]]]  # fmt: skip
+    oracle = results["summary"]["oracle"]["trust_matrices"][0]
+    assert oracle == [pytest.approx(r, rel=1e-12) for r in expected]
+    for label, row in results["summary"].items():
+        assert math.isfinite(row["mean"]), label
+    record = json.loads(
+        (out / "federations" / "perplexity_se-1" / "seed-0" / "devices" / "code-mix-1"
+         / "rounds" / "1" / "trust.json").read_text()
+    )  # fmt: skip
+    assert record["normalization"]["se_temperature"] == 1
+    assert record["errors"][0] is None and all(e > 0 for e in record["errors"][1:])
+
+
+def test_oracle_trust_is_refused_where_no_mixture_is_known(tmp_path, tiny_llama_gguf):
+    refused = run("init", tmp_path / "store", "--base", tiny_llama_gguf, "--trust", "oracle")
+    assert_one_line_error(refused, "only a simulation has")
+    assert not (tmp_path / "store").exists()
+    both = run("init", tmp_path / "store", "--base", tiny_llama_gguf, "--temperature", "0.1",
+               "--se-temperature", "1")  # fmt: skip
+    assert_one_line_error(both, "both given")

@@ -7,10 +7,12 @@ import torch
 from conftest import random_adapter
 
 from edgefed.adapter import LoraSpec, save_lora_tensors
-from edgefed.errors import DataError
+from edgefed.errors import ConfigError, DataError
 from edgefed.trust.merge import merge_exact, merge_factors
+from edgefed.trust.noise import PERPLEXITY_NOISE_FLOOR, paired_standard_error
 from edgefed.trust.normalize import trust_row
 from edgefed.trust.schemes import SCHEMES, Normalization, TrustInputs, compute_trust
+from edgefed.trust.settings import TrustSettings
 from edgefed.trust.similarity import delta_cosine
 
 
@@ -27,6 +29,73 @@ def test_rows_sum_to_one_keep_self_and_honour_top_k_threshold_and_temperature():
     with pytest.raises(ValueError, match="temperature"):
         trust_row(scores, 0, temperature=0)
     assert trust_row([-1.0, float("nan"), float("-inf"), -2.0], 0)[1:3] == [0.0, 0.0]
+
+
+def test_a_temperature_in_standard_errors_scales_each_difference_by_its_own_error():
+    scores = [-2.0, -1.9, -1.0, -2.5]  # own, then three peers
+    errors = [None, 0.1, 0.5, 0.05]
+    row = trust_row(scores, 0, temperature=2.0, errors=errors)
+    z = [0.0, 0.1 / 0.1, 1.0 / 0.5, -0.5 / 0.05]
+    expected = torch.softmax(torch.tensor(z, dtype=torch.float64) / 2.0, 0).tolist()
+    assert row == pytest.approx(expected, rel=1e-12)
+    kept = trust_row(scores, 0, temperature=2.0, errors=errors, top_k=2)  # by raw score
+    kept_total = row[0] + row[2]
+    assert kept == pytest.approx([row[0] / kept_total, 0, row[2] / kept_total, 0])
+    with pytest.raises(ValueError, match="standard error"):
+        trust_row(scores, 0, errors=[None, 0.1, 0.0, 0.1])
+
+
+def test_the_paired_standard_error_follows_the_noise_and_its_correlation():
+    generator = torch.Generator().manual_seed(0)
+    own = torch.randn(4096, generator=generator, dtype=torch.float64).numpy() * 3
+    independent = own + torch.randn(4096, generator=generator, dtype=torch.float64).numpy()
+    error = paired_standard_error(own, independent, floor=0.0)
+    assert error == pytest.approx(1 / 64, rel=0.25)  # σ/√n of the differences, not of own
+    # the same differences held for 32 tokens at a time: 128 independent values, not 4096
+    blocky = own + torch.randn(128, generator=generator, dtype=torch.float64).repeat_interleave(
+        32).numpy()  # fmt: skip
+    assert paired_standard_error(own, blocky, floor=0.0) == pytest.approx(1 / 128**0.5, rel=0.25)
+    assert paired_standard_error(own, own, floor=PERPLEXITY_NOISE_FLOOR) == PERPLEXITY_NOISE_FLOOR
+    assert paired_standard_error(own, independent, floor=0.03) == pytest.approx(
+        (error**2 + 0.03**2) ** 0.5
+    )
+
+
+def test_the_oracle_mixes_by_the_normalised_dot_products_of_the_known_mixtures(shapes):
+    adapters = {d: random_adapter(shapes, i) for i, d in enumerate(("a", "b", "c"))}
+    mixtures = {"a": {"code": 45, "prose": 15}, "b": {"code": 3, "prose": 1},
+                "c": {"prose": 30, "code": 10}}  # fmt: skip
+    row = compute_trust("oracle", TrustInputs(own="a", adapters=adapters, mixtures=mixtures))
+    dots = [0.75 * 0.75 + 0.25 * 0.25, 0.625, 0.75 * 0.25 + 0.25 * 0.75]
+    assert row.devices == ["a", "b", "c"]
+    assert row.weights == pytest.approx([d / sum(dots) for d in dots], rel=1e-12)
+    specific = {"a": {"code": 5}, "b": {"code": 9}, "c": {"prose": 5}}
+    row = compute_trust("oracle", TrustInputs(own="c", adapters=adapters, mixtures=specific))
+    assert row.weights == [1.0, 0.0, 0.0] and row.devices[0] == "c"
+    with pytest.raises(DataError, match="known data mixture; c has none"):
+        compute_trust("oracle", TrustInputs(own="a", adapters=adapters, mixtures=specific | {
+            "c": {}}))  # fmt: skip
+
+
+def test_settings_take_one_sharpness_and_a_temperature_in_standard_errors_only_where_measured():
+    settings = TrustSettings.parse("perplexity:se=2:top-k=3")
+    assert settings.se_temperature == 2 and settings.temperature is None
+    assert TrustSettings.parse(settings.label) == settings
+    assert settings.normalization.se_temperature == 2
+    assert TrustSettings.from_federation(settings.federation_default()) == TrustSettings(
+        "perplexity", se_temperature=2
+    )
+    # a federation's se default fills a device's unset sharpness, and a fixed one replaces it
+    federation = TrustSettings("perplexity", se_temperature=3)
+    assert TrustSettings().resolved(federation).se_temperature == 3
+    resolved = TrustSettings(temperature=0.05).resolved(federation)
+    assert (resolved.temperature, resolved.se_temperature) == (0.05, None)
+    with pytest.raises(ConfigError, match="both given"):
+        TrustSettings("perplexity", temperature=0.1, se_temperature=1)
+    with pytest.raises(ConfigError, match="no standard errors"):
+        TrustSettings.parse("weights:se=1")
+    with pytest.raises(ConfigError, match="not positive"):
+        TrustSettings.parse("prediction:se=0")
 
 
 def test_local_is_bit_exact_and_fedavg_is_the_mean(shapes):
@@ -183,11 +252,46 @@ def test_perplexity_and_prediction_trust_find_the_peer_that_fits(trained_runtime
         compute_trust("prediction", no_reference)
 
 
+def test_calibrated_trust_is_uniform_on_copies_and_decisive_for_a_far_better_peer(
+    trained_runtime, tmp_path, tiny_llama_gguf
+):
+    from edgefed.quant.lora_gguf import convert_lora_to_gguf
+
+    adapters, runtime, loaded, tokens = trained_runtime
+    calibrated = Normalization(se_temperature=1.0)
+    # the own adapter three more times, each its own file, loaded on its own
+    copies = {"own": adapters["own"]} | {f"copy-{i}": adapters["own"] for i in range(3)}
+    copy_handles = {"own": loaded["own"]}
+    for name in list(copies)[1:]:
+        peft_dir = save_lora_tensors(adapters["own"], LoraSpec(rank=4), tmp_path / name)
+        gguf = convert_lora_to_gguf(peft_dir, tmp_path / f"{name}.gguf", base=tiny_llama_gguf)
+        copy_handles[name] = runtime.load_adapter(gguf)
+    for scheme in ("perplexity", "prediction"):
+        inputs = TrustInputs(own="own", adapters=copies, runtime=runtime,
+                             runtime_adapters=copy_handles, val_tokens=tokens,
+                             reference_tokens=tokens)  # fmt: skip
+        row = compute_trust(scheme, inputs, calibrated)
+        assert row.weights == pytest.approx([0.25] * 4, abs=0.02), (scheme, row)
+        assert row.errors[0] is None and all(e > 0 for e in row.errors[1:])
+
+    inputs = TrustInputs(own="own", adapters=adapters, runtime=runtime, runtime_adapters=loaded,
+                         val_tokens=tokens)  # fmt: skip
+    row = compute_trust("perplexity", inputs, calibrated)
+    assert row.weight_of("good") > 0.99 and row.weight_of("huge") < 1e-6, row
+    good = row.devices.index("good")
+    assert row.errors[good] < 0.2 * (row.scores[good] - row.scores[0])  # many errors better
+    with pytest.raises(ConfigError, match="no standard errors"):
+        compute_trust("weights", inputs, calibrated)
+
+
 def test_every_scheme_name_runs_its_own_code_and_unknown_names_fail(trained_runtime):
     adapters, runtime, loaded, tokens = trained_runtime
+    mixtures = {"own": {"x": 3, "y": 1}, "good": {"x": 1}, "noisy": {"y": 2}, "huge": {"x": 1,
+                "y": 1}}  # fmt: skip
     inputs = TrustInputs(
         own="own", adapters=adapters, train_tokens={d: 100 for d in adapters},
         runtime=runtime, runtime_adapters=loaded, val_tokens=tokens, reference_tokens=tokens,
+        mixtures=mixtures,
     )  # fmt: skip
     rows = {name: compute_trust(name, inputs, Normalization(temperature=0.5)) for name in SCHEMES}
     assert {name: row.scheme for name, row in rows.items()} == {n: n for n in SCHEMES}

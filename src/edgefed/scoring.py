@@ -10,7 +10,7 @@ Both runtimes use this one function, so their perplexities are comparable token 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -41,6 +41,13 @@ class PerplexityResult:
     tokens_scored: int
     tokens_evaluated: int
     seconds: float
+    # each scored token's negative log-likelihood, in text order: trust compares two adapters
+    # token by token (their paired standard error); None where only the summary was kept
+    token_nlls: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def summary(self) -> dict:
+        """The scalar fields, as a cache or a record keeps them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "token_nlls"}
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,6 +66,7 @@ class PerplexityResult:
             tokens_scored=len(logprobs),
             tokens_evaluated=sum(w.end - w.start for w in windows(n_tokens, window, stride)),
             seconds=seconds,
+            token_nlls=-logprobs.astype(np.float64),
         )
 
 

@@ -37,7 +37,12 @@ from edgefed.device.federation import (
     DEFAULT_WAIT_SECONDS,
     DEFAULT_WARMUP_STEPS,
 )
-from edgefed.trust.schemes import DEFAULT_SCHEME, schemes_help, temperatures_help
+from edgefed.trust.schemes import (
+    DEFAULT_SCHEME,
+    schemes_help,
+    temperatures_help,
+    trust_scheme,
+)
 
 
 @user_errors
@@ -89,6 +94,14 @@ def init(
             show_default=False,
         ),
     ] = None,
+    se_temperature: Annotated[
+        float | None,
+        typer.Option(
+            help="Or a default temperature in standard errors of each peer's paired score "
+            "difference (perplexity, prediction; see README).",
+            show_default=False,
+        ),
+    ] = None,
     federation_id: Annotated[
         str | None, typer.Option("--id", help="Federation id. Default: a random one.")
     ] = None,
@@ -98,6 +111,7 @@ def init(
     """Create a federation in an empty store: base fingerprint, LoRA config, schedule."""
     from edgefed.adapter import LoraSpec
     from edgefed.device.federation import init_federation
+    from edgefed.errors import ConfigError
     from edgefed.sync.backends import open_store
     from edgefed.trust.settings import TrustSettings
 
@@ -108,7 +122,12 @@ def init(
         targets=LoraSpec.parse_targets(targets),
         init_seed=init_seed,
     )
-    defaults = TrustSettings(scheme=trust, temperature=temperature)
+    if trust_scheme(trust).needs_mixtures:
+        raise ConfigError(
+            f"{trust} trust needs every device's known data mixture, which only a simulation has",
+            "choose another --trust for a federation",
+        )
+    defaults = TrustSettings(scheme=trust, temperature=temperature, se_temperature=se_temperature)
     with open_store(store, token=store_token(token_file)) as opened:
         federation = init_federation(
             opened,

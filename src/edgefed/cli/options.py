@@ -154,6 +154,17 @@ TemperatureOption = Annotated[
         rich_help_panel=_TRUST,
     ),
 ]
+SeTemperatureOption = Annotated[
+    float | None,
+    typer.Option(
+        "--se-temperature",
+        help="Softmax temperature in standard errors instead: each peer's score difference to "
+        "yours is divided by its measured standard error (paired, per token), so noise cannot "
+        "make a row one-hot and a clear difference still can (perplexity, prediction).",
+        show_default=False,
+        rich_help_panel=_TRUST,
+    ),
+]
 TopKOption = Annotated[
     int | None,
     typer.Option(

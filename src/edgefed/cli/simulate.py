@@ -24,14 +24,16 @@ from edgefed.cli.options import (
     store_token,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
-from edgefed.loaded_base import DEFAULT_PRECISION
+from edgefed.errors import ConfigError
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 from edgefed.simulation.run import (
     DEFAULT_SIMULATION_DEVICE,
+    DEFAULT_SIMULATION_PRECISION,
     DEFAULT_VARIANTS,
     DEMO_TEST_TOKENS,
     DEMO_TRAIN,
     DEMO_VAL_TOKENS,
+    SimulationSettings,
 )
 from edgefed.trust.schemes import SCHEMES
 
@@ -45,8 +47,10 @@ def simulate(
     dataset: Annotated[
         str | None,
         typer.Option(
-            help="bbc-specific (10 clients, half a topic each) or bbc-mixed (5 clients, 75% "
-            "one topic + 25% the next). Default: bbc-mixed.",
+            help="bbc-specific (10 clients, half a topic each), bbc-mixed (5 clients, 75% "
+            "one topic + 25% the next), code-prose (4 clients: 2 of Python code from this "
+            "Python's standard library, 2 of BBC prose) or code-prose-mixed (4 clients, 75% "
+            "code + 25% prose or the reverse). Default: bbc-mixed.",
             show_default=False,
             rich_help_panel=_DATA,
         ),
@@ -78,8 +82,9 @@ def simulate(
         str,
         typer.Option(
             help=f"Trust variants to compare, comma-separated: {', '.join(SCHEMES)}, each "
-            "optionally with :t=T :top-k=K :threshold=X :merge=exact (e.g. "
-            "perplexity:t=0.05:merge=exact).",
+            "optionally with :t=T (temperature) or :se=Z (temperature in standard errors), "
+            ":top-k=K :threshold=X :merge=exact (e.g. perplexity:se=2:merge=exact). oracle "
+            "mixes by the clients' known mixtures: the reference no device could compute.",
             rich_help_panel=_FEDERATION,
         ),
     ] = DEFAULT_VARIANTS,
@@ -94,13 +99,36 @@ def simulate(
     rounds: Annotated[
         int, typer.Option(help="Rounds per federation.", min=1, rich_help_panel=_FEDERATION)
     ] = 2,
+    epochs: Annotated[
+        float | None,
+        typer.Option(
+            help="Training per device, in epochs of its train split over all rounds (the "
+            "clients' mean), shared equally by the rounds; sets the steps below.",
+            min=0.01,
+            show_default=False,
+            rich_help_panel=_FEDERATION,
+        ),
+    ] = None,
     warmup_steps: Annotated[
-        int, typer.Option(help="Local steps of round 0.", min=0, rich_help_panel=_FEDERATION)
-    ] = 8,
+        int | None,
+        typer.Option(
+            help=f"Local steps of round 0 (instead of --epochs). Default: "
+            f"{SimulationSettings.warmup_steps}.",
+            min=0,
+            show_default=False,
+            rich_help_panel=_FEDERATION,
+        ),
+    ] = None,
     round_steps: Annotated[
-        int,
-        typer.Option(help="Local steps of every later round.", min=1, rich_help_panel=_FEDERATION),
-    ] = 4,
+        int | None,
+        typer.Option(
+            help=f"Local steps of every later round (instead of --epochs). Default: "
+            f"{SimulationSettings.round_steps}.",
+            min=1,
+            show_default=False,
+            rich_help_panel=_FEDERATION,
+        ),
+    ] = None,
     store: Annotated[
         str | None,
         typer.Option(
@@ -110,7 +138,7 @@ def simulate(
         ),
     ] = None,
     token_file: TokenFileOption = None,
-    precision: PrecisionOption = DEFAULT_PRECISION,
+    precision: PrecisionOption = DEFAULT_SIMULATION_PRECISION,
     device: DeviceOption = DEFAULT_SIMULATION_DEVICE,
     seq_len: SeqLenOption = DEMO_TRAIN.seq_len,
     batch_size: BatchSizeOption = DEMO_TRAIN.batch_size,
@@ -151,18 +179,23 @@ def simulate(
     from edgefed.loaded_base import LoadedBase
     from edgefed.simulation.clients import load_clients
     from edgefed.simulation.report import write_plots
-    from edgefed.simulation.run import SimulationSettings
     from edgefed.simulation.run import simulate as run_simulation
     from edgefed.train.loop import TrainConfig
     from edgefed.trust.settings import parse_variants
 
+    if epochs is not None and (warmup_steps is not None or round_steps is not None):
+        raise ConfigError(
+            "--epochs and --warmup-steps/--round-steps both set the training",
+            "give --epochs, or the steps",
+        )
     client_set = load_clients(dataset, clients, docs_per_client=docs_per_client)
     settings = SimulationSettings(
         variants=parse_variants(trust),
         seeds=seeds,
         rounds=rounds,
-        warmup_steps=warmup_steps,
-        round_steps=round_steps,
+        warmup_steps=SimulationSettings.warmup_steps if warmup_steps is None else warmup_steps,
+        round_steps=round_steps or SimulationSettings.round_steps,
+        epochs=epochs,
         round_options=RoundOptions(
             train=TrainConfig(seq_len=seq_len, batch_size=batch_size, learning_rate=lr),
             test_tokens=test_tokens or None,
@@ -211,8 +244,12 @@ def simulate(
 
 
 def _print_clients(client_set) -> None:
-    table = Table("client", "documents", "mixture", title=f"clients ({client_set.dataset})",
-                  title_justify="left")  # fmt: skip
+    from edgefed.code_text import code_source_name
+
+    title = f"clients ({client_set.dataset})"
+    if client_set.dataset.startswith("code-prose"):
+        title += f": code from the {code_source_name()}, prose from BBC News"
+    table = Table("client", "documents", "mixture", title=title, title_justify="left")
     for client in client_set.clients:
         total = len(client.documents)
         mixture = ", ".join(f"{label} {n / total:.0%}" for label, n in client.mixture.items())

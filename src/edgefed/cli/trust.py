@@ -14,6 +14,7 @@ from edgefed.cli.options import (
     JsonOption,
     MergeOption,
     RuntimeQuantOption,
+    SeTemperatureOption,
     TemperatureOption,
     ThreadsOption,
     ThresholdOption,
@@ -43,6 +44,7 @@ def aggregate(
     ],
     trust: TrustOption = None,
     temperature: TemperatureOption = None,
+    se_temperature: SeTemperatureOption = None,
     top_k: TopKOption = None,
     threshold: ThresholdOption = None,
     merge: MergeOption = DEFAULT_MERGE,
@@ -62,6 +64,7 @@ def aggregate(
     settings = TrustSettings(
         scheme=trust,
         temperature=temperature,
+        se_temperature=se_temperature,
         top_k=top_k,
         threshold=threshold,
         merge=merge,

@@ -12,7 +12,7 @@ its test split: the text that picks the weights must not be the text that report
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,6 +90,7 @@ def aggregate_round(
     trust: TrustSettings | None = None,
     *,
     val_tokens: int | None = DEFAULT_VAL_TOKENS,
+    mixtures: Mapping[str, Mapping[str, float]] | None = None,
     on_progress: Callable[[ScoreProgress], None] | None = None,
 ) -> AggregateResult:
     """Compute this device's trust row for the round and write the mixed adapter.
@@ -122,7 +123,9 @@ def aggregate_round(
         )
     else:
         options = {"by_tokens": settings.by_tokens} if scheme.uses_train_tokens else {}
-        inputs = TrustInputs(own=me, adapters=adapters, train_tokens=train_tokens)
+        inputs = TrustInputs(
+            own=me, adapters=adapters, train_tokens=train_tokens, mixtures=mixtures
+        )
         row = compute_trust(scheme.name, inputs, settings.normalization, **options)
 
     result = MERGES[settings.merge]([adapters[d] for d in row.devices], row.weights)
@@ -145,6 +148,7 @@ def aggregate_round(
         devices=row.devices,
         scores=row.scores,
         weights=row.weights,
+        errors=row.errors or [],
         normalization=asdict(settings.normalization),
         merge=settings.merge,
         relative_error=result.relative_error,

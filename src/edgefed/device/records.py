@@ -35,6 +35,9 @@ class TrustRecord(RecordFile):
     # the round each device's mixed adapter is from (a peer's may be older: asynchronous
     # mixing); absent before it, when every adapter was of the round itself
     adapter_rounds: dict[str, int] = field(default_factory=dict)
+    # each score's standard error relative to the device's own (runtime schemes; None for
+    # itself); absent before they were measured
+    errors: list[float | None] = field(default_factory=list)
 
     def weights_by_device(self) -> dict[str, float]:
         return dict(zip(self.devices, self.weights, strict=True))

@@ -12,7 +12,7 @@ twice. The simulation runs the same steps: `until="publish"` for every device, t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from edgefed.device.aggregate import DEFAULT_VAL_TOKENS, aggregate_round
@@ -45,6 +45,9 @@ class RoundOptions:
     wait_seconds: float | None = None  # None: the federation's default wait
     test_tokens: int | None = DEFAULT_TEST_TOKENS
     val_tokens: int | None = DEFAULT_VAL_TOKENS  # trust-validation tokens scored (None: all)
+    # every device's known data mixture (label -> documents), for oracle trust: only a
+    # simulation, which dealt the data, knows them
+    mixtures: Mapping[str, Mapping[str, float]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.trust, TrustSettings):
@@ -174,6 +177,7 @@ class _Round:
             self.loaded,
             self.options.trust,
             val_tokens=self.options.val_tokens,
+            mixtures=self.options.mixtures,
             on_progress=self.on_progress,
         )
         return self.aggregate_record(self.workspace.read_trust(self.round))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 
 from edgefed.atomic import atomic_write_text
 from edgefed.home import cache_dir
@@ -72,7 +71,7 @@ class BaseScoreCache:
 
     def put(self, digest: str, stride: int, result: PerplexityResult) -> None:
         entries = self._load()
-        entries[self._key(digest, stride)] = asdict(result)
+        entries[self._key(digest, stride)] = result.summary()
         while len(entries) > MAX_ENTRIES:
             entries.pop(next(iter(entries)))
         try:

@@ -1,8 +1,11 @@
 """Who holds which text in a simulation: the BBC splits of the paper's setting, or your folders.
 
-    bbc-specific   10 clients, 2 per topic, each with half of one topic's articles
-    bbc-mixed      5 clients, client i with 75% of topic i and 25% of topic i+1
-    --clients DIR  one sub-folder of text files per client (any data a user brings)
+    bbc-specific      10 clients, 2 per topic, each with half of one topic's articles
+    bbc-mixed         5 clients, client i with 75% of topic i and 25% of topic i+1
+    code-prose        4 clients: 2 with Python code (this Python's standard library, cut into
+                      article-sized pieces), 2 with BBC articles of every topic
+    code-prose-mixed  4 clients: 2 with 75% code + 25% prose, 2 with 75% prose + 25% code
+    --clients DIR     one sub-folder of text files per client (any data a user brings)
 
 Articles are shuffled with the simulation seed before they are dealt, no article goes to two
 clients, and a few articles of every topic (one document of every client folder) are held out
@@ -18,12 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefed.atomic import atomic_write_text
+from edgefed.code_text import code_documents
 from edgefed.demo_text import BBC_TOPICS, bbc_topic
 from edgefed.documents import Document, read_documents
 from edgefed.errors import DataError, InputFileError
 
-DATASETS = ("bbc-specific", "bbc-mixed")
+DATASETS = ("bbc-specific", "bbc-mixed", "code-prose", "code-prose-mixed")
 REFERENCE_PER_TOPIC = 4
+REFERENCE_PER_KIND = 10  # code-prose: held-out documents of each kind
+DEFAULT_DOCS_PER_CLIENT = 60  # code-prose, where "all" would be thousands of documents
+MAJOR_SHARE = 0.75  # a mixed client's share of its main kind (or topic)
 MIN_CLIENT_DOCUMENTS = 6  # enough for a train, a trust-validation and a test document
 
 
@@ -107,6 +114,58 @@ def bbc_mixed(docs_per_client: int | None = None, seed: int = 0) -> ClientSet:
     return ClientSet("bbc-mixed", tuple(clients), tuple(reference))
 
 
+def _kinds(seed: int) -> tuple[dict[str, list[Document]], list[Document]]:
+    """The code and the prose (BBC, every topic) documents in a seeded order, minus the
+    held-out reference documents."""
+    kinds = {"code": code_documents(),
+             "prose": [d for topic in BBC_TOPICS for d in bbc_topic(topic).documents]}  # fmt: skip
+    reference = []
+    for kind, documents in kinds.items():
+        documents.sort(key=lambda d: d.id)
+        random.Random(f"{seed}:{kind}").shuffle(documents)
+        reference.extend(documents[:REFERENCE_PER_KIND])
+        del documents[:REFERENCE_PER_KIND]
+    return kinds, reference
+
+
+def _deal(pools: dict[str, list[Document]], recipes: list[tuple[str, dict[str, int]]]):
+    """Each (client, {kind: documents}) its documents, in pool order; none dealt twice."""
+    taken = dict.fromkeys(pools, 0)
+    clients = []
+    for name, counts in recipes:
+        documents, labels = [], []
+        for kind, count in counts.items():
+            if taken[kind] + count > len(pools[kind]):
+                raise DataError(
+                    f"the clients need more {kind} documents than the {len(pools[kind])} there are",
+                    "use a smaller --docs-per-client",
+                )
+            documents += pools[kind][taken[kind] : taken[kind] + count]
+            labels += [kind] * count
+            taken[kind] += count
+        clients.append(Client(name, tuple(documents), tuple(labels)))
+    return tuple(clients)
+
+
+def code_prose(docs_per_client: int | None = None, seed: int = 0) -> ClientSet:
+    n = docs_per_client or DEFAULT_DOCS_PER_CLIENT
+    pools, reference = _kinds(seed)
+    recipes = [(f"{kind}-{i}", {kind: n}) for kind in ("code", "prose") for i in (1, 2)]
+    return ClientSet("code-prose", _deal(pools, recipes), tuple(reference))
+
+
+def code_prose_mixed(docs_per_client: int | None = None, seed: int = 0) -> ClientSet:
+    n = docs_per_client or DEFAULT_DOCS_PER_CLIENT
+    major = round(MAJOR_SHARE * n)
+    pools, reference = _kinds(seed)
+    recipes = [
+        (f"{kind}-mix-{i}", {kind: major, other: n - major})
+        for kind, other in (("code", "prose"), ("prose", "code"))
+        for i in (1, 2)
+    ]
+    return ClientSet("code-prose-mixed", _deal(pools, recipes), tuple(reference))
+
+
 def folder_clients(root: str | Path, docs_per_client: int | None = None) -> ClientSet:
     """One client per sub-folder of `root`; the first document of each is held out."""
     root = Path(root)
@@ -165,4 +224,8 @@ def load_clients(
         return bbc_specific(docs_per_client, seed)
     if dataset == "bbc-mixed":
         return bbc_mixed(docs_per_client, seed)
+    if dataset == "code-prose":
+        return code_prose(docs_per_client, seed)
+    if dataset == "code-prose-mixed":
+        return code_prose_mixed(docs_per_client, seed)
     raise DataError(f"unknown dataset '{dataset}'", f"choose one of {', '.join(DATASETS)}")

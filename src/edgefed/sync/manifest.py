@@ -220,7 +220,7 @@ class Federation:
     lora: LoraSpec
     lora_modules: dict[str, tuple[int, ...]]
     schedule: Schedule
-    trust_default: dict  # the devices' default {"scheme", "temperature"?} (`TrustSettings`)
+    trust_default: dict  # the devices' default {"scheme", "temperature"? | "se_temperature"?}
     reference_sha256: str | None
     adapter_bytes_limit: int
     document: dict

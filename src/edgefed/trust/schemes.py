@@ -6,14 +6,18 @@
     weights      cosine similarity of each adapter's ΔW = B·A with this device's own
     fedavg       uniform weights, or proportional to training tokens
     local        this device alone (W = I)
+    oracle       the dot products of the devices' known data mixtures, normalised per row: the
+                 mix that knows the truth, a reference only a simulation can compute
 
 Scores are "higher is more trusted" and go through `trust_row` (top-k, threshold, softmax with
-temperature); fedavg and local set their weights directly. Each name is bound to its own
-`TrustScheme` record in `SCHEMES` (its function, its measured default temperature, what it
-needs, its help line: the CLI's help is generated from these records) and the row records the
-scheme that produced it: the paper's public code matched names by substring and silently ran
-one scheme under another's name. A device with no peers gets weight 1 without any scoring:
-nothing the runtime could say would change its row (its score is None).
+temperature); fedavg, local and oracle set their weights directly. The runtime schemes also record
+each peer's standard error relative to the device's own score (`trust.noise`), and with
+`se_temperature` their softmax is in units of it: sharp only where the evidence is. Each name is
+bound to its own `TrustScheme` record in `SCHEMES` (its function, its measured default sharpness,
+what it needs, its help line: the CLI's help is generated from these records) and the row records
+the scheme that produced it: the paper's public code matched names by substring and silently ran
+one scheme under another's name. A device with no peers gets weight 1 without any scoring: nothing
+the runtime could say would change its row (its score is None).
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from edgefed.errors import ConfigError, DataError
+from edgefed.trust.noise import (
+    PERPLEXITY_NOISE_FLOOR,
+    PREDICTION_NOISE_FLOOR,
+    paired_standard_error,
+)
 from edgefed.trust.normalize import trust_row
 from edgefed.trust.similarity import delta_cosine
 
@@ -43,6 +52,7 @@ class TrustInputs:
     val_tokens: np.ndarray | None = None
     reference_tokens: np.ndarray | None = None
     on_progress: Callable | None = None  # ScoreProgress events while the runtime scores
+    mixtures: Mapping[str, Mapping[str, float]] | None = None  # device -> its data's mixture
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,9 @@ class TrustRow:
     devices: list[str]
     scores: list[float | None]  # None: not scored (a device alone)
     weights: list[float]
+    # each score's standard error relative to the device's own (None for itself); runtime
+    # schemes only
+    errors: list[float | None] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,9 +76,10 @@ class TrustRow:
 
 @dataclass(frozen=True)
 class Normalization:
-    temperature: float = 1.0
+    temperature: float = 1.0  # in the scores' own units
     top_k: int | None = None
     threshold: float | None = None
+    se_temperature: float | None = None  # set: the temperature is in standard errors instead
 
 
 def _devices(inputs: TrustInputs) -> list[str]:
@@ -74,11 +88,27 @@ def _devices(inputs: TrustInputs) -> list[str]:
     return [inputs.own, *sorted(d for d in inputs.adapters if d != inputs.own)]
 
 
-def _softmax_row(name: str, devices: list[str], scores: list[float], norm: Normalization):
+def _softmax_row(
+    name: str,
+    devices: list[str],
+    scores: list[float],
+    norm: Normalization,
+    errors: list[float | None] | None = None,
+) -> TrustRow:
+    calibrated = norm.se_temperature is not None
+    if calibrated and errors is None:
+        raise ConfigError(
+            f"{name} trust has no standard errors to scale by", "use a fixed temperature (t=T)"
+        )
     weights = trust_row(
-        scores, 0, temperature=norm.temperature, top_k=norm.top_k, threshold=norm.threshold
+        scores,
+        0,
+        temperature=norm.se_temperature if calibrated else norm.temperature,
+        top_k=norm.top_k,
+        threshold=norm.threshold,
+        errors=errors if calibrated else None,
     )
-    return TrustRow(name, devices, scores, weights)
+    return TrustRow(name, devices, scores, weights, errors)
 
 
 def local_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
@@ -93,6 +123,28 @@ def fedavg_trust(inputs: TrustInputs, norm: Normalization, *, by_tokens: bool = 
     if sum(scores) <= 0:
         raise DataError("no training tokens are known for any device", "drop --by-tokens")
     return TrustRow("fedavg", devices, scores, [s / sum(scores) for s in scores])
+
+
+def oracle_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
+    """w_ij ∝ ⟨m_i, m_j⟩ over the devices' known mixtures (each normalised to proportions)."""
+    if (row := _alone("oracle", inputs)) is not None:
+        return row
+    devices = _devices(inputs)
+    mixtures = inputs.mixtures or {}
+    missing = [d for d in devices if not sum(mixtures.get(d, {}).values())]
+    if missing:
+        raise DataError(
+            f"oracle trust needs every device's known data mixture; {', '.join(missing)} has none",
+            "only `edgefed simulate` knows its clients' mixtures: choose another --trust",
+        )
+
+    def proportions(device: str) -> dict[str, float]:
+        total = sum(mixtures[device].values())
+        return {label: n / total for label, n in mixtures[device].items()}
+
+    own = proportions(inputs.own)
+    scores = [sum(p * own.get(label, 0.0) for label, p in proportions(d).items()) for d in devices]
+    return TrustRow("oracle", devices, scores, [s / sum(scores) for s in scores])
 
 
 def weight_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
@@ -132,7 +184,11 @@ def perplexity_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
     results = inputs.runtime.perplexities(
         _jobs(inputs, devices, inputs.val_tokens), task="trust row", on_progress=inputs.on_progress
     )
-    return _softmax_row("perplexity", devices, [-r.mean_nll for r in results], norm)
+    own = results[0].token_nlls
+    errors = [None] + [
+        paired_standard_error(own, r.token_nlls, PERPLEXITY_NOISE_FLOOR) for r in results[1:]
+    ]
+    return _softmax_row("perplexity", devices, [-r.mean_nll for r in results], norm, errors)
 
 
 def _top_k_distributions(top) -> list[dict[int, float]]:
@@ -144,13 +200,13 @@ def _top_k_distributions(top) -> list[dict[int, float]]:
     ]
 
 
-def total_variation(first: list[dict[int, float]], second: list[dict[int, float]]) -> float:
-    """Mean over positions of ½ Σ |p − q| over the union of both top-k supports, in [0, 1]."""
+def total_variations(first: list[dict[int, float]], second: list[dict[int, float]]) -> np.ndarray:
+    """Per position, ½ Σ |p − q| over the union of both top-k supports, in [0, 1]."""
     distances = []
     for p, q in zip(first, second, strict=True):
         support = p.keys() | q.keys()
         distances.append(0.5 * sum(abs(p.get(t, 0.0) - q.get(t, 0.0)) for t in support))
-    return float(np.mean(distances))
+    return np.asarray(distances, dtype=np.float64)
 
 
 def prediction_trust(
@@ -172,45 +228,65 @@ def prediction_trust(
         on_progress=inputs.on_progress,
     )
     tops = {d: _top_k_distributions(top) for d, top in zip(devices, results, strict=True)}
-    scores = [-total_variation(tops[inputs.own], tops[d]) for d in devices]
-    return _softmax_row("prediction", devices, scores, norm)
+    distances = [total_variations(tops[inputs.own], tops[d]) for d in devices]
+    # the device's own distance is 0 at every position: the pairing is with zeros
+    errors = [None] + [
+        paired_standard_error(distances[0], d, PREDICTION_NOISE_FLOOR) for d in distances[1:]
+    ]
+    scores = [-float(d.mean()) for d in distances]
+    return _softmax_row("prediction", devices, scores, norm, errors)
 
 
 @dataclass(frozen=True)
 class TrustScheme:
     """Everything edgefed knows about one scheme, in one place.
 
-    `default_temperature` is the softmax temperature in the scores' own units, chosen by
-    measurement (README): perplexity (nats of mean loss) by bench/temperature.py; prediction
-    (TV distance) and weights (cosine) by bench/quality.py, where 0.1 beat the paper's plain
-    softmax for prediction on every seed and lost to it for weights. None: the scheme sets its
-    weights directly and has no temperature.
+    The default sharpness is chosen by measurement (README): `default_se_temperature`, when set,
+    is the softmax temperature in standard errors of each peer's paired score difference and is
+    the scheme's default; otherwise `default_temperature` is, in the scores' own units.
+    Perplexity's fixed 0.01 nats came from bench/temperature.py; prediction's 0.1 (TV distance)
+    and weights' 1.0 (cosine) from bench/quality.py. Both None: the scheme sets its weights
+    directly.
     """
 
     name: str
     function: Callable[..., TrustRow]
     default_temperature: float | None
+    default_se_temperature: float | None
+    measures_noise: bool  # records standard errors: a temperature in them (se=Z) is possible
     needs_runtime: bool  # scores with llama.cpp: the base and every adapter get loaded
     needs_validation_text: bool  # this device's own trust-validation split
     needs_reference: bool  # the federation's shared reference text
     uses_train_tokens: bool  # can weight by each device's training tokens (--by-tokens)
+    needs_mixtures: bool  # the devices' known data mixtures: a simulation's reference only
     help: str
 
     def describe(self) -> str:
         return f"{self.name} ({self.help})"
 
+    @property
+    def default_sharpness(self) -> str | None:
+        """'se=2' or 't=0.1': the default as a variant label writes it."""
+        if self.default_se_temperature is not None:
+            return f"se={self.default_se_temperature:g}"
+        return None if self.default_temperature is None else f"t={self.default_temperature:g}"
+
 
 SCHEMES: dict[str, TrustScheme] = {
     s.name: s
     for s in (
-        TrustScheme("perplexity", perplexity_trust, 0.01, True, True, False, False,
-                    "your adapters' loss on your trust-validation text"),
-        TrustScheme("prediction", prediction_trust, 0.1, True, False, True, False,
-                    "agreement on the federation's reference text"),
-        TrustScheme("weights", weight_trust, 1.0, False, False, False, False, "ΔW cosine"),
-        TrustScheme("fedavg", fedavg_trust, None, False, False, False, True,
+        TrustScheme("perplexity", perplexity_trust, 0.01, None, True, True, True, False, False,
+                    False, "your adapters' loss on your trust-validation text"),
+        TrustScheme("prediction", prediction_trust, 0.1, None, True, True, False, True, False,
+                    False, "agreement on the federation's reference text"),
+        TrustScheme("weights", weight_trust, 1.0, None, False, False, False, False, False, False,
+                    "ΔW cosine"),
+        TrustScheme("fedavg", fedavg_trust, None, None, False, False, False, False, True, False,
                     "uniform, or by training tokens"),
-        TrustScheme("local", local_trust, None, False, False, False, False, "yourself alone"),
+        TrustScheme("local", local_trust, None, None, False, False, False, False, False, False,
+                    "yourself alone"),
+        TrustScheme("oracle", oracle_trust, None, None, False, False, False, False, False, True,
+                    "the known data mixtures; simulations only"),
     )
 }  # fmt: skip
 
@@ -229,11 +305,9 @@ def schemes_help() -> str:
 
 
 def temperatures_help() -> str:
-    """'perplexity 0.01, prediction 0.1, weights 1': the --temperature help, from the records."""
+    """'perplexity t=0.01, prediction t=0.1, weights t=1': the defaults, from the records."""
     return ", ".join(
-        f"{s.name} {s.default_temperature:g}"
-        for s in SCHEMES.values()
-        if s.default_temperature is not None
+        f"{s.name} {s.default_sharpness}" for s in SCHEMES.values() if s.default_sharpness
     )
 
 
