@@ -59,9 +59,9 @@ def run_cell(folder: Path, dataset: str, docs: int, epochs: float, args) -> None
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     minutes = (time.perf_counter() - started) / 60
-    os.replace(folder / "run" / "results.json", folder / "results.json")
     cell = {"dataset": dataset, "docs": docs, "epochs": epochs, "minutes": minutes}
-    (folder / CELL_FILE).write_text(json.dumps(cell) + "\n")
+    (folder / CELL_FILE).write_text(json.dumps(cell) + "\n")  # before results.json marks it done
+    os.replace(folder / "run" / "results.json", folder / "results.json")
     print(f"{folder.name}: {minutes:.1f} min", file=sys.stderr, flush=True)
 
 
@@ -120,9 +120,9 @@ def cell_rows(results: dict, cell: dict) -> list[dict]:
 
 def finished_cells(work: Path) -> list[dict]:
     rows = []
-    for cell_file in sorted(work.glob(f"*/*/{CELL_FILE}")):
-        cell = json.loads(cell_file.read_text())
-        results = json.loads((cell_file.parent / "results.json").read_text())
+    for results_file in sorted(work.glob("*/*/results.json")):
+        cell = json.loads((results_file.parent / CELL_FILE).read_text())
+        results = json.loads(results_file.read_text())
         rows += cell_rows(results, cell)
     return sorted(rows, key=lambda r: (r["dataset"], r["docs"], r["epochs"]))
 

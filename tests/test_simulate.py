@@ -13,7 +13,7 @@ from conftest import assert_one_line_error, run, write_repetitive_corpus
 SCHEMES = "local,fedavg,weights,prediction,perplexity"
 SMALL = ("--rounds", 2, "--warmup-steps", 4, "--round-steps", 2, "--seq-len", 32,
          "--batch-size", 2, "--lr", 2e-3, "--test-tokens", 256,
-         "--runtime-quant", "keep")  # fmt: skip
+         "--runtime-quant", "keep", "--precision", "fp32")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,16 @@ def test_oracle_trust_is_refused_where_no_mixture_is_known(tmp_path, tiny_llama_
     both = run("init", tmp_path / "store", "--base", tiny_llama_gguf, "--temperature", "0.1",
                "--se-temperature", "1")  # fmt: skip
     assert_one_line_error(both, "both given")
+    # a device's round refuses settings that cannot mix before it trains anything
+    store, workspace = tmp_path / "store", tmp_path / "north"
+    assert run("init", store, "--base", tiny_llama_gguf, "--trust", "fedavg").exit_code == 0
+    data = write_repetitive_corpus(tmp_path / "data", 12)
+    joined = run("join", store, "--device", "north", "--data", data, "--workspace", workspace,
+                 "--base", tiny_llama_gguf)  # fmt: skip
+    assert joined.exit_code == 0, joined.stderr
+    cases = {"only a simulation has": ["--trust", "oracle"],
+             "fedavg trust has no standard errors": ["--se-temperature", "2"]}  # fmt: skip
+    for needle, args in cases.items():
+        refused = run("round", "--workspace", workspace, *args, *SMALL[6:])
+        assert_one_line_error(refused, needle)
+        assert not (workspace / "rounds" / "0" / "train").exists()

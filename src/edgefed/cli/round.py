@@ -198,6 +198,7 @@ def _drive_rounds(
 ) -> None:
     """`round` (one round, `first` or the next) and `run` (`count` rounds, None: until
     stopped; `loop` rides out store outages between rounds)."""
+    from edgefed.device.aggregate import device_trust_settings
     from edgefed.device.federation import check_ready
     from edgefed.device.pull import WaitInterrupted
     from edgefed.device.round import RoundOptions, estimate_round, run_round
@@ -233,6 +234,7 @@ def _drive_rounds(
         test_tokens=test_tokens or None,
     )
     ws = find_workspace(workspace)
+    device_trust_settings(ws, options.trust)  # settings that cannot mix fail before training
     if options.dp is not None:
         stderr.print(options.dp.describe())
     display = ProgressDisplay()

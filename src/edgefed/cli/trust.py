@@ -56,7 +56,7 @@ def aggregate(
     as_json: JsonOption = False,
 ) -> None:
     """Compute this device's trust row over the round's verified peers and write the mix."""
-    from edgefed.device.aggregate import aggregate_round
+    from edgefed.device.aggregate import aggregate_round, device_trust_settings
     from edgefed.device.workspace import find_workspace
     from edgefed.loaded_base import LoadedBase
     from edgefed.trust.settings import TrustSettings
@@ -72,6 +72,7 @@ def aggregate(
         by_tokens=by_tokens,
     )
     ws = find_workspace(workspace)
+    device_trust_settings(ws, settings)  # before the base is loaded
     with (
         LoadedBase(ws.config.base, runtime_quant=runtime_quant, threads=threads) as loaded,
         ProgressDisplay() as display,

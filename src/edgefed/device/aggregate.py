@@ -23,7 +23,7 @@ from edgefed.atomic import remove_leftovers
 from edgefed.device.records import TrustRecord
 from edgefed.device.split_text import device_split_tokens
 from edgefed.device.workspace import Workspace
-from edgefed.errors import DataError
+from edgefed.errors import ConfigError, DataError
 from edgefed.faults import crash_point
 from edgefed.loaded_base import LoadedBase
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
@@ -82,6 +82,27 @@ def _peer_adapters(workspace: Workspace, round_number: int) -> tuple[dict, dict,
     return tensors, tokens, rounds
 
 
+def device_trust_settings(
+    workspace: Workspace, trust: TrustSettings | None, *, mixtures_known: bool = False
+) -> TrustSettings:
+    """The settings this device mixes by: `trust` with the federation's defaults filled in.
+
+    ConfigError for settings that cannot work here (a temperature in standard errors for a
+    scheme without them; oracle trust, which needs the devices' data mixtures that only a
+    simulation knows): commands call this before they train, so a round never trains and
+    publishes only to fail at its mix.
+    """
+    default = TrustSettings.from_federation(workspace.federation.trust_default)
+    settings = (trust or TrustSettings()).resolved(default)
+    if trust_scheme(settings.scheme).needs_mixtures and not mixtures_known:
+        raise ConfigError(
+            f"{settings.scheme} trust needs every device's known data mixture, which only a "
+            "simulation has",
+            "choose another --trust",
+        )
+    return settings
+
+
 def aggregate_round(
     workspace: Workspace,
     round_number: int,
@@ -102,8 +123,7 @@ def aggregate_round(
     """
     workspace.check_base(loaded)
     federation = workspace.federation
-    default = TrustSettings.from_federation(federation.trust_default)
-    settings = (trust or TrustSettings()).resolved(default)
+    settings = device_trust_settings(workspace, trust, mixtures_known=mixtures is not None)
     scheme = trust_scheme(settings.scheme)
     spec = federation.lora
     own_path = Path(own_adapter)

@@ -97,7 +97,7 @@ def init_federation(
     federation_id: str | None = None,
 ) -> Federation:
     """Create a federation in an empty store; returns its manifest. `trust` sets the devices'
-    default scheme and temperature (its other fields are each device's own choice).
+    default scheme and sharpness (its other fields are each device's own choice).
 
     Raises StoreError when the store already holds one (it is never replaced).
     """

@@ -26,7 +26,7 @@ class TrustRecord(RecordFile):
     devices: list[str]
     scores: list[float | None]
     weights: list[float]
-    normalization: dict  # temperature, top_k, threshold
+    normalization: dict  # temperature, top_k, threshold, se_temperature
     merge: str
     relative_error: float
     peers_used: list[str]

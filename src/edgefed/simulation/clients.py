@@ -7,9 +7,10 @@
     code-prose-mixed  4 clients: 2 with 75% code + 25% prose, 2 with 75% prose + 25% code
     --clients DIR     one sub-folder of text files per client (any data a user brings)
 
-Articles are shuffled with the simulation seed before they are dealt, no article goes to two
-clients, and a few articles of every topic (one document of every client folder) are held out
-from all clients to form the federation's reference text for prediction trust. Every client's
+Documents are shuffled with the simulation seed before they are dealt, no document goes to two
+clients, and a few documents of every topic or kind (4 articles per BBC topic, 10 documents of
+code and 10 of prose, one document of every client folder) are held out from all clients to
+form the federation's reference text for prediction trust. Every client's
 actual mixture is reported, because a split that does not hold the mixture it claims (the
 paper's "mixed" multilingual split) makes every conclusion drawn from it wrong.
 """
@@ -30,7 +31,7 @@ DATASETS = ("bbc-specific", "bbc-mixed", "code-prose", "code-prose-mixed")
 REFERENCE_PER_TOPIC = 4
 REFERENCE_PER_KIND = 10  # code-prose: held-out documents of each kind
 DEFAULT_DOCS_PER_CLIENT = 60  # code-prose, where "all" would be thousands of documents
-MAJOR_SHARE = 0.75  # a mixed client's share of its main kind (or topic)
+MAJOR_SHARE = 0.75  # a code-prose-mixed client's share of its main kind
 MIN_CLIENT_DOCUMENTS = 6  # enough for a train, a trust-validation and a test document
 
 
@@ -128,8 +129,12 @@ def _kinds(seed: int) -> tuple[dict[str, list[Document]], list[Document]]:
     return kinds, reference
 
 
-def _deal(pools: dict[str, list[Document]], recipes: list[tuple[str, dict[str, int]]]):
-    """Each (client, {kind: documents}) its documents, in pool order; none dealt twice."""
+def _deal(
+    pools: dict[str, list[Document]], recipes: list[tuple[str, dict[str, int]]], seed: int
+) -> tuple[Client, ...]:
+    """Each (client, {kind: documents}) its documents from the pools' fronts, none dealt twice,
+    in a seeded order within the client (so that --max-tokens, which keeps a client's first
+    documents, keeps its mixture)."""
     taken = dict.fromkeys(pools, 0)
     clients = []
     for name, counts in recipes:
@@ -143,6 +148,10 @@ def _deal(pools: dict[str, list[Document]], recipes: list[tuple[str, dict[str, i
             documents += pools[kind][taken[kind] : taken[kind] + count]
             labels += [kind] * count
             taken[kind] += count
+        order = list(range(len(documents)))
+        random.Random(f"{seed}:{name}").shuffle(order)
+        documents = [documents[i] for i in order]
+        labels = [labels[i] for i in order]
         clients.append(Client(name, tuple(documents), tuple(labels)))
     return tuple(clients)
 
@@ -151,7 +160,7 @@ def code_prose(docs_per_client: int | None = None, seed: int = 0) -> ClientSet:
     n = docs_per_client or DEFAULT_DOCS_PER_CLIENT
     pools, reference = _kinds(seed)
     recipes = [(f"{kind}-{i}", {kind: n}) for kind in ("code", "prose") for i in (1, 2)]
-    return ClientSet("code-prose", _deal(pools, recipes), tuple(reference))
+    return ClientSet("code-prose", _deal(pools, recipes, seed), tuple(reference))
 
 
 def code_prose_mixed(docs_per_client: int | None = None, seed: int = 0) -> ClientSet:
@@ -163,7 +172,7 @@ def code_prose_mixed(docs_per_client: int | None = None, seed: int = 0) -> Clien
         for kind, other in (("code", "prose"), ("prose", "code"))
         for i in (1, 2)
     ]
-    return ClientSet("code-prose-mixed", _deal(pools, recipes), tuple(reference))
+    return ClientSet("code-prose-mixed", _deal(pools, recipes, seed), tuple(reference))
 
 
 def folder_clients(root: str | Path, docs_per_client: int | None = None) -> ClientSet:

@@ -309,7 +309,8 @@ def epoch_schedule(
     """Steps per round (the warm-up's too) so that a device with the clients' mean train split
     trains `epochs` epochs of it over `rounds` rounds, at least one step a round."""
     mean_tokens = statistics.fmean(train_tokens.values())
-    steps_per_epoch = mean_tokens / (train.seq_len * train.batch_size * train.grad_accum)
+    # a block holds seq_len - 1 text tokens after its BOS (`pack_blocks`)
+    steps_per_epoch = mean_tokens / ((train.seq_len - 1) * train.batch_size * train.grad_accum)
     return max(1, round(epochs * steps_per_epoch / rounds))
 
 

@@ -16,10 +16,12 @@ import math
 
 import numpy as np
 
+from edgefed.errors import DataError
+
 BATCH_TOKENS = 32  # consecutive tokens averaged into one batch mean
 MIN_BATCHES = 4  # fewer batches than this: per-token differences, as if independent
 # about 0.004 nats of mean loss separate two equal encodings of one adapter on the Q8_0
-# runtime copy (README, "Trust that knows its noise")
+# runtime copy (README, "Noise floor of trust scores")
 PERPLEXITY_NOISE_FLOOR = 0.004
 # a floor for the mean total-variation distance, so that a peer identical to the device on
 # every position still has a positive error; below every distance measured between peers
@@ -28,8 +30,13 @@ PREDICTION_NOISE_FLOOR = 0.001
 
 def paired_standard_error(own: np.ndarray, peer: np.ndarray, floor: float) -> float:
     """Standard error of mean(peer) − mean(own) over the same positions, floor included."""
-    if own.shape != peer.shape or own.ndim != 1 or len(own) < 2:
-        raise ValueError("paired values need the same positions, at least two")
+    if own.shape != peer.shape or own.ndim != 1:
+        raise ValueError("paired values need the same positions")
+    if len(own) < 2:
+        raise DataError(
+            f"a trust score over {len(own)} token(s) has no standard error",
+            "score trust on more tokens (--val-tokens 16 or more)",
+        )
     differences = np.asarray(peer, dtype=np.float64) - np.asarray(own, dtype=np.float64)
     batches = len(differences) // BATCH_TOKENS
     if batches >= MIN_BATCHES:

@@ -1,4 +1,5 @@
-"""From raw trust scores to a row of W: sparsify (top-k, threshold), then softmax(score / T).
+"""From raw trust scores to a row of W: sparsify (top-k, threshold), then a softmax: over
+score / T, or over each score's distance from the device's own in standard errors, / T.
 
 Scores are "higher is more trusted" (a scheme that measures a loss passes its negative). The
 device itself is always kept, whatever top-k or the threshold would say: a device must never

@@ -22,6 +22,7 @@ the runtime could say would change its row (its score is None).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -76,7 +77,7 @@ class TrustRow:
 
 @dataclass(frozen=True)
 class Normalization:
-    temperature: float = 1.0  # in the scores' own units
+    temperature: float | None = 1.0  # in the scores' own units; None with se_temperature
     top_k: int | None = None
     threshold: float | None = None
     se_temperature: float | None = None  # set: the temperature is in standard errors instead
@@ -174,6 +175,16 @@ def _jobs(inputs: TrustInputs, devices: list[str], tokens) -> list:
     return [ScoreJob(tokens, inputs.runtime_adapters[d], label=d) for d in devices]
 
 
+def _errors(per_position: list[np.ndarray], scores: list[float], floor: float) -> list:
+    """Each peer's paired standard error against the first (the device itself): None for
+    itself and for a peer whose score is not finite (it gets no weight anyway)."""
+    own = per_position[0]
+    return [None] + [
+        paired_standard_error(own, values, floor) if math.isfinite(score) else None
+        for values, score in zip(per_position[1:], scores[1:], strict=True)
+    ]
+
+
 def perplexity_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
     if (row := _alone("perplexity", inputs)) is not None:
         return row
@@ -184,11 +195,9 @@ def perplexity_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
     results = inputs.runtime.perplexities(
         _jobs(inputs, devices, inputs.val_tokens), task="trust row", on_progress=inputs.on_progress
     )
-    own = results[0].token_nlls
-    errors = [None] + [
-        paired_standard_error(own, r.token_nlls, PERPLEXITY_NOISE_FLOOR) for r in results[1:]
-    ]
-    return _softmax_row("perplexity", devices, [-r.mean_nll for r in results], norm, errors)
+    scores = [-r.mean_nll for r in results]
+    errors = _errors([r.token_nlls for r in results], scores, PERPLEXITY_NOISE_FLOOR)
+    return _softmax_row("perplexity", devices, scores, norm, errors)
 
 
 def _top_k_distributions(top) -> list[dict[int, float]]:
@@ -228,12 +237,10 @@ def prediction_trust(
         on_progress=inputs.on_progress,
     )
     tops = {d: _top_k_distributions(top) for d, top in zip(devices, results, strict=True)}
+    # the device's own distance is 0 at every position: its peers pair with zeros
     distances = [total_variations(tops[inputs.own], tops[d]) for d in devices]
-    # the device's own distance is 0 at every position: the pairing is with zeros
-    errors = [None] + [
-        paired_standard_error(distances[0], d, PREDICTION_NOISE_FLOOR) for d in distances[1:]
-    ]
     scores = [-float(d.mean()) for d in distances]
+    errors = _errors(distances, scores, PREDICTION_NOISE_FLOOR)
     return _softmax_row("prediction", devices, scores, norm, errors)
 
 
@@ -300,8 +307,9 @@ def trust_scheme(name: str) -> TrustScheme:
 
 
 def schemes_help() -> str:
-    """'perplexity (...), prediction (...), ...': the --trust help, from the records."""
-    return ", ".join(s.describe() for s in SCHEMES.values())
+    """'perplexity (...), prediction (...), ...': a device's --trust help, from the records
+    (oracle, which needs the data mixtures only a simulation knows, is left out)."""
+    return ", ".join(s.describe() for s in SCHEMES.values() if not s.needs_mixtures)
 
 
 def temperatures_help() -> str:

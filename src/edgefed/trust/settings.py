@@ -99,7 +99,7 @@ class TrustSettings:
         """top-k, threshold and the sharpness these settings resolve to."""
         resolved = self.resolved()
         return Normalization(
-            temperature=resolved.temperature or 1.0,
+            temperature=resolved.temperature,
             top_k=self.top_k,
             threshold=self.threshold,
             se_temperature=resolved.se_temperature,
