@@ -5,6 +5,7 @@ Q4_K_M requantization of it.
 - nf4:    QLoRA's 4-bit NF4 layers (bitsandbytes)
 - fp32:   the exact dequantized GGUF weights in float32, the reference
 - +gc:    any of them with gradient checkpointing (e.g. --configs gguf+gc)
+- +bf16:  any of them with bfloat16 matmuls under autocast (e.g. --configs gguf+bf16)
 
 For each base, in this process: the copy's own perplexity against llama.cpp's on the same
 file (demo text), the memory its frozen weights take, and the time to build it. Then each
@@ -20,6 +21,15 @@ Usage:
                           [--bases q4_1,q4_k_m] [--copies gguf,nf4,fp32] [--json F]
 
 `--configs ""` measures the copies alone (a few minutes instead of half an hour).
+
+What limits training speed, in this process, on the embedded base (about 4 minutes):
+
+    python bench/train.py --shapes 2x128,4x256,8x128,1x512,2x512 [--shape-copies gguf,fp32]
+
+times optimizer steps (LoRA on the frozen copy, the sliced loss; the median of 4 after one
+warm-up step) per batch x sequence length and copy, and the fp32 copy again under bf16
+autocast (the CPU's AVX-512 BF16 matmuls; transformers' loss, since the sliced loss keeps its
+softmax in float32), against the issue's reference of 162 tok/s.
 """
 
 from __future__ import annotations
@@ -40,15 +50,15 @@ PRECISION_OF = {"gguf": "gguf", "nf4": "nf4", "fp32": "fp32"}
 
 
 def train_command(config: str, base: Path, data: Path, out: Path, args) -> list[str]:
-    precision, _, extra = config.partition("+")
+    precision, *extras = config.split("+")
     command = [
         sys.executable, "-m", "edgefed", "train", "--data", str(data), "--out", str(out),
         "--base", str(base), "--steps", str(args.steps), "--seq-len", str(args.seq_len),
         "--batch-size", str(args.batch_size), "--eval-tokens", str(args.eval_tokens),
         "--precision", PRECISION_OF[precision], "--json",
     ]  # fmt: skip
-    if extra == "gc":
-        command.append("--gradient-checkpointing")
+    flags = {"gc": "--gradient-checkpointing", "bf16": "--bf16"}
+    command += [flags[extra] for extra in extras]
     return command
 
 
@@ -133,6 +143,47 @@ print(json.dumps({{"extra": peak - baseline}}))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+REFERENCE_TOKENS_PER_SECOND = 162  # the fp32 copy's training speed in the README before issue 17
+
+
+def shape_sweep(shapes: list[tuple[int, int]], precisions: list[str]) -> list[dict]:
+    """Tokens/s of one optimizer step per (copy, autocast, batch, seq_len); see the docstring."""
+    import torch
+
+    from edgefed.adapter import LoraSpec, attach_lora
+    from edgefed.quant.training_copy import build_training_model
+    from edgefed.train.loss import causal_lm_loss
+
+    rows = []
+    runs = [(p, False) for p in precisions] + [("fp32", True)]
+    for precision, bf16 in runs:
+        model = attach_lora(build_training_model(None, precision), LoraSpec())
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        for batch, seq_len in shapes:
+            ids = torch.randint(0, model.config.vocab_size, (batch, seq_len),
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+            seconds = []
+            for _ in range(5):
+                started = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = (model(ids, labels=ids).loss if bf16
+                            else causal_lm_loss(model, ids, torch.ones_like(ids), ids))  # fmt: skip
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                seconds.append(time.perf_counter() - started)
+            median = sorted(seconds[1:])[len(seconds[1:]) // 2]
+            row = {"copy": precision + ("+bf16" if bf16 else ""), "batch": batch,
+                   "seq_len": seq_len, "tokens_per_second": batch * seq_len / median}  # fmt: skip
+            print(f"{row['copy']:<10} {batch}x{seq_len:<5} {row['tokens_per_second']:>6.0f} tok/s "
+                  f"{row['tokens_per_second'] / REFERENCE_TOKENS_PER_SECOND:>5.2f}x of "
+                  f"{REFERENCE_TOKENS_PER_SECOND}", flush=True)  # fmt: skip
+            rows.append(row)
+        del model, optimizer
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--topic", default="business", choices=BBC_TOPICS)
@@ -144,7 +195,16 @@ def main() -> None:
     parser.add_argument("--bases", default="q4_1,q4_k_m")
     parser.add_argument("--copies", default="gguf,nf4,fp32", help="copies to measure as such")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--shapes", help="only the step-speed sweep over BxL shapes")
+    parser.add_argument("--shape-copies", default="gguf,fp32")
     args = parser.parse_args()
+
+    if args.shapes:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+        rows = shape_sweep(shapes, args.shape_copies.split(","))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return
 
     from edgefed.runtime import LlamaRuntime
     from edgefed.runtime.quantize import requantize

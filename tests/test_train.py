@@ -370,3 +370,29 @@ def test_the_gguf_copy_trains_the_fp32_copys_adapter(train_corpus, tiny_llama_gg
         assert torch.allclose(native[name], checkpointed[name], atol=1e-6), name
     curves = [[loss for _, loss in runs[n].metrics.loss_curve] for n in ("gguf", "fp32")]
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_bf16_training_learns_what_float32_training_learns(train_corpus, tiny_llama_gguf, tmp_path):
+    """bfloat16 matmuls round each product to 8 bits of mantissa: the adapter is not the float32
+    one, but on both copies it lowers the loss as far, and the run records and resumes as bf16."""
+    from edgefed.runtime.quantize import requantize
+
+    base = requantize(tiny_llama_gguf, tmp_path / "q4_1.gguf", "q4_1")
+    for precision in ("gguf", "fp32"):
+        runs = {}
+        for bf16 in (False, True):
+            config = TrainConfig(**FAST | {"steps": 20, "bf16": bf16})
+            with LoadedBase(base, runtime_quant=KEEP, precision=precision) as loaded:
+                runs[bf16] = train_adapter(
+                    train_corpus, tmp_path / f"{precision}-{bf16}", loaded, config=config
+                )
+        exact, rounded = (adapter_tensors(runs[b].out_dir) for b in (False, True))
+        change = sum((rounded[n] - exact[n]).norm() ** 2 for n in exact) ** 0.5
+        size = sum(exact[n].norm() ** 2 for n in exact) ** 0.5
+        assert 0 < change < 0.2 * size, (precision, float(change / size))
+        first, last = runs[True].metrics.loss_curve[0][1], runs[True].metrics.loss_curve[-1][1]
+        assert last < 0.8 * first and last == pytest.approx(
+            runs[False].metrics.loss_curve[-1][1], rel=0.05
+        )
+        assert runs[True].metrics.run["config"]["bf16"] is True
+        assert "bf16" not in runs[False].metrics.run["config"]  # older runs still resume

@@ -264,6 +264,15 @@ BatchSizeOption = Annotated[
     int,
     typer.Option("--batch-size", help="Blocks per micro-batch.", min=1, rich_help_panel=_TRAINING),
 ]
+Bf16Option = Annotated[
+    bool,
+    typer.Option(
+        "--bf16",
+        help="Train with bfloat16 matmuls (torch autocast; weights, adapter and optimizer stay "
+        "float32): 1.3x faster on a CPU with AVX-512 BF16 (README).",
+        rich_help_panel=_TRAINING,
+    ),
+]
 LearningRateOption = Annotated[
     float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=_TRAINING)
 ]

@@ -10,6 +10,7 @@ import typer
 
 from edgefed.cli.options import (
     BatchSizeOption,
+    Bf16Option,
     ByTokensOption,
     ClipNormOption,
     DeviceOption,
@@ -74,6 +75,7 @@ def round_command(
     seq_len: SeqLenOption = TrainConfig.seq_len,
     batch_size: BatchSizeOption = TrainConfig.batch_size,
     lr: LearningRateOption = TrainConfig.learning_rate,
+    bf16: Bf16Option = False,
     seed: Annotated[
         int,
         typer.Option(help="Seed of data order (plus the round number).", rich_help_panel=_TRAINING),
@@ -181,6 +183,7 @@ def _drive_rounds(
     seq_len,
     batch_size,
     lr,
+    bf16,
     seed,
     checkpoint_every,
     device,
@@ -224,6 +227,7 @@ def _drive_rounds(
             seq_len=seq_len,
             batch_size=batch_size,
             learning_rate=lr,
+            bf16=bf16,
             seed=seed,
             checkpoint_every=checkpoint_every,
         ),

@@ -13,6 +13,7 @@ from rich.table import Table
 from edgefed.cli.options import (
     BaseOption,
     BatchSizeOption,
+    Bf16Option,
     DeviceOption,
     JsonOption,
     LearningRateOption,
@@ -143,6 +144,7 @@ def simulate(
     seq_len: SeqLenOption = DEMO_TRAIN.seq_len,
     batch_size: BatchSizeOption = DEMO_TRAIN.batch_size,
     lr: LearningRateOption = DEMO_TRAIN.learning_rate,
+    bf16: Bf16Option = DEMO_TRAIN.bf16,
     val_tokens: Annotated[
         int,
         typer.Option(
@@ -197,7 +199,7 @@ def simulate(
         round_steps=round_steps or SimulationSettings.round_steps,
         epochs=epochs,
         round_options=RoundOptions(
-            train=TrainConfig(seq_len=seq_len, batch_size=batch_size, learning_rate=lr),
+            train=TrainConfig(seq_len=seq_len, batch_size=batch_size, learning_rate=lr, bf16=bf16),
             test_tokens=test_tokens or None,
             val_tokens=val_tokens or None,
         ),

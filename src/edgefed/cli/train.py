@@ -13,6 +13,7 @@ from edgefed.cli.options import (
     LORA_DEFAULTS,
     BaseOption,
     BatchSizeOption,
+    Bf16Option,
     DeviceOption,
     JsonOption,
     LearningRateOption,
@@ -116,6 +117,7 @@ def train(
             rich_help_panel=_TRAINING,
         ),
     ] = False,
+    bf16: Bf16Option = False,
     checkpoint_every: Annotated[
         int, typer.Option(help="Write a checkpoint every N steps.", min=1, rich_help_panel=_RUN)
     ] = TrainConfig.checkpoint_every,
@@ -218,6 +220,7 @@ def train(
         seed=seed,
         checkpoint_every=checkpoint_every,
         gradient_checkpointing=gradient_checkpointing,
+        bf16=bf16,
     )
     rule = SplitRule(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
     given = {"rank": rank, "alpha": alpha, "dropout": dropout, "init_seed": init_seed}

@@ -119,13 +119,18 @@ class _BlocksLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, blocks: GGUFBlocks):
         ctx.blocks = blocks
+        # backward runs outside forward's autocast: it takes the same one (bf16 training)
+        kind = x.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         return F.linear(x, blocks.reused_weight(), bias)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input = grad_output @ ctx.blocks.reused_weight()
+            kind, enabled, dtype = ctx.autocast
+            with torch.autocast(kind, dtype=dtype, enabled=enabled):
+                grad_input = grad_output @ ctx.blocks.reused_weight()
         return grad_input, None, None
 
 

@@ -41,6 +41,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 25
     gradient_checkpointing: bool = False
+    # matmuls in bfloat16 under torch.autocast (AVX-512 BF16 on a CPU, tensor cores on a GPU);
+    # the weights, LoRA factors, optimizer state and the loss's softmax stay float32
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -71,7 +74,11 @@ class TrainConfig:
         return max(1, math.ceil((self.epochs or 1.0) * per_epoch / self.grad_accum))
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields; bf16 only when on, so runs from before it existed still resume."""
+        values = asdict(self)
+        if not self.bf16:
+            del values["bf16"]
+        return values
 
 
 @dataclass(frozen=True)
@@ -205,7 +212,8 @@ def train_steps(
             if count == 0:
                 continue
             input_ids, attention_mask, labels = _batch_tensors(tokens, device)
-            loss = causal_lm_loss(model, input_ids, attention_mask, labels)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                loss = causal_lm_loss(model, input_ids, attention_mask, labels)
             (loss * (count / step_tokens)).backward()
             step_loss += float(loss.detach()) * count / step_tokens
         if not math.isfinite(step_loss):

@@ -49,23 +49,24 @@ class _OnlineCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         vocab = head.out_features
         bias = head.bias
-        running_max = hidden.new_full((n,), float("-inf"))
-        running_sum = hidden.new_zeros(n)
-        chosen = hidden.new_zeros(n)
-        weighted = torch.zeros_like(hidden) if want_grad else None  # sum_v p_v W_v, unnormed
-        target_rows = torch.zeros_like(hidden) if want_grad else None  # W[target]
+        # the softmax's sums in float32 even when autocast makes the logits in bfloat16
+        running_max = hidden.new_full((n,), float("-inf"), dtype=torch.float32)
+        running_sum = hidden.new_zeros(n, dtype=torch.float32)
+        chosen = hidden.new_zeros(n, dtype=torch.float32)
+        weighted = torch.zeros_like(hidden, dtype=torch.float32) if want_grad else None
+        target_rows = torch.zeros_like(hidden, dtype=torch.float32) if want_grad else None
         valid = targets != IGNORE
         for start in range(0, vocab, vocab_slice):
             end = min(start + vocab_slice, vocab)
             rows = rows_of(start, end)
-            logits = F.linear(hidden, rows, bias[start:end] if bias is not None else None)
+            logits = F.linear(hidden, rows, bias[start:end] if bias is not None else None).float()
             inside = valid & (targets >= start) & (targets < end)
             if inside.any():
                 where = inside.nonzero()[:, 0]
                 local = targets[where] - start
                 chosen[where] = logits[where, local]
                 if want_grad:
-                    target_rows[where] = rows[local]
+                    target_rows[where] = rows[local].float()
             new_max = torch.maximum(running_max, logits.max(dim=1).values)
             rescale = torch.exp(running_max - new_max)
             probs = logits.sub_(new_max[:, None]).exp_()
