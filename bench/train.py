@@ -211,7 +211,7 @@ def main() -> None:
 
     data = bbc_folder() / args.topic
     configs = [c for c in args.configs.split(",") if c]
-    precisions = args.copies.split(",")
+    precisions = [c for c in args.copies.split(",") if c]
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="edgefed-bench-train-") as scratch:
         bases = {"q4_1": embedded_base_path()}
