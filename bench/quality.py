@@ -40,8 +40,8 @@ TARGET_SCHEMES = ("perplexity", "prediction")
 CELL_FILE = "cell.json"
 
 
-def cell_dir(work: Path, dataset: str, docs: int, epochs: float) -> Path:
-    return work / dataset / f"docs-{docs}_epochs-{epochs:g}"
+def cell_dir(work: Path, dataset: str, docs: int, epochs: float, rounds: int) -> Path:
+    return work / dataset / f"docs-{docs}_epochs-{epochs:g}_rounds-{rounds}"
 
 
 def run_cell(folder: Path, dataset: str, docs: int, epochs: float, args) -> None:
@@ -59,7 +59,8 @@ def run_cell(folder: Path, dataset: str, docs: int, epochs: float, args) -> None
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     minutes = (time.perf_counter() - started) / 60
-    cell = {"dataset": dataset, "docs": docs, "epochs": epochs, "minutes": minutes}
+    cell = {"dataset": dataset, "docs": docs, "epochs": epochs, "rounds": args.rounds,
+            "minutes": minutes}  # fmt: skip
     (folder / CELL_FILE).write_text(json.dumps(cell) + "\n")  # before results.json marks it done
     os.replace(folder / "run" / "results.json", folder / "results.json")
     print(f"{folder.name}: {minutes:.1f} min", file=sys.stderr, flush=True)
@@ -86,6 +87,13 @@ def separation(results: dict, label: str) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def base_perplexity(results: dict) -> float:
+    """Mean over seeds and clients of the bare base's test perplexity (no adapter)."""
+    rounds_by_seed = next(iter(results["runs"].values())).values()
+    return statistics.fmean(device["perplexity"]["base"] for rounds in rounds_by_seed
+                            for device in rounds[-1]["devices"].values())  # fmt: skip
+
+
 def cell_rows(results: dict, cell: dict) -> list[dict]:
     summary = results["summary"]
     clients = len(results["clients"])
@@ -104,9 +112,11 @@ def cell_rows(results: dict, cell: dict) -> list[dict]:
             )  # fmt: skip
         rows.append({
             "dataset": cell["dataset"], "docs": cell["docs"], "epochs": cell["epochs"],
+            "rounds": results["settings"]["rounds"],
             "epochs_done": statistics.fmean(epochs_done) if epochs_done else None,
             "train_tokens": statistics.fmean(c["train_tokens"] for c in results["clients"]),
             "minutes": cell.get("minutes"), "seeds": results["settings"]["seeds"],
+            "base": base_perplexity(results),
             "trust": label, "mean": row["mean"], "std": row["std"],
             "gain_over_local": local[0], "gain_over_local_std": local[1],
             "paired_sigmas_over_local": local[2],
@@ -124,22 +134,25 @@ def finished_cells(work: Path) -> list[dict]:
         cell = json.loads((results_file.parent / CELL_FILE).read_text())
         results = json.loads(results_file.read_text())
         rows += cell_rows(results, cell)
-    return sorted(rows, key=lambda r: (r["dataset"], r["docs"], r["epochs"]))
+    return sorted(rows, key=lambda r: (r["dataset"], r["docs"], r["rounds"], r["epochs"]))
 
 
 def print_tables(rows: list[dict]) -> None:
     def sigmas(value):
         return "–" if value is None else f"{value:+.1f}"
 
-    cells = list(dict.fromkeys((r["dataset"], r["docs"], r["epochs"]) for r in rows))
-    for dataset, docs, epochs in cells:
-        key = (dataset, docs, epochs)
-        part = [r for r in rows if (r["dataset"], r["docs"], r["epochs"]) == key]
+    def cell_of(row: dict) -> tuple:
+        return row["dataset"], row["docs"], row["epochs"], row["rounds"]
+
+    for key in dict.fromkeys(cell_of(r) for r in rows):
+        dataset, docs, epochs, rounds = key
+        part = [r for r in rows if cell_of(r) == key]
         first = part[0]
         done = f"{first['epochs_done']:.1f}" if first["epochs_done"] is not None else "?"
         print(f"\n**{dataset}, {docs} documents per client ({first['train_tokens']:.0f} train "
-              f"tokens), {epochs:g} epochs ({done} done), {first['seeds']} seeds, "
-              f"{first['minutes'] or 0:.0f} min**\n")  # fmt: skip
+              f"tokens), {epochs:g} epochs ({done} done) in {rounds} round(s), "
+              f"{first['seeds']} seeds, {first['minutes'] or 0:.0f} min; the bare base: "
+              f"{first['base']:.3f}**\n")  # fmt: skip
         print("| trust | test ppl (mean ± std) | vs local | vs FedAvg | paired σ over local / "
               "FedAvg | beats local | gap to oracle | scores apart (SE) | target |")  # fmt: skip
         print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |")
@@ -160,15 +173,16 @@ def write_plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r["dataset"], r["docs"]) for r in rows))
-    datasets = list(dict.fromkeys(d for d, _ in panels))
-    columns = max(sum(d == dataset for d, _ in panels) for dataset in datasets)
+    panels = list(dict.fromkeys((r["dataset"], r["docs"], r["rounds"]) for r in rows))
+    datasets = list(dict.fromkeys(d for d, _, _ in panels))
+    columns = max(sum(p[0] == dataset for p in panels) for dataset in datasets)
     fig, axes = plt.subplots(len(datasets), columns, figsize=(4.2 * columns, 3.4 * len(datasets)),
                              squeeze=False, sharey="row")  # fmt: skip
     for i, dataset in enumerate(datasets):
-        for j, docs in enumerate(d for ds, d in panels if ds == dataset):
+        for j, panel in enumerate(p for p in panels if p[0] == dataset):
+            _, docs, rounds = panel
             ax = axes[i][j]
-            part = [r for r in rows if r["dataset"] == dataset and r["docs"] == docs]
+            part = [r for r in rows if (r["dataset"], r["docs"], r["rounds"]) == panel]
             for label in dict.fromkeys(r["trust"] for r in part):
                 if label == "local":
                     continue
@@ -179,13 +193,14 @@ def write_plot(rows: list[dict], path: Path) -> None:
                             capsize=3, label=label,
                             linestyle="--" if label in ("fedavg", "oracle") else "-")  # fmt: skip
             ax.axhline(0, color="black", linewidth=0.8)
+            ax.legend(fontsize="xx-small")
             ax.set_xscale("log")
             ax.set_xlabel("epochs per device (over all rounds)")
-            ax.set_title(f"{dataset}, {docs} documents per client", fontsize="small")
+            ax.set_title(f"{dataset}, {docs} documents per client, {rounds} round(s)",
+                         fontsize="small")  # fmt: skip
         axes[i][0].set_ylabel("test perplexity gain over local (%)")
-        for j in range(sum(d == dataset for d, _ in panels), columns):
+        for j in range(sum(p[0] == dataset for p in panels), columns):
             axes[i][j].axis("off")
-    axes[0][0].legend(fontsize="x-small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
@@ -214,7 +229,7 @@ def main() -> None:
         for dataset in args.datasets.split(","):
             for docs in (int(d) for d in args.docs.split(",")):
                 for epochs in (float(e) for e in args.epochs.split(",")):
-                    folder = cell_dir(args.work, dataset, docs, epochs)
+                    folder = cell_dir(args.work, dataset, docs, epochs, args.rounds)
                     run_cell(folder, dataset, docs, epochs, args)
     rows = finished_cells(args.work)
     print_tables(rows)

@@ -25,16 +25,19 @@ from edgefed.cli.options import (
     store_token,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
-from edgefed.errors import ConfigError
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
+from edgefed.simulation.clients import DEFAULT_DOCS_PER_CLIENT
 from edgefed.simulation.run import (
+    DEFAULT_ROUND_STEPS,
     DEFAULT_SIMULATION_DEVICE,
     DEFAULT_SIMULATION_PRECISION,
     DEFAULT_VARIANTS,
+    DEFAULT_WARMUP_STEPS,
+    DEMO_EPOCHS,
+    DEMO_ROUNDS,
     DEMO_TEST_TOKENS,
     DEMO_TRAIN,
     DEMO_VAL_TOKENS,
-    SimulationSettings,
 )
 from edgefed.trust.schemes import SCHEMES
 
@@ -51,7 +54,7 @@ def simulate(
             help="bbc-specific (10 clients, half a topic each), bbc-mixed (5 clients, 75% "
             "one topic + 25% the next), code-prose (4 clients: 2 of Python code from this "
             "Python's standard library, 2 of BBC prose) or code-prose-mixed (4 clients, 75% "
-            "code + 25% prose or the reverse). Default: bbc-mixed.",
+            "code + 25% prose or the reverse). Default: code-prose.",
             show_default=False,
             rich_help_panel=_DATA,
         ),
@@ -69,7 +72,7 @@ def simulate(
         typer.Option(
             help="Documents per client (scarce local data).", min=3, rich_help_panel=_DATA
         ),
-    ] = 60,
+    ] = DEFAULT_DOCS_PER_CLIENT,
     max_tokens: Annotated[
         int | None,
         typer.Option(
@@ -99,12 +102,13 @@ def simulate(
     ] = 1,
     rounds: Annotated[
         int, typer.Option(help="Rounds per federation.", min=1, rich_help_panel=_FEDERATION)
-    ] = 2,
+    ] = DEMO_ROUNDS,
     epochs: Annotated[
         float | None,
         typer.Option(
             help="Training per device, in epochs of its train split over all rounds (the "
-            "clients' mean), shared equally by the rounds; sets the steps below.",
+            f"clients' mean), shared equally by the rounds. Default: {DEMO_EPOCHS:g}, unless "
+            "the steps below are given.",
             min=0.01,
             show_default=False,
             rich_help_panel=_FEDERATION,
@@ -113,8 +117,7 @@ def simulate(
     warmup_steps: Annotated[
         int | None,
         typer.Option(
-            help=f"Local steps of round 0 (instead of --epochs). Default: "
-            f"{SimulationSettings.warmup_steps}.",
+            help=f"Local steps of round 0 (instead of --epochs). Default: {DEFAULT_WARMUP_STEPS}.",
             min=0,
             show_default=False,
             rich_help_panel=_FEDERATION,
@@ -124,7 +127,7 @@ def simulate(
         int | None,
         typer.Option(
             help=f"Local steps of every later round (instead of --epochs). Default: "
-            f"{SimulationSettings.round_steps}.",
+            f"{DEFAULT_ROUND_STEPS}.",
             min=1,
             show_default=False,
             rich_help_panel=_FEDERATION,
@@ -172,31 +175,34 @@ def simulate(
     """Simulate a federation of virtual devices and compare trust schemes on the same data.
 
     Every device is a real workspace on a real store and runs the code of `edgefed round`;
-    they share one loaded base. With no options this is the demo: 5 devices on the embedded
-    BBC News text, local vs FedAvg vs perplexity trust, in a few minutes on a laptop CPU. Ends
-    with test perplexity per scheme and per client (each device's test split, never its
+    they share one loaded base. With no options this is the demo, a cell of the README's regime
+    map: 4 devices, two with 10 pieces of Python code, two with 10 BBC articles, each training 3
+    epochs, mixed by local, FedAvg, the oracle and perplexity trust, in minutes on a laptop CPU.
+    Ends with test perplexity per scheme and per client (each device's test split, never its
     trust-validation split), results.json and PNG plots in the run folder.
     """
     from edgefed.device.round import RoundOptions
     from edgefed.loaded_base import LoadedBase
     from edgefed.simulation.clients import load_clients
     from edgefed.simulation.report import write_plots
+    from edgefed.simulation.run import SimulationSettings
     from edgefed.simulation.run import simulate as run_simulation
     from edgefed.train.loop import TrainConfig
     from edgefed.trust.settings import parse_variants
 
-    if epochs is not None and (warmup_steps is not None or round_steps is not None):
-        raise ConfigError(
-            "--epochs and --warmup-steps/--round-steps both set the training",
-            "give --epochs, or the steps",
-        )
+    by_steps = warmup_steps is not None or round_steps is not None
+    if by_steps and epochs is None:  # the steps replace the default epochs
+        warmup_steps = DEFAULT_WARMUP_STEPS if warmup_steps is None else warmup_steps
+        round_steps = round_steps or DEFAULT_ROUND_STEPS
+    elif epochs is None:
+        epochs = DEMO_EPOCHS
     client_set = load_clients(dataset, clients, docs_per_client=docs_per_client)
     settings = SimulationSettings(
         variants=parse_variants(trust),
         seeds=seeds,
         rounds=rounds,
-        warmup_steps=SimulationSettings.warmup_steps if warmup_steps is None else warmup_steps,
-        round_steps=round_steps or SimulationSettings.round_steps,
+        warmup_steps=warmup_steps,
+        round_steps=round_steps,
         epochs=epochs,
         round_options=RoundOptions(
             train=TrainConfig(seq_len=seq_len, batch_size=batch_size, learning_rate=lr, bf16=bf16),
@@ -248,15 +254,15 @@ def simulate(
 def _print_clients(client_set) -> None:
     from edgefed.code_text import code_source_name
 
-    title = f"clients ({client_set.dataset})"
-    if client_set.dataset.startswith("code-prose"):
-        title += f": code from the {code_source_name()}, prose from BBC News"
-    table = Table("client", "documents", "mixture", title=title, title_justify="left")
+    table = Table("client", "documents", "mixture", title=f"clients ({client_set.dataset})",
+                  title_justify="left")  # fmt: skip
     for client in client_set.clients:
         total = len(client.documents)
         mixture = ", ".join(f"{label} {n / total:.0%}" for label, n in client.mixture.items())
         table.add_row(client.name, str(total), mixture)
     stdout.print(table)
+    if client_set.dataset.startswith("code-prose"):
+        stdout.print(f"(code: the {code_source_name()}; prose: BBC News)")
 
 
 def _print_results(results: dict) -> None:
@@ -286,6 +292,11 @@ def _print_results(results: dict) -> None:
         f"(the base model, {results['base']['name']}, is {results['base']['bytes'] / mb:.0f} MB; "
         "a device only ever sends its adapter)"
     )
+    if results["settings"]["seeds"] == 1:
+        stdout.print(
+            "(one seed: differences of about 1% or less are within the spread between seeds; "
+            "--seeds 3 measures it, and the README's regime map gives this setting over 3 seeds)"
+        )
     per_client = Table("client", *summary, title="per client (mean over seeds)",
                        title_justify="left")  # fmt: skip
     for client in results["clients"]:

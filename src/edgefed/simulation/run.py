@@ -48,18 +48,22 @@ RESULTS_FILE = "results.json"
 RESULTS_FORMAT = 1
 
 
-DEFAULT_VARIANTS = "local,fedavg,perplexity"
-# the demo's scale: scarce data, short blocks and few tokens scored, so that a laptop CPU runs
-# it in minutes; the CLI's defaults are these
+DEFAULT_VARIANTS = "local,fedavg,oracle,perplexity"
+# the demo: a cell of the regime map (README, "Quality: the regime map"), scarce data trained
+# for several epochs, small enough for a laptop CPU in minutes; the CLI's defaults are these
 DEMO_TRAIN = TrainConfig(seq_len=128, batch_size=2, learning_rate=2e-3)
-DEMO_VAL_TOKENS = 256
-DEMO_TEST_TOKENS = 384
+DEMO_EPOCHS = 3.0
+DEMO_ROUNDS = 1
+DEMO_VAL_TOKENS = 1024  # at most: a client's split of 10 documents holds about 500-900
+DEMO_TEST_TOKENS = 1024
+# steps, when the training is given as steps instead of epochs and one of them is not
+DEFAULT_WARMUP_STEPS, DEFAULT_ROUND_STEPS = 8, 4
 # the figures in the README were measured with CPU training: a simulation trains there unless
 # told otherwise, so its results compare with them
 DEFAULT_SIMULATION_DEVICE = "cpu"
 # one machine trains every virtual device, so a simulation favours speed over memory: the fp32
-# copy trains the demo's 2 x 128 blocks 1.18x faster than the gguf copy on a 2-core CPU and
-# gives the same adapters (README, "The training copies and training")
+# copy trains the demo's 2 x 128 blocks 1.16x faster than the gguf copy on a 2-core CPU and
+# gives the same adapters (README, "Training speed: what limits it")
 DEFAULT_SIMULATION_PRECISION = "fp32"
 
 
@@ -72,18 +76,37 @@ class SimulationSettings:
         default_factory=lambda: parse_variants(DEFAULT_VARIANTS)
     )
     seeds: int = 1
-    rounds: int = 2
-    warmup_steps: int = 8
-    round_steps: int = 4
-    # set: every round trains epochs / rounds epochs of the clients' mean train split, and the
-    # two step counts above are derived from it (`epoch_schedule`)
-    epochs: float | None = None
+    rounds: int = DEMO_ROUNDS
+    # the training, as epochs (each round trains epochs / rounds passes over the clients' mean
+    # train split: `epoch_schedule`) or as steps (then epochs is None)
+    epochs: float | None = DEMO_EPOCHS
+    warmup_steps: int | None = None
+    round_steps: int | None = None
     lora: LoraSpec = field(default_factory=LoraSpec)
     round_options: RoundOptions = field(
         default_factory=lambda: RoundOptions(
             train=DEMO_TRAIN, val_tokens=DEMO_VAL_TOKENS, test_tokens=DEMO_TEST_TOKENS
         )
     )
+
+    def __post_init__(self) -> None:
+        steps = (self.warmup_steps, self.round_steps)
+        if self.epochs is not None and steps != (None, None):
+            raise ConfigError(
+                "--epochs and --warmup-steps/--round-steps both set the training",
+                "give --epochs, or the steps",
+            )
+        if self.epochs is None and None in steps:
+            raise ConfigError("the training is given neither as epochs nor as steps",
+                              "give --epochs, or --warmup-steps and --round-steps")  # fmt: skip
+
+    def with_steps(self, train_tokens: dict[str, int]) -> SimulationSettings:
+        """These settings with the training as steps (derived from the epochs, if given)."""
+        if self.epochs is None:
+            return self
+        options = self.round_options.train
+        steps = epoch_schedule(train_tokens, self.epochs, self.rounds, options)
+        return replace(self, epochs=None, warmup_steps=steps, round_steps=steps)
 
 
 @dataclass(frozen=True)
@@ -167,9 +190,8 @@ def simulate(
         client_set = _cap_tokens(client_set, loaded.runtime, max_tokens)
         _check_splits(client_set)
     train_tokens = {c.name: _train_tokens(c, loaded.runtime) for c in client_set.clients}
-    if settings.epochs is not None:
-        steps = epoch_schedule(train_tokens, settings.epochs, settings.rounds, options.train)
-        settings = replace(settings, warmup_steps=steps, round_steps=steps)
+    epochs = settings.epochs
+    settings = settings.with_steps(train_tokens)
     data = client_set.write(out_dir / "clients")
     reference = out_dir / "clients" / "reference.txt"
     runs: dict[str, dict[str, list]] = {v.label: {} for v in settings.variants}
@@ -252,7 +274,7 @@ def simulate(
             "rounds": settings.rounds,
             "warmup_steps": settings.warmup_steps,
             "round_steps": settings.round_steps,
-            "epochs": settings.epochs,
+            "epochs": epochs,
             "lora": settings.lora.as_dict(),
             "train": asdict(options.train),
             "precision": loaded.precision,
