@@ -33,8 +33,7 @@ import time
 from pathlib import Path
 
 DEFAULT_VARIANTS = (
-    "local,fedavg,oracle,perplexity:t=0.01,perplexity:se=1,perplexity:se=3,prediction:t=0.1,"
-    "prediction:se=3"
+    "local,fedavg,oracle,perplexity:t=0.01,perplexity:se=3,perplexity:se=10,prediction:t=0.1"
 )
 TARGET_SCHEMES = ("perplexity", "prediction")
 CELL_FILE = "cell.json"

@@ -374,7 +374,7 @@ def test_the_gguf_copy_trains_the_fp32_copys_adapter(train_corpus, tiny_llama_gg
 
 def test_bf16_training_learns_what_float32_training_learns(train_corpus, tiny_llama_gguf, tmp_path):
     """bfloat16 matmuls round each product to 8 bits of mantissa: the adapter is not the float32
-    one, but on both copies it lowers the loss as far, and the run records and resumes as bf16."""
+    one, but on both copies it lowers the loss as far, and the run records that it was bf16."""
     from edgefed.runtime.quantize import requantize
 
     base = requantize(tiny_llama_gguf, tmp_path / "q4_1.gguf", "q4_1")

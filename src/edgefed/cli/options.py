@@ -269,7 +269,7 @@ Bf16Option = Annotated[
     typer.Option(
         "--bf16",
         help="Train with bfloat16 matmuls (torch autocast; weights, adapter and optimizer stay "
-        "float32): 1.3x faster on a CPU with AVX-512 BF16 (README).",
+        "float32): 1.4x faster on a CPU with AVX-512 BF16 (README).",
         rich_help_panel=_TRAINING,
     ),
 ]

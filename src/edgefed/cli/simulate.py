@@ -70,9 +70,14 @@ def simulate(
     docs_per_client: Annotated[
         int | None,
         typer.Option(
-            help="Documents per client (scarce local data).", min=3, rich_help_panel=_DATA
+            help=f"Documents per client (scarce local data). Default: "
+            f"{DEFAULT_DOCS_PER_CLIENT} for the built-in datasets, every file of a --clients "
+            "folder.",
+            min=3,
+            show_default=False,
+            rich_help_panel=_DATA,
         ),
-    ] = DEFAULT_DOCS_PER_CLIENT,
+    ] = None,
     max_tokens: Annotated[
         int | None,
         typer.Option(
@@ -190,12 +195,6 @@ def simulate(
     from edgefed.train.loop import TrainConfig
     from edgefed.trust.settings import parse_variants
 
-    by_steps = warmup_steps is not None or round_steps is not None
-    if by_steps and epochs is None:  # the steps replace the default epochs
-        warmup_steps = DEFAULT_WARMUP_STEPS if warmup_steps is None else warmup_steps
-        round_steps = round_steps or DEFAULT_ROUND_STEPS
-    elif epochs is None:
-        epochs = DEMO_EPOCHS
     client_set = load_clients(dataset, clients, docs_per_client=docs_per_client)
     settings = SimulationSettings(
         variants=parse_variants(trust),

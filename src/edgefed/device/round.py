@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from edgefed.device.aggregate import DEFAULT_VAL_TOKENS, aggregate_round
+from edgefed.device.aggregate import DEFAULT_VAL_TOKENS, aggregate_round, device_trust_settings
 from edgefed.device.evaluate import DEFAULT_TEST_TOKENS, evaluate_round
 from edgefed.device.publish import publish_adapter
 from edgefed.device.pull import WaitState, pull_round
@@ -245,11 +245,12 @@ def estimate_round(
     if not finished:
         return None
     last = finished[-1]
-    speed = workspace.train_run(last).read_metrics().train_tokens_per_second
-    if speed <= 0:
-        return None
-    steps = workspace.federation.schedule.steps_of(round_number)
+    metrics = workspace.train_run(last).read_metrics()
+    speed = metrics.train_tokens_per_second
     config = options.train
+    if speed <= 0 or metrics.run["config"].get("bf16", False) != config.bf16:
+        return None  # nothing measured at this round's arithmetic
+    steps = workspace.federation.schedule.steps_of(round_number)
     record = workspace.read_round_record(last)
     waited = record.steps.get("pull", {}).get("waited_seconds", 0.0)
     other = sum(
@@ -259,7 +260,7 @@ def estimate_round(
     return RoundEstimate(
         round=round_number,
         train_steps=steps,
-        train_seconds=steps * config.batch_size * config.seq_len / speed,
+        train_seconds=steps * config.batch_size * config.grad_accum * (config.seq_len - 1) / speed,
         train_tokens_per_second=speed,
         other_seconds=max(0.0, other - waited),
         wait_seconds=workspace.federation.schedule.wait_seconds if wait is None else wait,
@@ -293,6 +294,7 @@ def run_round(
     if until is not None and until not in ROUND_STEPS:
         raise ConfigError(f"no round step '{until}'", f"choose one of {', '.join(ROUND_STEPS)}")
     options = options or RoundOptions()
+    device_trust_settings(workspace, options.trust, mixtures_known=options.mixtures is not None)
     if round_number is None:
         round_number = workspace.next_round()
     steps = _Round(

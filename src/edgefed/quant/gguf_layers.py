@@ -121,7 +121,11 @@ class _BlocksLinear(torch.autograd.Function):
         ctx.blocks = blocks
         # backward runs outside forward's autocast: it takes the same one (bf16 training)
         kind = x.device.type
-        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        ctx.autocast = (
+            (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+            if torch.amp.is_autocast_available(kind)
+            else (kind, False, None)
+        )
         return F.linear(x, blocks.reused_weight(), bias)
 
     @staticmethod
@@ -129,7 +133,10 @@ class _BlocksLinear(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             kind, enabled, dtype = ctx.autocast
-            with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            if enabled:
+                with torch.autocast(kind, dtype=dtype):
+                    grad_input = grad_output @ ctx.blocks.reused_weight()
+            else:
                 grad_input = grad_output @ ctx.blocks.reused_weight()
         return grad_input, None, None
 

@@ -30,7 +30,7 @@ from edgefed.errors import DataError, InputFileError
 DATASETS = ("bbc-specific", "bbc-mixed", "code-prose", "code-prose-mixed")
 REFERENCE_PER_TOPIC = 4
 REFERENCE_PER_KIND = 10  # code-prose: held-out documents of each kind
-DEFAULT_DOCS_PER_CLIENT = 10  # code-prose, where "all" would be thousands of documents
+DEFAULT_DOCS_PER_CLIENT = 10  # the built-in datasets': scarce local data, as the demo has
 # the demo's federation: where the regime map found collaboration's gain largest
 DEMO_DATASET = "code-prose"
 MAJOR_SHARE = 0.75  # a code-prose-mixed client's share of its main kind
@@ -225,12 +225,15 @@ def load_clients(
     docs_per_client: int | None = None,
     seed: int = 0,
 ) -> ClientSet:
-    """The clients of `--dataset` or `--clients` (one of the two; default DEMO_DATASET)."""
+    """The clients of `--dataset` or `--clients` (one of the two; default DEMO_DATASET), with
+    `docs_per_client` documents each (default: DEFAULT_DOCS_PER_CLIENT for a dataset, every
+    file of a client folder)."""
     if clients_dir is not None:
         if dataset is not None:
             raise DataError("--dataset and --clients both name the data", "give one of them")
         return folder_clients(clients_dir, docs_per_client)
     dataset = dataset or DEMO_DATASET
+    docs_per_client = docs_per_client or DEFAULT_DOCS_PER_CLIENT
     if dataset == "bbc-specific":
         return bbc_specific(docs_per_client, seed)
     if dataset == "bbc-mixed":

@@ -78,8 +78,9 @@ class SimulationSettings:
     seeds: int = 1
     rounds: int = DEMO_ROUNDS
     # the training, as epochs (each round trains epochs / rounds passes over the clients' mean
-    # train split: `epoch_schedule`) or as steps (then epochs is None)
-    epochs: float | None = DEMO_EPOCHS
+    # train split: `epoch_schedule`) or as steps; neither given: DEMO_EPOCHS, one step count
+    # given: the other's default
+    epochs: float | None = None
     warmup_steps: int | None = None
     round_steps: int | None = None
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -96,9 +97,15 @@ class SimulationSettings:
                 "--epochs and --warmup-steps/--round-steps both set the training",
                 "give --epochs, or the steps",
             )
-        if self.epochs is None and None in steps:
-            raise ConfigError("the training is given neither as epochs nor as steps",
-                              "give --epochs, or --warmup-steps and --round-steps")  # fmt: skip
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"--epochs {self.epochs:g} is not positive", "e.g. --epochs 3")
+        if steps == (None, None):
+            object.__setattr__(self, "epochs", self.epochs or DEMO_EPOCHS)
+        elif self.epochs is None:
+            if self.warmup_steps is None:
+                object.__setattr__(self, "warmup_steps", DEFAULT_WARMUP_STEPS)
+            if self.round_steps is None:
+                object.__setattr__(self, "round_steps", DEFAULT_ROUND_STEPS)
 
     def with_steps(self, train_tokens: dict[str, int]) -> SimulationSettings:
         """These settings with the training as steps (derived from the epochs, if given)."""

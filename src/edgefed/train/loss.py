@@ -55,6 +55,10 @@ class _OnlineCrossEntropy(torch.autograd.Function):
         chosen = hidden.new_zeros(n, dtype=torch.float32)
         weighted = torch.zeros_like(hidden, dtype=torch.float32) if want_grad else None
         target_rows = torch.zeros_like(hidden, dtype=torch.float32) if want_grad else None
+        # the target's own unnormalised probability, kept out of `weighted`: the gradient's
+        # (p_t - 1) W_t then never comes from a difference of two near-equal products, which
+        # bfloat16 matmuls (--bf16) would round away for a confident token
+        target_mass = hidden.new_zeros(n, dtype=torch.float32) if want_grad else None
         valid = targets != IGNORE
         for start in range(0, vocab, vocab_slice):
             end = min(start + vocab_slice, vocab)
@@ -72,13 +76,19 @@ class _OnlineCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(new_max[:, None]).exp_()
             running_sum.mul_(rescale).add_(probs.sum(dim=1))
             if want_grad:
+                target_mass.mul_(rescale)
+                if inside.any():
+                    target_mass[where] = probs[where, local]
+                    probs[where, local] = 0.0
                 weighted.mul_(rescale[:, None]).add_(probs @ rows)
             running_max = new_max
         log_norm = running_max + running_sum.log()
         total = torch.where(valid, log_norm - chosen, 0.0).sum()
         grad = None
         if want_grad:
-            grad = weighted.div_(running_sum[:, None]).sub_(target_rows)
+            # sum_v p_v W_v - W_t, with the target's term as (p_t - 1) W_t
+            grad = weighted.div_(running_sum[:, None])
+            grad.add_(target_rows * (target_mass / running_sum - 1.0)[:, None])
             grad.mul_(valid[:, None])
         ctx.save_for_backward(grad)
         return total
