@@ -65,7 +65,8 @@ class _OnlineCrossEntropy(torch.autograd.Function):
             rows = rows_of(start, end)
             logits = F.linear(hidden, rows, bias[start:end] if bias is not None else None).float()
             inside = valid & (targets >= start) & (targets < end)
-            if inside.any():
+            has_targets = bool(inside.any())
+            if has_targets:
                 where = inside.nonzero()[:, 0]
                 local = targets[where] - start
                 chosen[where] = logits[where, local]
@@ -77,7 +78,7 @@ class _OnlineCrossEntropy(torch.autograd.Function):
             running_sum.mul_(rescale).add_(probs.sum(dim=1))
             if want_grad:
                 target_mass.mul_(rescale)
-                if inside.any():
+                if has_targets:
                     target_mass[where] = probs[where, local]
                     probs[where, local] = 0.0
                 weighted.mul_(rescale[:, None]).add_(probs @ rows)
