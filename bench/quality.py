@@ -10,8 +10,9 @@ prints the mean over clients of the test perplexity of each device's mix after t
 (mean ± std over seeds), the gain over local and FedAvg with its paired σ (mean over the std of
 the per-seed differences: every variant runs the same seeds), the clients that beat local and
 the gap to the oracle; and whether the issue's target is met for the trust schemes (both
-baselines beaten by more than 2 paired σ, at least 90% of clients beating local). One plot:
-the gain over local against epochs, a panel per dataset and data size.
+baselines beaten by more than 2 paired σ, at least 90% of clients beating local). A cell of
+several rounds also gets each variant's perplexity and gain over FedAvg after every round. One
+plot: the gain over local against epochs, a panel per dataset, data size and rounds.
 
     python bench/quality.py --work bench-runs/quality --datasets code-prose-mixed \\
         --docs 10,20 --epochs 1,3,10 --seeds 3 --plot docs/regime.png
@@ -68,7 +69,12 @@ def run_cell(folder: Path, dataset: str, docs: int, epochs: float, args) -> None
 def paired(row: dict, baseline: dict) -> tuple[float, float, float | None]:
     """(mean gain, std of the per-seed gains, gain in paired σ); gains as shares of the
     baseline's perplexity, positive when the row is better."""
-    gains = [1 - v / b for v, b in zip(row["seed_means"], baseline["seed_means"], strict=True)]
+    return paired_gain(row["seed_means"], baseline["seed_means"])
+
+
+def paired_gain(values: list[float], baseline: list[float]) -> tuple[float, float, float | None]:
+    """`paired` over per-seed mean perplexities."""
+    gains = [1 - v / b for v, b in zip(values, baseline, strict=True)]
     mean = statistics.fmean(gains)
     spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
     return mean, spread, (mean / spread if spread > 0 else None)
@@ -86,6 +92,16 @@ def separation(results: dict, label: str) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def seed_means_by_round(results: dict, label: str) -> list[list[float]]:
+    """Per round, per seed: the mean over clients of the test perplexity of the devices' mixes."""
+    seeds = results["runs"][label].values()
+    return [
+        [statistics.fmean(d["perplexity"]["aggregated"] for d in rounds[r]["devices"].values())
+         for rounds in seeds]
+        for r in range(results["settings"]["rounds"])
+    ]  # fmt: skip
+
+
 def base_perplexity(results: dict) -> float:
     """Mean over seeds and clients of the bare base's test perplexity (no adapter)."""
     rounds_by_seed = next(iter(results["runs"].values())).values()
@@ -97,8 +113,15 @@ def cell_rows(results: dict, cell: dict) -> list[dict]:
     summary = results["summary"]
     clients = len(results["clients"])
     epochs_done = [c["epochs"] for c in results["clients"] if c.get("epochs") is not None]
+    fedavg_by_round = seed_means_by_round(results, "fedavg")
     rows = []
     for label, row in summary.items():
+        by_round = [
+            {"mean": statistics.fmean(means), **dict(zip(("gain_over_fedavg", "gain_std",
+             "paired_sigmas_over_fedavg"), paired_gain(means, fedavg), strict=True))}
+            for means, fedavg in zip(seed_means_by_round(results, label), fedavg_by_round,
+                                     strict=True)
+        ]  # fmt: skip
         local = paired(row, summary["local"])
         fedavg = paired(row, summary["fedavg"])
         oracle = paired(row, summary["oracle"]) if "oracle" in summary else None
@@ -122,7 +145,7 @@ def cell_rows(results: dict, cell: dict) -> list[dict]:
             "gain_over_fedavg": fedavg[0], "paired_sigmas_over_fedavg": fedavg[2],
             "gap_to_oracle": None if oracle is None else -oracle[0],
             "beats_local": row["beats_local"], "clients": clients, "target_met": target,
-            "separation": separation(results, label),
+            "separation": separation(results, label), "by_round": by_round,
         })  # fmt: skip
     return rows
 
@@ -164,6 +187,18 @@ def print_tables(rows: list[dict]) -> None:
                   f"{sigmas(r['paired_sigmas_over_local'])} / "
                   f"{sigmas(r['paired_sigmas_over_fedavg'])} | "
                   f"{r['beats_local']}/{r['clients']} | {gap} | {apart} | {target} |")  # fmt: skip
+        if rounds > 1:
+            print("\nAfter each round: mean test perplexity, and the gain over FedAvg's after the "
+                  "same round (paired σ)\n")  # fmt: skip
+            print("| trust | " + " | ".join(f"round {n}" for n in range(rounds)) + " |")
+            print("| --- |" + " ---: |" * rounds)
+            for r in part:
+                after = [
+                    f"{b['mean']:.3f} ({b['gain_over_fedavg']:+.2%}, "
+                    f"{sigmas(b['paired_sigmas_over_fedavg'])})"
+                    for b in r["by_round"]
+                ]
+                print(f"| {r['trust']} | " + " | ".join(after) + " |")
 
 
 def write_plot(rows: list[dict], path: Path) -> None:
