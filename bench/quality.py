@@ -66,14 +66,9 @@ def run_cell(folder: Path, dataset: str, docs: int, epochs: float, args) -> None
     print(f"{folder.name}: {minutes:.1f} min", file=sys.stderr, flush=True)
 
 
-def paired(row: dict, baseline: dict) -> tuple[float, float, float | None]:
-    """(mean gain, std of the per-seed gains, gain in paired σ); gains as shares of the
-    baseline's perplexity, positive when the row is better."""
-    return paired_gain(row["seed_means"], baseline["seed_means"])
-
-
-def paired_gain(values: list[float], baseline: list[float]) -> tuple[float, float, float | None]:
-    """`paired` over per-seed mean perplexities."""
+def paired(values: list[float], baseline: list[float]) -> tuple[float, float, float | None]:
+    """(mean gain, std of the per-seed gains, gain in paired σ) of per-seed mean perplexities;
+    gains as shares of the baseline's perplexity, positive when `values` are better."""
     gains = [1 - v / b for v, b in zip(values, baseline, strict=True)]
     mean = statistics.fmean(gains)
     spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
@@ -118,13 +113,17 @@ def cell_rows(results: dict, cell: dict) -> list[dict]:
     for label, row in summary.items():
         by_round = [
             {"mean": statistics.fmean(means), **dict(zip(("gain_over_fedavg", "gain_std",
-             "paired_sigmas_over_fedavg"), paired_gain(means, fedavg), strict=True))}
+             "paired_sigmas_over_fedavg"), paired(means, fedavg), strict=True))}
             for means, fedavg in zip(seed_means_by_round(results, label), fedavg_by_round,
                                      strict=True)
         ]  # fmt: skip
-        local = paired(row, summary["local"])
-        fedavg = paired(row, summary["fedavg"])
-        oracle = paired(row, summary["oracle"]) if "oracle" in summary else None
+        local = paired(row["seed_means"], summary["local"]["seed_means"])
+        fedavg = paired(row["seed_means"], summary["fedavg"]["seed_means"])
+        oracle = (
+            paired(row["seed_means"], summary["oracle"]["seed_means"])
+            if "oracle" in summary
+            else None
+        )
         target = None
         if label.split(":")[0] in TARGET_SCHEMES:
             target = bool(

@@ -21,6 +21,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from quality import paired  # bench/quality.py: the one paired gain of both benches
+
 
 def scaled_adapter(source: Path, scale: float, destination: Path, base: Path) -> Path:
     """The PEFT adapter in `source` with its B factors times `scale`, as a GGUF LoRA file."""
@@ -57,6 +59,8 @@ def main() -> None:
     settings = results["settings"]
     if settings["rounds"] != 1 or not {"local", "fedavg"} <= set(results["runs"]):
         parser.error("give a one-round run with a local and a fedavg variant")
+    if settings["seeds"] < 2:
+        parser.error("give a run of 2 or more seeds: the gains are paired over seeds")
     scales = [float(s) for s in args.scales.split(",")]
     clients = [c["name"] for c in results["clients"]]
     means: dict[float, list[float]] = {s: [] for s in scales}
@@ -91,10 +95,9 @@ def main() -> None:
     print("| --- | --- | ---: |")
     print(f"| fedavg | {statistics.fmean(fedavg):.3f} ± {statistics.stdev(fedavg):.3f} | – |")
     for s in scales:
-        gains = [1 - v / f for v, f in zip(means[s], fedavg, strict=True)]
+        gain, spread, _ = paired(means[s], fedavg)
         print(f"| local × {s:g} | {statistics.fmean(means[s]):.3f} ± "
-              f"{statistics.stdev(means[s]):.3f} | {statistics.fmean(gains):+.2%} ± "
-              f"{statistics.stdev(gains):.2%} |")  # fmt: skip
+              f"{statistics.stdev(means[s]):.3f} | {gain:+.2%} ± {spread:.2%} |")  # fmt: skip
 
 
 def results_base(run: Path) -> Path:
