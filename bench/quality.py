@@ -14,11 +14,13 @@ baselines beaten by more than 2 paired σ, at least 90% of clients beating local
 several rounds also gets each variant's perplexity and gain over FedAvg after every round. One
 plot: the gain over local against epochs, a panel per dataset, data size and rounds.
 
-    python bench/quality.py --work bench-runs/quality --datasets code-prose-mixed \\
+    python bench/quality.py --work bench/results/regime --datasets code-prose-mixed \\
         --docs 10,20 --epochs 1,3,10 --seeds 3 --plot docs/regime.png
 
 A finished cell's run folder in --work is reused and the report covers every finished cell
-there, so the map can be filled in over several runs; --report-only runs nothing.
+there, so the map can be filled in over several runs; --report-only runs nothing. In
+bench/results/regime, each cell's results.json and cell.json are kept in the repository (its
+run folder, the adapters, is ignored), so the map outlives the machine that measured it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ LoRA B factor times s), scores it on the device's test split with the same runti
 as the simulation's evaluation, and prints the mean over clients per seed next to FedAvg's mix
 of the same seed, with the paired gain (mean and std over seeds).
 
-    python bench/shrinkage.py /tmp/map/code-prose/docs-10_epochs-3_rounds-1/run --scales 0.25,0.5,1
+    python bench/shrinkage.py bench/results/regime/code-prose/docs-10_epochs-3_rounds-1/run \\
+        --scales 0.25,0.5,1
 """
 
 from __future__ import annotations
