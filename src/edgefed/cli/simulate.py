@@ -181,8 +181,8 @@ def simulate(
 
     Every device is a real workspace on a real store and runs the code of `edgefed round`;
     they share one loaded base. With no options this is the demo, a cell of the README's regime
-    map: 4 devices, two with 10 pieces of Python code, two with 10 BBC articles, each training 3
-    epochs, mixed by local, FedAvg, the oracle and perplexity trust, in minutes on a laptop CPU.
+    map: 4 devices, two with 10 pieces of Python code, two with 10 BBC articles, each training 1
+    epoch, mixed by local, FedAvg, the oracle and perplexity trust, in minutes on a laptop CPU.
     Ends with test perplexity per scheme and per client (each device's test split, never its
     trust-validation split), results.json and PNG plots in the run folder.
     """

@@ -31,7 +31,7 @@ DATASETS = ("bbc-specific", "bbc-mixed", "code-prose", "code-prose-mixed")
 REFERENCE_PER_TOPIC = 4
 REFERENCE_PER_KIND = 10  # code-prose: held-out documents of each kind
 DEFAULT_DOCS_PER_CLIENT = 10  # the built-in datasets': scarce local data, as the demo has
-# the demo's federation: where the regime map found collaboration's gain largest
+# the demo's federation: where the regime map found trust's gain over FedAvg clearest (1 epoch)
 DEMO_DATASET = "code-prose"
 MAJOR_SHARE = 0.75  # a code-prose-mixed client's share of its main kind
 MIN_CLIENT_DOCUMENTS = 6  # enough for a train, a trust-validation and a test document

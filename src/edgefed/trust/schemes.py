@@ -251,11 +251,14 @@ class TrustScheme:
     The default sharpness is chosen by measurement (README): `default_se_temperature`, when set,
     is the softmax temperature in standard errors of each peer's paired score difference and is
     the scheme's default; otherwise `default_temperature` is, in the scores' own units.
-    Perplexity's 10 standard errors beat 1 and 3 and a fixed 0.01 nats (bench/temperature.py's
-    earlier choice) in the regime map of bench/quality.py, where its scores lay about one
-    standard error apart; prediction's 0.1 (TV distance, its scores 20 standard errors apart:
-    noise is not what limits it) and weights' 1.0 (cosine) come from the earlier quality
-    benchmark. Both None: the scheme sets its weights directly.
+    Perplexity's 3 standard errors: in the regime map of bench/quality.py (scores about one
+    standard error apart) it beat FedAvg by more than 2 paired σ after 1 epoch on both
+    code/prose federations, where 10 was too soft to follow the evidence, and stayed within
+    noise of FedAvg after 3 epochs, where 1 fell 2-4% behind it; a fixed 0.01 nats
+    (bench/temperature.py's earlier choice) turns the noise into one-hot rows. Prediction's
+    0.1 (TV distance, its scores 20 standard errors apart: noise is not what limits it) and
+    weights' 1.0 (cosine) come from the earlier quality benchmark. Both None: the scheme sets
+    its weights directly.
     """
 
     name: str
@@ -284,7 +287,7 @@ class TrustScheme:
 SCHEMES: dict[str, TrustScheme] = {
     s.name: s
     for s in (
-        TrustScheme("perplexity", perplexity_trust, None, 10.0, True, True, True, False, False,
+        TrustScheme("perplexity", perplexity_trust, None, 3.0, True, True, True, False, False,
                     False, "your adapters' loss on your trust-validation text"),
         TrustScheme("prediction", prediction_trust, 0.1, None, True, True, False, True, False,
                     False, "agreement on the federation's reference text"),
