@@ -209,6 +209,8 @@ def write_plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys((r["dataset"], r["docs"], r["rounds"]) for r in rows))
+    # one colour per variant in every panel, so a line is the same variant wherever it is
+    labels = list(dict.fromkeys(r["trust"] for r in rows if r["trust"] != "local"))
     datasets = list(dict.fromkeys(d for d, _, _ in panels))
     columns = max(sum(p[0] == dataset for p in panels) for dataset in datasets)
     fig, axes = plt.subplots(len(datasets), columns, figsize=(4.2 * columns, 3.4 * len(datasets)),
@@ -225,11 +227,14 @@ def write_plot(rows: list[dict], path: Path) -> None:
                 ax.errorbar([r["epochs"] for r in line],
                             [100 * r["gain_over_local"] for r in line],
                             yerr=[100 * r["gain_over_local_std"] for r in line], marker="o",
-                            capsize=3, label=label,
+                            capsize=3, label=label, color=f"C{labels.index(label) % 10}",
                             linestyle="--" if label in ("fedavg", "oracle") else "-")  # fmt: skip
             ax.axhline(0, color="black", linewidth=0.8)
             ax.legend(fontsize="xx-small")
             ax.set_xscale("log")
+            ticks = sorted({r["epochs"] for r in part})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
             ax.set_xlabel("epochs per device (over all rounds)")
             ax.set_title(f"{dataset}, {docs} documents per client, {rounds} round(s)",
                          fontsize="small")  # fmt: skip
