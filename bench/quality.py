@@ -119,12 +119,9 @@ def cell_rows(results: dict, cell: dict) -> list[dict]:
             for means, fedavg in zip(seed_means_by_round(results, label), fedavg_by_round,
                                      strict=True)
         ]  # fmt: skip
-        local = paired(row["seed_means"], summary["local"]["seed_means"])
-        fedavg = paired(row["seed_means"], summary["fedavg"]["seed_means"])
-        oracle = (
-            paired(row["seed_means"], summary["oracle"]["seed_means"])
-            if "oracle" in summary
-            else None
+        local, fedavg, oracle = (
+            paired(row["seed_means"], summary[b]["seed_means"]) if b in summary else None
+            for b in ("local", "fedavg", "oracle")
         )
         target = None
         if label.split(":")[0] in TARGET_SCHEMES:
