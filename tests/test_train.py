@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -372,11 +373,17 @@ def test_the_gguf_copy_trains_the_fp32_copys_adapter(train_corpus, tiny_llama_gg
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
 
 
-def test_bf16_training_learns_what_float32_training_learns(train_corpus, tiny_llama_gguf, tmp_path):
+def test_bf16_training_learns_what_float32_training_learns(
+    train_corpus, tiny_llama_gguf, tmp_path, caplog
+):
     """bfloat16 matmuls round each product to 8 bits of mantissa: the adapter is not the float32
-    one, but on both copies it lowers the loss as far, and the run records that it was bf16."""
+    one, but on both copies it lowers the loss as far, and the run records that it was bf16. On
+    a CPU that emulates bfloat16 the user is told once, however many runs the process trains."""
     from edgefed.runtime.quantize import requantize
+    from edgefed.train.loop import cpu_has_bf16_matmul, warn_emulated_bf16
 
+    warn_emulated_bf16.cache_clear()
+    caplog.set_level(logging.WARNING, logger="edgefed.train.loop")
     base = requantize(tiny_llama_gguf, tmp_path / "q4_1.gguf", "q4_1")
     for precision in ("gguf", "fp32"):
         runs = {}
@@ -396,3 +403,5 @@ def test_bf16_training_learns_what_float32_training_learns(train_corpus, tiny_ll
         )
         assert runs[True].metrics.run["config"]["bf16"] is True
         assert "bf16" not in runs[False].metrics.run["config"]  # older runs still resume
+    warned = [r for r in caplog.records if "--bf16 on a CPU without bfloat16" in r.getMessage()]
+    assert len(warned) == (0 if cpu_has_bf16_matmul() else 1)
