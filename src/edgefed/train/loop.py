@@ -154,22 +154,30 @@ def _batch_tensors(tokens: np.ndarray, device):
 
 
 def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware. An x86 CPU needs AVX-512 BF16 or AMX;
-    without them PyTorch emulates the products, and --bf16 training measured 20x slower than
-    float32 on an AVX2 EPYC (README, Training speed). Other CPUs (Arm) are not judged: True."""
+    """Whether PyTorch has a fast bfloat16 matmul on this CPU: its oneDNN kernels, which need
+    AVX-512 (and are faster than float32 with AVX-512 BF16 or AMX). Without them PyTorch falls
+    back to scalar bfloat16 code, and --bf16 training measured 20x slower than float32 on an
+    AVX2-only EPYC (README, Training speed). Only x86 is judged (Arm has its own paths), and a
+    check that a later PyTorch no longer offers answers True: it must never stop training."""
     import torch
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):
+        return True
 
 
 @functools.cache
 def warn_emulated_bf16() -> None:
     """Once per process: a simulation trains many devices and each would say it again."""
     logger.warning(
-        "--bf16 on a CPU without bfloat16 units (AVX-512 BF16 or AMX): PyTorch emulates them "
-        "and training runs many times slower than float32 (20x measured, README); drop --bf16"
+        "--bf16 on an x86 CPU without AVX-512: PyTorch has no fast bfloat16 matmul here and "
+        "training runs many times slower than float32 (20x measured on an AVX2-only CPU, "
+        "README); drop --bf16"
     )
 
 
