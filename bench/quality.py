@@ -11,8 +11,9 @@ prints the mean over clients of the test perplexity of each device's mix after t
 the per-seed differences: every variant runs the same seeds), the clients that beat local and
 the gap to the oracle; and whether the issue's target is met for the trust schemes (both
 baselines beaten by more than 2 paired σ, at least 90% of clients beating local). A cell of
-several rounds also gets each variant's perplexity and gain over FedAvg after every round. One
-plot: the gain over local against epochs, a panel per dataset, data size and rounds.
+several rounds also gets each variant's perplexity and gain over FedAvg after every round. The
+plot: a row per federation, the gain over local and over FedAvg (mean ± std of the per-seed
+gains) against documents per client at a fixed training, and against epochs at a fixed size.
 
     python bench/quality.py --work bench/results/regime --datasets code-prose-mixed \\
         --docs 10,20 --epochs 1,3,10 --seeds 3 --plot docs/regime.png
@@ -140,7 +141,8 @@ def cell_rows(results: dict, cell: dict) -> list[dict]:
             "trust": label, "mean": row["mean"], "std": row["std"],
             "gain_over_local": local[0], "gain_over_local_std": local[1],
             "paired_sigmas_over_local": local[2],
-            "gain_over_fedavg": fedavg[0], "paired_sigmas_over_fedavg": fedavg[2],
+            "gain_over_fedavg": fedavg[0], "gain_over_fedavg_std": fedavg[1],
+            "paired_sigmas_over_fedavg": fedavg[2],
             "gap_to_oracle": None if oracle is None else -oracle[0],
             "beats_local": row["beats_local"], "clients": clients, "target_met": target,
             "separation": separation(results, label), "by_round": by_round,
@@ -199,44 +201,70 @@ def print_tables(rows: list[dict]) -> None:
                 print(f"| {r['trust']} | " + " | ".join(after) + " |")
 
 
+def map_panels(rows: list[dict]) -> list[tuple[str, str, str, dict]]:
+    """The map's panels, two axes per federation: data per device (documents, at a fixed
+    training) and training per device (epochs, at a fixed data size). A gain over local shows
+    where collaboration pays; the same gain over FedAvg, where personalising beats averaging.
+    A panel needs at least two points on its axis, so a lone cell shows only in the tables."""
+    panels = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        part = [r for r in rows if r["dataset"] == dataset]
+        for axis, fixed in (("docs", ("epochs", "rounds")), ("epochs", ("docs", "rounds"))):
+            for key in dict.fromkeys(tuple(r[f] for f in fixed) for r in part):
+                line = [r for r in part if tuple(r[f] for f in fixed) == key]
+                if len({r[axis] for r in line}) < 2:
+                    continue
+                where = dict(zip(fixed, key, strict=True))
+                for baseline in ("local", "fedavg"):
+                    panels.append((dataset, axis, baseline, where))
+    return panels
+
+
 def write_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r["dataset"], r["docs"], r["rounds"]) for r in rows))
+    panels = map_panels(rows)
+    if not panels:
+        print("no plot: no federation has two cells along data or training yet")
+        return
     # one colour per variant in every panel, so a line is the same variant wherever it is
     labels = list(dict.fromkeys(r["trust"] for r in rows if r["trust"] != "local"))
-    datasets = list(dict.fromkeys(d for d, _, _ in panels))
+    datasets = list(dict.fromkeys(p[0] for p in panels))
     columns = max(sum(p[0] == dataset for p in panels) for dataset in datasets)
     fig, axes = plt.subplots(len(datasets), columns, figsize=(4.2 * columns, 3.4 * len(datasets)),
-                             squeeze=False, sharey="row")  # fmt: skip
+                             squeeze=False)  # fmt: skip
+    axis_names = {"docs": "documents per client", "epochs": "epochs per device (over all rounds)"}
     for i, dataset in enumerate(datasets):
-        for j, panel in enumerate(p for p in panels if p[0] == dataset):
-            _, docs, rounds = panel
+        mine = [p for p in panels if p[0] == dataset]
+        for j, (_, axis, baseline, where) in enumerate(mine):
             ax = axes[i][j]
-            part = [r for r in rows if (r["dataset"], r["docs"], r["rounds"]) == panel]
+            part = [r for r in rows if r["dataset"] == dataset
+                    and all(r[k] == v for k, v in where.items())]  # fmt: skip
             for label in dict.fromkeys(r["trust"] for r in part):
-                if label == "local":
+                if label in ("local", baseline):
                     continue
-                line = sorted((r for r in part if r["trust"] == label), key=lambda r: r["epochs"])
-                ax.errorbar([r["epochs"] for r in line],
-                            [100 * r["gain_over_local"] for r in line],
-                            yerr=[100 * r["gain_over_local_std"] for r in line], marker="o",
-                            capsize=3, label=label, color=f"C{labels.index(label) % 10}",
+                line = sorted((r for r in part if r["trust"] == label), key=lambda r: r[axis])
+                ax.errorbar([r[axis] for r in line],
+                            [100 * r[f"gain_over_{baseline}"] for r in line],
+                            yerr=[100 * r[f"gain_over_{baseline}_std"] for r in line],
+                            marker="o", capsize=3, label=label,
+                            color=f"C{labels.index(label) % 10}",
                             linestyle="--" if label in ("fedavg", "oracle") else "-")  # fmt: skip
             ax.axhline(0, color="black", linewidth=0.8)
             ax.legend(fontsize="xx-small")
             ax.set_xscale("log")
-            ticks = sorted({r["epochs"] for r in part})
+            ticks = sorted({r[axis] for r in part})
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()
-            ax.set_xlabel("epochs per device (over all rounds)")
-            ax.set_title(f"{dataset}, {docs} documents per client, {rounds} round(s)",
-                         fontsize="small")  # fmt: skip
-        axes[i][0].set_ylabel("test perplexity gain over local (%)")
-        for j in range(sum(p[0] == dataset for p in panels), columns):
+            ax.set_xlabel(axis_names[axis])
+            versus = "FedAvg" if baseline == "fedavg" else "local"
+            ax.set_ylabel(f"test perplexity gain over {versus} (%)", fontsize="small")
+            fixed = ", ".join(f"{k} {v:g}" for k, v in where.items())
+            ax.set_title(f"{dataset} ({fixed})", fontsize="small")
+        for j in range(len(mine), columns):
             axes[i][j].axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
