@@ -40,6 +40,7 @@ DEFAULT_VARIANTS = (
     "local,fedavg,oracle,perplexity:t=0.01,perplexity:se=3,perplexity:se=10,prediction:t=0.1"
 )
 TARGET_SCHEMES = ("perplexity", "prediction")
+BASELINES = {"local", "fedavg"}  # every gain in the map is measured against them
 CELL_FILE = "cell.json"
 
 
@@ -155,6 +156,10 @@ def finished_cells(work: Path) -> list[dict]:
     for results_file in sorted(work.glob("*/*/results.json")):
         cell = json.loads((results_file.parent / CELL_FILE).read_text())
         results = json.loads(results_file.read_text())
+        if not BASELINES.issubset(results["summary"]):
+            print(f"{results_file.parent}: left out, it has no local or FedAvg run to measure "
+                  "the gains against", file=sys.stderr)  # fmt: skip
+            continue
         rows += cell_rows(results, cell)
     return sorted(rows, key=lambda r: (r["dataset"], r["docs"], r["rounds"], r["epochs"]))
 
@@ -220,7 +225,7 @@ def map_panels(rows: list[dict]) -> list[tuple[str, str, str, dict]]:
     return panels
 
 
-def write_plot(rows: list[dict], path: Path) -> None:
+def write_plot(rows: list[dict], path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,8 +233,8 @@ def write_plot(rows: list[dict], path: Path) -> None:
 
     panels = map_panels(rows)
     if not panels:
-        print("no plot: no federation has two cells along data or training yet")
-        return
+        print("\nno plot: no federation has two cells along data or training yet")
+        return False
     # one colour per variant in every panel, so a line is the same variant wherever it is
     labels = list(dict.fromkeys(r["trust"] for r in rows if r["trust"] != "local"))
     datasets = list(dict.fromkeys(p[0] for p in panels))
@@ -272,6 +277,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     os.replace(tmp, path)
     plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -289,6 +295,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write the map here")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
+    if not BASELINES.issubset(v.split(":")[0] for v in args.trust.split(",")):
+        parser.error("--trust must include local and fedavg: the map's gains are measured "
+                     "against them")  # fmt: skip
 
     if not args.report_only:
         for dataset in args.datasets.split(","):
@@ -298,8 +307,7 @@ def main() -> None:
                     run_cell(folder, dataset, docs, epochs, args)
     rows = finished_cells(args.work)
     print_tables(rows)
-    if args.plot:
-        write_plot(rows, args.plot)
+    if args.plot and write_plot(rows, args.plot):
         print(f"\nplot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
