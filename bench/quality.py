@@ -206,11 +206,12 @@ def print_tables(rows: list[dict]) -> None:
                 print(f"| {r['trust']} | " + " | ".join(after) + " |")
 
 
-def map_panels(rows: list[dict]) -> list[tuple[str, str, str, dict]]:
+def map_panels(rows: list[dict]) -> list[tuple[str, str, str, dict, list[dict]]]:
     """The map's panels, two axes per federation: data per device (documents, at a fixed
     training) and training per device (epochs, at a fixed data size). A gain over local shows
     where collaboration pays; the same gain over FedAvg, where personalising beats averaging.
-    A panel needs at least two points on its axis, so a lone cell shows only in the tables."""
+    A panel needs at least two points on its axis, so a lone cell shows only in the tables.
+    Each panel: (dataset, axis, baseline, the fixed settings, its rows)."""
     panels = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         part = [r for r in rows if r["dataset"] == dataset]
@@ -221,7 +222,7 @@ def map_panels(rows: list[dict]) -> list[tuple[str, str, str, dict]]:
                     continue
                 where = dict(zip(fixed, key, strict=True))
                 for baseline in ("local", "fedavg"):
-                    panels.append((dataset, axis, baseline, where))
+                    panels.append((dataset, axis, baseline, where, line))
     return panels
 
 
@@ -244,10 +245,8 @@ def write_plot(rows: list[dict], path: Path) -> bool:
     axis_names = {"docs": "documents per client", "epochs": "epochs per device (over all rounds)"}
     for i, dataset in enumerate(datasets):
         mine = [p for p in panels if p[0] == dataset]
-        for j, (_, axis, baseline, where) in enumerate(mine):
+        for j, (_, axis, baseline, where, part) in enumerate(mine):
             ax = axes[i][j]
-            part = [r for r in rows if r["dataset"] == dataset
-                    and all(r[k] == v for k, v in where.items())]  # fmt: skip
             for label in dict.fromkeys(r["trust"] for r in part):
                 if label in ("local", baseline):
                     continue
