@@ -52,6 +52,7 @@ def main() -> None:
     from edgefed.privacy import DpNoise, change_norm, epsilon, privatize
     from edgefed.simulation.clients import load_clients
     from edgefed.sync.folder import FolderStore
+    from edgefed.sync.manifest import Schedule
     from edgefed.train.loop import TrainConfig
     from edgefed.train.split import TEST
     from edgefed.trust.settings import TrustSettings
@@ -78,7 +79,7 @@ def main() -> None:
         names = [c.name for c in clients.clients]
         if fresh:
             init_federation(
-                store, base=loaded.base_path, warmup_steps=8, round_steps=4, wait_seconds=0
+                store, base=loaded.base_path, schedule=Schedule(warmup_steps=8, round_steps=4)
             )
             spaces = {
                 d: join_federation(store, d, data=data.get(d, data[names[0]]),

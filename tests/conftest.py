@@ -348,6 +348,15 @@ def store(store_url):
 DEVICES = ("alice", "bob", "carol")
 
 
+def no_wait_schedule():
+    """The default schedule with no wait for peers: tests run their devices one after another."""
+    from dataclasses import replace
+
+    from edgefed.device.federation import DEFAULT_SCHEDULE
+
+    return replace(DEFAULT_SCHEDULE, wait_seconds=0.0)
+
+
 def edgefed(*args: object, check: bool = True) -> subprocess.CompletedProcess:
     """The `edgefed` command with ARGS, run in this process by Typer's runner (the code a shell
     runs, without paying a Python start-up and torch import per call), reported as a finished
@@ -408,14 +417,13 @@ def federation(tiny_llama_gguf) -> dict:
     """The manifest of a rank-4 federation on the tiny base (a fresh dict for each test)."""
     from edgefed.adapter import LoraSpec
     from edgefed.quant.gguf_file import read_base_info
-    from edgefed.sync.manifest import federation_manifest
+    from edgefed.sync.manifest import Schedule, federation_manifest
 
     return federation_manifest(
         federation_id="fed-test",
         base_info=read_base_info(tiny_llama_gguf),
         lora=LoraSpec(rank=4),
-        warmup_steps=10,
-        round_steps=5,
+        schedule=Schedule(warmup_steps=10, round_steps=5),
         trust={"scheme": "perplexity"},
     )
 

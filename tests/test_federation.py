@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, assert_one_line_error, edgefed, run
+from conftest import DEVICES, assert_one_line_error, edgefed, no_wait_schedule, run
 from safetensors.torch import load_file
 
 from edgefed.errors import AdapterMismatchError, StoreError
@@ -129,7 +129,7 @@ def test_join_refuses_another_base_and_a_taken_name(
     from edgefed.sync.folder import FolderStore
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
+    init_federation(store, base=tiny_llama_gguf, schedule=no_wait_schedule())
     other_base = convert_hf_to_gguf(tiny_llama, tmp_path / "other.f32.gguf", out_type="f32")
     with pytest.raises(AdapterMismatchError, match="is not the federation's"):
         join_federation(
@@ -143,7 +143,7 @@ def test_join_refuses_another_base_and_a_taken_name(
             store, "alice", data=train_corpus, workspace=tmp_path / "b", base=tiny_llama_gguf
         )
     with pytest.raises(StoreError, match="already holds a federation"):
-        init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
+        init_federation(store, base=tiny_llama_gguf, schedule=no_wait_schedule())
 
 
 def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_are_used(
@@ -155,7 +155,7 @@ def test_a_tampered_adapter_in_the_store_is_rejected_and_reported_while_others_a
     from edgefed.sync.folder import FolderStore
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
+    init_federation(store, base=tiny_llama_gguf, schedule=no_wait_schedule())
     spaces = {
         d: join_federation(
             store, d, data=train_corpus, workspace=tmp_path / d, base=tiny_llama_gguf
@@ -234,7 +234,7 @@ def test_aggregate_writes_the_mix_and_its_trust_row_for_each_scheme(
     from edgefed.trust.settings import TrustSettings
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
+    init_federation(store, base=tiny_llama_gguf, schedule=no_wait_schedule())
     spaces = {
         d: join_federation(
             store, d, data=train_corpus, workspace=tmp_path / d, base=tiny_llama_gguf

@@ -19,6 +19,7 @@ from conftest import (
     assert_one_line_error,
     edgefed,
     free_port,
+    no_wait_schedule,
     run,
     start_relay,
     write_repetitive_corpus,
@@ -220,7 +221,7 @@ def test_a_damaged_replacement_falls_back_to_the_version_before_it(
     from edgefed.sync.manifest import ENCODING_FP16
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
+    init_federation(store, base=tiny_llama_gguf, schedule=no_wait_schedule())
     alice, bob = (join_federation(store, d, data=train_corpus, workspace=tmp_path / d,
                                   base=tiny_llama_gguf) for d in ("alice", "bob"))  # fmt: skip
     publish_adapter(store, alice, 0, adapters["alice", 0])

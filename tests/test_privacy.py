@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import random_adapter
+from conftest import no_wait_schedule, random_adapter
 
 from edgefed.adapter import LoraSpec, attach_lora, initial_tensors, lora_state
 from edgefed.errors import ConfigError, DataError
@@ -86,7 +86,7 @@ def test_a_private_publish_sends_one_draw_even_when_resumed(
     from edgefed.train.metrics import TrainMetrics, ValScore
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf, wait_seconds=0)
+    init_federation(store, base=tiny_llama_gguf, schedule=no_wait_schedule())
     space = join_federation(store, "alice", data=train_corpus, workspace=tmp_path / "alice",
                             base=tiny_llama_gguf)  # fmt: skip
     dp = DpNoise(clip=0.5, noise=0.01)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
-from conftest import assert_one_line_error, edgefed, run
+from conftest import assert_one_line_error, edgefed, no_wait_schedule, run
 
 from edgefed.device.records import ROUND_STEPS, RoundRecord
 
@@ -39,7 +40,7 @@ def workspace(tmp_path, train_corpus):
     from edgefed.sync.folder import FolderStore
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, max_staleness=2)
+    init_federation(store, schedule=replace(no_wait_schedule(), max_staleness=2))
     return join_federation(store, "alice", data=train_corpus, workspace=tmp_path / "alice")
 
 

@@ -67,14 +67,16 @@ def test_newer_unknown_damaged_and_missing_documents_get_one_clear_error(tmp_pat
 def test_a_federation_with_a_scheme_this_version_lacks_still_reads(tiny_llama_gguf):
     from edgefed.adapter import LoraSpec
     from edgefed.quant.gguf_file import read_base_info
-    from edgefed.sync.manifest import Federation, federation_manifest
+    from edgefed.sync.manifest import Federation, Schedule, federation_manifest
     from edgefed.trust.settings import TrustSettings
 
     document = federation_manifest(federation_id="fed-x", base_info=read_base_info(tiny_llama_gguf),
-                                   lora=LoraSpec(rank=4), warmup_steps=3, round_steps=2,
+                                   lora=LoraSpec(rank=4),
+                                   schedule=Schedule(warmup_steps=3, round_steps=2),
                                    trust={"scheme": "from-the-future"})  # fmt: skip
     federation = Federation.from_document(document)
-    assert federation.schedule.steps_of(0) == 3 and federation.schedule.steps_of(5) == 2
+    schedule = federation.schedule
+    assert schedule.training_of(0).steps == 3 and schedule.training_of(5).steps == 2
     assert federation.lora == LoraSpec(rank=4) and federation.document == document
     with pytest.raises(ValueError, match="unknown trust scheme 'from-the-future'"):
         TrustSettings.from_federation(federation.trust_default)  # refused where it is used

@@ -14,6 +14,7 @@ import torch
 from conftest import DEVICES, edgefed
 
 from edgefed.faults import CRASH_ENV
+from edgefed.sync.manifest import Schedule
 
 ROUND = ("--seq-len", 32, "--batch-size", 2, "--checkpoint-every", 2, "--runtime-quant", "keep",
          "--test-tokens", 512)  # fmt: skip
@@ -145,7 +146,7 @@ def test_a_poisoned_peer_gets_no_weight_and_does_no_harm(tmp_path, tiny_llama_gg
     from edgefed.trust.settings import TrustSettings
 
     store = FolderStore(tmp_path / "shared")
-    init_federation(store, base=tiny_llama_gguf, warmup_steps=10, round_steps=2, wait_seconds=0)
+    init_federation(store, base=tiny_llama_gguf, schedule=Schedule(warmup_steps=10, round_steps=2))
     spaces = {
         d: join_federation(store, d, data=train_corpus, workspace=tmp_path / d,
                            base=tiny_llama_gguf)
@@ -211,7 +212,7 @@ def test_a_round_over_a_shared_loaded_base_equals_one_that_loads_everything(
         for mode, shared in (("own loads", None), ("shared", loaded)):
             store = FolderStore(tmp_path / mode / "shared")
             init_federation(
-                store, base=tiny_llama_gguf, warmup_steps=4, round_steps=2, wait_seconds=0
+                store, base=tiny_llama_gguf, schedule=Schedule(warmup_steps=4, round_steps=2)
             )
             for device in ("bob", "alice"):  # bob first: alice must not see his state
                 space = join_federation(store, device, data=train_corpus, base=tiny_llama_gguf,

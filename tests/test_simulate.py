@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run, write_repetitive_corpus
 
-SCHEMES = "local,fedavg,weights,prediction,perplexity"
+SCHEMES = "local,fedavg,weights,prediction,perplexity,auto,fedsa,graph"
 SMALL = ("--rounds", 2, "--warmup-steps", 4, "--round-steps", 2, "--seq-len", 32,
          "--batch-size", 2, "--lr", 2e-3, "--test-tokens", 256,
          "--runtime-quant", "keep", "--precision", "fp32")  # fmt: skip
@@ -51,6 +51,27 @@ def test_a_tiny_simulation_of_every_scheme_writes_finite_results_and_the_report(
     assert summary["local"]["trust_matrices"][0] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
     for plot in results["outputs"]["plots"]:
         assert Path(plot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_chosen_mix_is_the_best_candidate_on_tokens_the_trust_scores_never_saw(simulation):
+    _, results = simulation
+    for rounds in results["runs"]["auto"].values():
+        for round_ in rounds:
+            for record in round_["devices"].values():
+                candidates = record["candidates"]
+                labels = [c["label"] for c in candidates]
+                assert "local" in labels and "fedavg" in labels, labels
+                chosen = candidates[0]
+                assert chosen["selection_nll"] == min(c["selection_nll"] for c in candidates)
+                assert record["trust"]["weights"] == pytest.approx(chosen["weights"])
+                assert all(c["standard_error"] > 0 for c in candidates[1:])
+    # the trust scores and the choice read disjoint halves of the trust-validation split
+    from edgefed.train.blocks import validation_halves
+
+    first, second = validation_halves(
+        [type("D", (), {"text": "abcdef"})()], lambda t: [ord(c) for c in t], eos=0
+    )
+    assert set(first.tolist()).isdisjoint(second.tolist())
 
 
 def test_a_simulated_device_trains_the_adapter_its_real_round_would(

@@ -33,9 +33,10 @@ from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_sign
 from edgefed.cli.round_report import describe_wait, went_on_without
 from edgefed.device.federation import (
     DEFAULT_MAX_STALENESS,
-    DEFAULT_ROUND_STEPS,
+    DEFAULT_MAX_STEPS,
+    DEFAULT_ROUND_EPOCHS,
     DEFAULT_WAIT_SECONDS,
-    DEFAULT_WARMUP_STEPS,
+    DEFAULT_WARMUP_EPOCHS,
 )
 from edgefed.trust.schemes import (
     DEFAULT_SCHEME,
@@ -43,6 +44,11 @@ from edgefed.trust.schemes import (
     temperatures_help,
     trust_scheme,
 )
+
+_SCHEDULE = "Schedule"
+# the steps of every round after the warm-up when only --warmup-steps is given (the schedule in
+# steps that federations had before epochs)
+ROUND_STEPS_WITH_WARMUP = 25
 
 
 @user_errors
@@ -54,12 +60,53 @@ def init(
     dropout: DropoutOption = LORA_DEFAULTS.dropout,
     targets: TargetsOption = DEFAULT_TARGETS_TEXT,
     init_seed: InitSeedOption = LORA_DEFAULTS.init_seed,
-    warmup_steps: Annotated[
-        int, typer.Option(help="Local steps before the first round.", min=0)
-    ] = DEFAULT_WARMUP_STEPS,
+    epochs: Annotated[
+        float,
+        typer.Option(
+            "--epochs",
+            help="How long each round trains: passes over each device's own train split "
+            "(a device with 10 documents and one with 500 both train a sensible amount; "
+            "training keeps its best validation point within it).",
+            min=0.001,
+            rich_help_panel=_SCHEDULE,
+        ),
+    ] = DEFAULT_ROUND_EPOCHS,
+    warmup_epochs: Annotated[
+        float,
+        typer.Option(
+            help="How long round 0 trains, in epochs (0: as long as any round).",
+            min=0,
+            rich_help_panel=_SCHEDULE,
+        ),
+    ] = DEFAULT_WARMUP_EPOCHS,
+    max_steps: Annotated[
+        int,
+        typer.Option(
+            help="The most steps a round trains, whatever a device holds (its time is bounded).",
+            min=1,
+            rich_help_panel=_SCHEDULE,
+        ),
+    ] = DEFAULT_MAX_STEPS,
     round_steps: Annotated[
-        int, typer.Option(help="Local steps between aggregations.", min=1)
-    ] = DEFAULT_ROUND_STEPS,
+        int | None,
+        typer.Option(
+            help="Or a schedule in steps, the same for every device: steps each round trains "
+            "(replaces the epochs).",
+            min=1,
+            show_default=False,
+            rich_help_panel=_SCHEDULE,
+        ),
+    ] = None,
+    warmup_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Or steps round 0 trains, in a schedule in steps (0: as many as any round; "
+            f"later rounds {ROUND_STEPS_WITH_WARMUP} steps unless --round-steps is given).",
+            min=0,
+            show_default=False,
+            rich_help_panel=_SCHEDULE,
+        ),
+    ] = None,
     max_staleness: Annotated[
         int,
         typer.Option(
@@ -113,6 +160,7 @@ def init(
     from edgefed.device.federation import init_federation
     from edgefed.errors import ConfigError
     from edgefed.sync.backends import open_store
+    from edgefed.sync.manifest import Schedule
     from edgefed.trust.settings import TrustSettings
 
     lora = LoraSpec(
@@ -128,15 +176,24 @@ def init(
             "choose another --trust for a federation",
         )
     defaults = TrustSettings(scheme=trust, temperature=temperature, se_temperature=se_temperature)
+    in_steps = round_steps is not None or warmup_steps is not None
+    if in_steps and round_steps is None:
+        round_steps = ROUND_STEPS_WITH_WARMUP
+    schedule = Schedule(
+        warmup_steps=warmup_steps if in_steps else None,
+        round_steps=round_steps,
+        warmup_epochs=None if in_steps else warmup_epochs,
+        round_epochs=None if in_steps else epochs,
+        max_steps=None if in_steps else max_steps,
+        max_staleness=max_staleness,
+        wait_seconds=wait,
+    )
     with open_store(store, token=store_token(token_file)) as opened:
         federation = init_federation(
             opened,
             base=base,
             lora=lora,
-            warmup_steps=warmup_steps,
-            round_steps=round_steps,
-            max_staleness=max_staleness,
-            wait_seconds=wait,
+            schedule=schedule,
             trust=defaults,
             reference=reference,
             federation_id=federation_id,

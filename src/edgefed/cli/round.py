@@ -16,7 +16,9 @@ from edgefed.cli.options import (
     DeviceOption,
     DpClipOption,
     DpNoiseOption,
+    EpochsOption,
     JsonOption,
+    KeepLastOption,
     LearningRateOption,
     MergeOption,
     MinPeersOption,
@@ -24,6 +26,7 @@ from edgefed.cli.options import (
     RuntimeQuantOption,
     SeqLenOption,
     SeTemperatureOption,
+    StepsOption,
     TemperatureOption,
     ThreadsOption,
     ThresholdOption,
@@ -72,6 +75,9 @@ def round_command(
     by_tokens: ByTokensOption = False,
     clip_norm: ClipNormOption = None,
     precision: PrecisionOption = DEFAULT_PRECISION,
+    epochs: EpochsOption = None,
+    steps: StepsOption = None,
+    keep_last: KeepLastOption = False,
     seq_len: SeqLenOption = TrainConfig.seq_len,
     batch_size: BatchSizeOption = TrainConfig.batch_size,
     lr: LearningRateOption = TrainConfig.learning_rate,
@@ -110,8 +116,11 @@ def round_command(
 ) -> None:
     """Run one round of this device: train, publish and pull, mix by trust, evaluate.
 
-    Round 0 trains the federation's warm-up steps from its shared initial adapter; every later
-    round trains its round steps from the previous round's mix. The pull waits for the peers'
+    Round 0 trains the federation's warm-up from its shared initial adapter; every later round
+    trains the round's amount (epochs of this device's own text, capped in steps; --epochs or
+    --steps override it) from the previous round's mix. Training keeps its best point on
+    held-out validation tokens, and an adapter that makes the model worse than where it started
+    is never published: the round warns and keeps the start. The pull waits for the peers'
     adapters of the round up to the federation's wait, showing who has published, and says by
     name whom it went on without. Each step is recorded when it finishes, so after a crash or
     Ctrl-C the same command resumes where it stopped and never trains a finished round again.
@@ -180,6 +189,9 @@ def _drive_rounds(
     by_tokens,
     clip_norm,
     precision,
+    epochs,
+    steps,
+    keep_last,
     seq_len,
     batch_size,
     lr,
@@ -230,6 +242,9 @@ def _drive_rounds(
             bf16=bf16,
             seed=seed,
             checkpoint_every=checkpoint_every,
+            steps=steps,
+            epochs=epochs,
+            stop_at_best=not keep_last,
         ),
         dp=dp_noise(dp_clip, dp_noise_multiplier),
         compress=compress,

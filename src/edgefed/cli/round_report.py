@@ -64,12 +64,22 @@ def round_summary(record) -> str:
     scored = "" if perplexity is None else f"test perplexity {perplexity:.3f}"
     if perplexity is not None and evaluation.get("local"):
         scored += f" (local {evaluation['local']:.3f})"
-    trained = steps.get("train", {}).get("steps")
+    train = steps.get("train", {})
+    trained = ""
+    if train.get("steps") is not None:
+        trained = f"trained {train['steps']} step{'s' * (train['steps'] != 1)}"
+        if train.get("epochs") is not None:
+            trained += f" ({train['epochs']:g} epochs)"
+        kept = train.get("kept", "trained")
+        if kept != "trained":
+            trained += f", kept {'its start' if kept == 'start' else 'the bare base'}"
+        elif train.get("kept_step", train["steps"]) < train["steps"]:
+            trained += f", kept step {train['kept_step']} (its best)"
     return "; ".join(
         part
         for part in (
             f"round {record.round}: {scored}" if scored else f"round {record.round}",
-            f"trained {trained} steps" if trained is not None else "",
+            trained,
             f"mixed {len(rounds)} peer(s): {mixed}" if rounds else "mixed no peer",
             f"{pull['rejected']} rejected" if pull.get("rejected") else "",
             f"took {_duration(seconds)}" if seconds else "",

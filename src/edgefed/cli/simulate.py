@@ -25,6 +25,11 @@ from edgefed.cli.options import (
     store_token,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.device.federation import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_ROUND_EPOCHS,
+    DEFAULT_WARMUP_EPOCHS,
+)
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 from edgefed.simulation.clients import DEFAULT_DOCS_PER_CLIENT
 from edgefed.simulation.run import (
@@ -33,7 +38,6 @@ from edgefed.simulation.run import (
     DEFAULT_SIMULATION_PRECISION,
     DEFAULT_VARIANTS,
     DEFAULT_WARMUP_STEPS,
-    DEMO_EPOCHS,
     DEMO_ROUNDS,
     DEMO_TEST_TOKENS,
     DEMO_TRAIN,
@@ -111,9 +115,11 @@ def simulate(
     epochs: Annotated[
         float | None,
         typer.Option(
-            help="Training per device, in epochs of its train split over all rounds (the "
-            f"clients' mean), shared equally by the rounds. Default: {DEMO_EPOCHS:g}, unless "
-            "the steps below are given.",
+            help="Training per device, in epochs of its own train split over all rounds, "
+            "shared equally by the rounds. Default: a federation's default schedule "
+            f"({DEFAULT_WARMUP_EPOCHS:g} epochs in round 0, {DEFAULT_ROUND_EPOCHS:g} in each "
+            f"later round, at most {DEFAULT_MAX_STEPS} steps a round), unless the steps below "
+            "are given.",
             min=0.01,
             show_default=False,
             rich_help_panel=_FEDERATION,

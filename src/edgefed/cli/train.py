@@ -15,11 +15,14 @@ from edgefed.cli.options import (
     BatchSizeOption,
     Bf16Option,
     DeviceOption,
+    EpochsOption,
     JsonOption,
+    KeepLastOption,
     LearningRateOption,
     PrecisionOption,
     RuntimeQuantOption,
     SeqLenOption,
+    StepsOption,
     ThreadsOption,
 )
 from edgefed.cli.output import emit_json, stderr, stdout, user_errors
@@ -76,16 +79,9 @@ def train(
     test_fraction: Annotated[
         float, typer.Option(help="Share of documents held out for testing.", rich_help_panel=_DATA)
     ] = SplitRule.test_fraction,
-    steps: Annotated[
-        int | None,
-        typer.Option(help="Optimizer steps. Default: one epoch.", min=1, rich_help_panel=_TRAINING),
-    ] = None,
-    epochs: Annotated[
-        float | None,
-        typer.Option(
-            help="Passes over the training split (instead of --steps).", rich_help_panel=_TRAINING
-        ),
-    ] = None,
+    steps: StepsOption = None,
+    epochs: EpochsOption = None,
+    keep_last: KeepLastOption = False,
     seq_len: SeqLenOption = TrainConfig.seq_len,
     batch_size: BatchSizeOption = TrainConfig.batch_size,
     grad_accum: Annotated[
@@ -221,6 +217,7 @@ def train(
         checkpoint_every=checkpoint_every,
         gradient_checkpointing=gradient_checkpointing,
         bf16=bf16,
+        stop_at_best=not keep_last,
     )
     rule = SplitRule(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
     given = {"rank": rank, "alpha": alpha, "dropout": dropout, "init_seed": init_seed}
@@ -304,6 +301,11 @@ def train(
     table.add_row("final train loss", f"{metrics.loss_curve[-1][1]:.4f}")
     table.add_row("trust-val perplexity, base", f"{metrics.val.base_perplexity:.3f}")
     table.add_row("trust-val perplexity, adapter", f"{metrics.val.perplexity:.3f}")
+    if metrics.stopping:
+        kept = metrics.stopping["kept"]
+        table.add_row(
+            "kept", f"step {metrics.stopping['kept_step']}" if kept == "trained" else kept
+        )
     table.add_row("wall time", f"{metrics.wall_seconds:.1f} s")
     table.add_row("peak RSS", f"{metrics.peak_rss_bytes / 2**20:,.0f} MiB")
     table.add_row("PEFT adapter", str(result.adapter_dir))

@@ -21,7 +21,7 @@ import numpy as np
 from edgefed.adapter import BASE_FINGERPRINT_KEY, read_adapter_folder, save_lora_tensors
 from edgefed.atomic import remove_leftovers
 from edgefed.device.records import TrustRecord
-from edgefed.device.split_text import device_split_tokens
+from edgefed.device.split_text import device_split_tokens, device_validation_halves
 from edgefed.device.workspace import Workspace
 from edgefed.errors import ConfigError, DataError
 from edgefed.faults import crash_point
@@ -33,7 +33,7 @@ from edgefed.train.run import DEFAULT_VAL_TOKENS
 from edgefed.train.run_folder import RunFolder
 from edgefed.train.split import TRUST_VAL
 from edgefed.trust.clip import clip_peers
-from edgefed.trust.merge import MERGES
+from edgefed.trust.merge import MERGES, merge_factors
 from edgefed.trust.schemes import (
     TrustInputs,
     TrustRow,
@@ -148,7 +148,11 @@ def aggregate_round(
         )
         row = compute_trust(scheme.name, inputs, settings.normalization, **options)
 
-    result = MERGES[settings.merge]([adapters[d] for d in row.devices], row.weights)
+    ordered = [adapters[d] for d in row.devices]
+    if row.b_weights is not None:  # fedsa: A and B by their own rows, factor-wise by definition
+        result = merge_factors(ordered, row.weights, row.b_weights)
+    else:
+        result = MERGES[settings.merge](ordered, row.weights)
     # a mix killed mid-write left its temporaries beside the outputs rewritten now
     outputs = (workspace.aggregated_dir(round_number), workspace.aggregated_gguf(round_number))
     remove_leftovers(workspace.round_dir(round_number), [path.name for path in outputs])
@@ -170,12 +174,14 @@ def aggregate_round(
         weights=row.weights,
         errors=row.errors or [],
         normalization=asdict(settings.normalization),
-        merge=settings.merge,
+        merge="factors" if row.b_weights is not None else settings.merge,
         relative_error=result.relative_error,
         delta_norms=norms,
         clip_norm=settings.clip_norm,
         peers_used=[d for d, w in zip(row.devices, row.weights, strict=True) if w > 0 and d != me],
         adapter_rounds={me: round_number} | dict(sorted(peer_rounds.items())),
+        candidates=row.candidates or [],
+        b_weights=row.b_weights or [],
     ).write(workspace.trust_path(round_number))
     return AggregateResult(
         row=row,
@@ -203,18 +209,30 @@ def _runtime_row(
         )
     runtime = loaded.runtime
     spec = workspace.federation.lora
+    validation = selection = load_mix = None
+    if scheme.needs_selection_text:
+        validation, selection = device_validation_halves(workspace, own_path, runtime, val_tokens)
+        ordered = [adapters[workspace.device]] + [
+            adapters[d] for d in sorted(adapters) if d != workspace.device
+        ]
+
+        def load_mix(weights: list[float]):
+            return loaded.load_tensors(MERGES[settings.merge](ordered, weights).tensors, spec)
+
+    elif scheme.needs_validation_text:
+        validation = device_split_tokens(workspace, own_path, runtime, TRUST_VAL, val_tokens)
     inputs = TrustInputs(
         own=workspace.device,
         adapters=adapters,
         runtime=runtime,
         runtime_adapters={d: loaded.load_tensors(t, spec) for d, t in adapters.items()},
-        val_tokens=device_split_tokens(workspace, own_path, runtime, TRUST_VAL, val_tokens)
-        if scheme.needs_validation_text
-        else None,
+        val_tokens=validation,
         reference_tokens=_reference_tokens(runtime, reference_path, val_tokens)
         if scheme.needs_reference
         else None,
         on_progress=on_progress,
+        selection_tokens=selection,
+        load_mix=load_mix,
     )
     return compute_trust(scheme.name, inputs, settings.normalization)
 

@@ -7,7 +7,6 @@ round's own steps are their own modules: `train`, `publish`, `pull`, `aggregate`
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import uuid
 from pathlib import Path
@@ -23,7 +22,6 @@ from edgefed.device.workspace import (
 )
 from edgefed.documents import Documents
 from edgefed.errors import (
-    ConfigError,
     DataError,
     InputFileError,
     ModelFormatError,
@@ -45,6 +43,7 @@ from edgefed.sync.layout import (
 )
 from edgefed.sync.manifest import (
     Federation,
+    Schedule,
     departure,
     encode_document,
     federation_manifest,
@@ -56,8 +55,6 @@ from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KeyMissing, Store
 from edgefed.trust.settings import TrustSettings
 
-DEFAULT_WARMUP_STEPS = 100
-DEFAULT_ROUND_STEPS = 25
 # how many rounds old a peer's adapter may be and still be mixed: 2 lets a device that misses
 # a round (a laptop off for a day) count for its peers' next two rounds; not yet measured
 # against other values (see README, Limits)
@@ -66,6 +63,19 @@ DEFAULT_MAX_STALENESS = 2
 # devices started together to meet (a round of the embedded base trains in minutes), short
 # enough that a device whose peers are offline goes on with their older work the same session
 DEFAULT_WAIT_SECONDS = 300.0
+# how long a round trains, in epochs of each device's own train split, capped in steps: a
+# device with 10 documents and one with 500 both train a sensible amount, and training stops
+# at its best validation point within it (README, "Training: epochs, stopping at the best")
+DEFAULT_WARMUP_EPOCHS = 2.0
+DEFAULT_ROUND_EPOCHS = 1.0
+DEFAULT_MAX_STEPS = 200
+DEFAULT_SCHEDULE = Schedule(
+    warmup_epochs=DEFAULT_WARMUP_EPOCHS,
+    round_epochs=DEFAULT_ROUND_EPOCHS,
+    max_steps=DEFAULT_MAX_STEPS,
+    max_staleness=DEFAULT_MAX_STALENESS,
+    wait_seconds=DEFAULT_WAIT_SECONDS,
+)
 
 
 def read_federation(store: Store) -> Federation:
@@ -88,25 +98,18 @@ def init_federation(
     *,
     base: str | os.PathLike[str] | None = None,
     lora: LoraSpec | None = None,
-    warmup_steps: int = DEFAULT_WARMUP_STEPS,
-    round_steps: int = DEFAULT_ROUND_STEPS,
-    max_staleness: int = DEFAULT_MAX_STALENESS,
-    wait_seconds: float = DEFAULT_WAIT_SECONDS,
+    schedule: Schedule = DEFAULT_SCHEDULE,
     trust: TrustSettings | None = None,
     reference: str | os.PathLike[str] | None = None,
     federation_id: str | None = None,
 ) -> Federation:
-    """Create a federation in an empty store; returns its manifest. `trust` sets the devices'
-    default scheme and sharpness (its other fields are each device's own choice).
+    """Create a federation in an empty store; returns its manifest. `schedule` says how long
+    each round trains (each device's own `--epochs`/`--steps` may override it) and how rounds
+    meet; `trust` sets the devices' default scheme and sharpness (its other fields are each
+    device's own choice).
 
     Raises StoreError when the store already holds one (it is never replaced).
     """
-    if max_staleness < 0 or not 0 <= wait_seconds < math.inf:
-        raise ConfigError(
-            f"max staleness {max_staleness} / wait {wait_seconds:g} s is not a count of rounds "
-            "and a finite number of seconds",
-            "give --max-staleness and --wait of 0 or more",
-        )
     from edgefed.sync.folder import FolderStore
 
     if isinstance(store, FolderStore):  # a folder may hold the user's own files: not those
@@ -126,10 +129,7 @@ def init_federation(
         federation_id=federation_id or f"fed-{uuid.uuid4().hex[:12]}",
         base_info=info,
         lora=lora or LoraSpec(),
-        warmup_steps=warmup_steps,
-        round_steps=round_steps,
-        max_staleness=max_staleness,
-        wait_seconds=wait_seconds,
+        schedule=schedule,
         trust=(trust or TrustSettings()).federation_default(),
         reference=reference_bytes,
     )

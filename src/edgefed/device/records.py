@@ -38,6 +38,11 @@ class TrustRecord(RecordFile):
     # each score's standard error relative to the device's own (runtime schemes; None for
     # itself); absent before they were measured
     errors: list[float | None] = field(default_factory=list)
+    # auto trust: every candidate mix tried, the chosen one first, each with its weights and
+    # its loss on the selection tokens (`trust.choose`); empty for the fixed schemes
+    candidates: list[dict] = field(default_factory=list)
+    # fedsa: the weights the B factors were mixed by (A's are `weights`); empty otherwise
+    b_weights: list[float] = field(default_factory=list)
 
     def weights_by_device(self) -> dict[str, float]:
         return dict(zip(self.devices, self.weights, strict=True))

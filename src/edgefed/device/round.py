@@ -20,7 +20,7 @@ from edgefed.device.evaluate import DEFAULT_TEST_TOKENS, evaluate_round
 from edgefed.device.publish import publish_adapter
 from edgefed.device.pull import WaitState, pull_round
 from edgefed.device.records import ROUND_STEPS, EvaluationRecord, RoundRecord
-from edgefed.device.train import train_round
+from edgefed.device.train import round_training, train_round
 from edgefed.device.workspace import Workspace
 from edgefed.errors import ConfigError
 from edgefed.faults import crash_point
@@ -82,11 +82,18 @@ class RoundReport:
 
 
 def _train_record(metrics: TrainMetrics) -> dict:
+    stopping = metrics.stopping or {}
     return {
         "steps": metrics.steps,
         "tokens_seen": metrics.tokens_seen,
+        # passes over this device's own train split
+        "epochs": round(metrics.tokens_seen / max(1, metrics.data["tokens"]["train"]), 2),
         "from": metrics.from_adapter,
         "val_perplexity": metrics.val.perplexity,
+        # what the run kept: "trained" (at `kept_step`), or "start" / "base" when training
+        # made the model worse (`edgefed.train.stopping`)
+        "kept": stopping.get("kept", "trained"),
+        "kept_step": stopping.get("kept_step", metrics.steps),
     }
 
 
@@ -223,7 +230,8 @@ class RoundEstimate:
             self.wait_seconds
         )
         return (
-            f"round {self.round}: about {work} ({self.train_steps} training steps at "
+            f"round {self.round}: about {work} ({self.train_steps} training "
+            f"step{'s' * (self.train_steps != 1)} at "
             f"{self.train_tokens_per_second:,.0f} tokens/s, scoring as long as last round)"
             f"{waiting}"
         )
@@ -250,12 +258,14 @@ def estimate_round(
     config = options.train
     if speed <= 0 or metrics.run["config"].get("bf16", False) != config.bf16:
         return None  # nothing measured at this round's arithmetic
-    steps = workspace.federation.schedule.steps_of(round_number)
+    steps = round_training(workspace, round_number, config).total_steps(
+        int(metrics.data["train_blocks"])
+    )
     record = workspace.read_round_record(last)
     waited = record.steps.get("pull", {}).get("waited_seconds", 0.0)
     other = sum(
         details.get("seconds", 0.0) for step, details in record.steps.items() if step != "train"
-    )
+    ) + (metrics.stopping or {}).get("seconds", 0.0)
     wait = options.wait_seconds
     return RoundEstimate(
         round=round_number,

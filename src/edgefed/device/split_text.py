@@ -16,9 +16,15 @@ import numpy as np
 
 from edgefed.device.workspace import Workspace
 from edgefed.documents import read_documents
-from edgefed.train.blocks import evaluation_stream, token_stream
+from edgefed.train.blocks import evaluation_stream, token_stream, validation_halves
 from edgefed.train.run_folder import RunFolder
-from edgefed.train.split import SplitRule, read_split_rule, recorded_splits, split_documents
+from edgefed.train.split import (
+    TRUST_VAL,
+    SplitRule,
+    read_split_rule,
+    recorded_splits,
+    split_documents,
+)
 
 
 def _split_manifest(run_dir: Path) -> Path | None:
@@ -41,13 +47,28 @@ def recorded_assignment(run_dir: Path) -> dict[str, str]:
     return recorded_splits(manifest) if manifest else {}
 
 
-def device_split_tokens(
-    workspace: Workspace, run_dir: Path, runtime, split: str, limit: int | None
-) -> np.ndarray:
-    """BOS-led tokens of `split` of this device's data, at most `limit` (None: all)."""
+def _split_documents(workspace: Workspace, run_dir: Path, split: str):
     documents = read_documents(workspace.config.data)
     parts = split_documents(
         documents.documents, recorded_rule(run_dir), recorded_assignment(run_dir)
     )
-    stream = token_stream(parts[split], lambda t: runtime.tokenize(t, add_bos=False), runtime.eos)
+    return parts[split]
+
+
+def device_split_tokens(
+    workspace: Workspace, run_dir: Path, runtime, split: str, limit: int | None
+) -> np.ndarray:
+    """BOS-led tokens of `split` of this device's data, at most `limit` (None: all)."""
+    documents = _split_documents(workspace, run_dir, split)
+    stream = token_stream(documents, lambda t: runtime.tokenize(t, add_bos=False), runtime.eos)
     return evaluation_stream(stream, runtime.bos, limit)
+
+
+def device_validation_halves(
+    workspace: Workspace, run_dir: Path, runtime, limit: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """BOS-led (trust half, selection half) of this device's trust-validation split, each at
+    most `limit` tokens (`validation_halves`)."""
+    documents = _split_documents(workspace, run_dir, TRUST_VAL)
+    halves = validation_halves(documents, lambda t: runtime.tokenize(t, add_bos=False), runtime.eos)
+    return tuple(evaluation_stream(half, runtime.bos, limit) for half in halves)

@@ -1,9 +1,12 @@
 """The train step: this round's local steps, from the previous round's mix.
 
-Round 0 trains the federation's warm-up steps (its round steps when the warm-up is 0) from the
-shared initial adapter; every later round trains its round steps from the previous round's
-mix, with the previous round's AdamW state (the optimizer state never leaves the device). A
-crash inside the step resumes from the run's last checkpoint.
+Round 0 trains the federation's warm-up (its round amount when the warm-up is 0) from the
+shared initial adapter; every later round trains its round amount from the previous round's
+mix, with the previous round's AdamW state (the optimizer state never leaves the device). The
+amount is the federation's schedule (epochs of this device's own train split, capped in steps;
+or steps) unless this device overrides it (`--epochs`, `--steps`). Training keeps its best
+validation point and never an adapter worse than where it started (`edgefed.train.stopping`).
+A crash inside the step resumes from the run's last checkpoint.
 
 Every round of a device splits its data the same way, or a later round could train on a document
 an earlier round held out and its numbers would not compare: a round's run folder starts from the
@@ -38,9 +41,10 @@ def train_round(
 ) -> TrainMetrics:
     """Train (or finish training) the round's adapter into the workspace; its metrics.
 
-    The length comes from the federation's schedule and the seed moves with the round (a new
-    data order every round); `config` gives the rest. Raises InputFileError when the previous
-    round is not aggregated yet, and what `train_adapter` raises.
+    The length is `config`'s steps or epochs when it sets one, else the federation's
+    schedule (`round_training`); the seed moves with the round (a new data order every
+    round); `config` gives the rest. Raises InputFileError when the previous round is not
+    aggregated yet, and what `train_adapter` raises.
     """
     workspace.check_base(loaded)
     config = config or TrainConfig()
@@ -63,10 +67,7 @@ def train_round(
         run.root,
         loaded,
         config=replace(
-            config,
-            steps=federation.schedule.steps_of(round_number),
-            epochs=None,
-            seed=config.seed + round_number,
+            round_training(workspace, round_number, config), seed=config.seed + round_number
         ),
         lora=None if start else federation.lora,
         from_adapter=start,
@@ -78,6 +79,17 @@ def train_round(
         should_stop=should_stop,
     )
     return result.metrics
+
+
+def round_training(workspace: Workspace, round_number: int, config: TrainConfig) -> TrainConfig:
+    """`config` with the round's length: its own steps or epochs (a device's override) when it
+    sets one, else the federation schedule's for the round."""
+    if config.steps is not None or config.epochs is not None:
+        return config
+    training = workspace.federation.schedule.training_of(round_number)
+    return replace(
+        config, steps=training.steps, epochs=training.epochs, max_steps=training.max_steps
+    )
 
 
 def _carry_split_record(workspace: Workspace, round_number: int) -> None:

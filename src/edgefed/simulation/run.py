@@ -32,7 +32,7 @@ from pathlib import Path
 
 from edgefed.adapter import LoraSpec
 from edgefed.atomic import atomic_write_text
-from edgefed.device.federation import init_federation, join_federation
+from edgefed.device.federation import DEFAULT_SCHEDULE, init_federation, join_federation
 from edgefed.device.round import RoundOptions, run_round
 from edgefed.device.workspace import Workspace
 from edgefed.errors import ConfigError, DataError, InputFileError
@@ -40,7 +40,7 @@ from edgefed.loaded_base import LoadedBase
 from edgefed.simulation.clients import ClientSet
 from edgefed.sync.folder import FolderStore
 from edgefed.sync.layout import manifest_key
-from edgefed.sync.manifest import parse_document
+from edgefed.sync.manifest import Schedule, parse_document
 from edgefed.train.loop import TrainConfig
 from edgefed.trust.settings import TrustSettings, parse_variants
 
@@ -53,12 +53,14 @@ DEFAULT_VARIANTS = "local,fedavg,oracle,perplexity"
 # for one epoch, where mixing by trust beat FedAvg (past it, every device overfits its few
 # documents and the widest average wins); minutes on a laptop CPU; the CLI's defaults are these
 DEMO_TRAIN = TrainConfig(seq_len=128, batch_size=2, learning_rate=2e-3)
-DEMO_EPOCHS = 1.0
 DEMO_ROUNDS = 1
 DEMO_VAL_TOKENS = 1024  # at most: a client's split of 10 documents holds about 500-900
 DEMO_TEST_TOKENS = 1024
 # steps, when the training is given as steps instead of epochs and one of them is not
 DEFAULT_WARMUP_STEPS, DEFAULT_ROUND_STEPS = 8, 4
+# a simulation's devices train as a federation's do by default (warm-up and round epochs of
+# each device's own train split, capped in steps), and never wait: all publish before any pulls
+SIMULATION_SCHEDULE = replace(DEFAULT_SCHEDULE, wait_seconds=0.0)
 # the figures in the README were measured with CPU training: a simulation trains there unless
 # told otherwise, so its results compare with them
 DEFAULT_SIMULATION_DEVICE = "cpu"
@@ -78,9 +80,9 @@ class SimulationSettings:
     )
     seeds: int = 1
     rounds: int = DEMO_ROUNDS
-    # the training, as epochs (each round trains epochs / rounds passes over the clients' mean
-    # train split: `epoch_schedule`) or as steps; neither given: DEMO_EPOCHS, one step count
-    # given: the other's default
+    # the training: `epochs` passes over each device's own train split in all, shared equally
+    # by the rounds; or steps; neither: the federation's default schedule (SIMULATION_SCHEDULE);
+    # one step count given: the other's default
     epochs: float | None = None
     warmup_steps: int | None = None
     round_steps: int | None = None
@@ -100,21 +102,21 @@ class SimulationSettings:
             )
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ConfigError(f"--epochs {self.epochs:g} is not positive", "e.g. --epochs 3")
-        if steps == (None, None):
-            object.__setattr__(self, "epochs", self.epochs or DEMO_EPOCHS)
-        elif self.epochs is None:
+        if steps != (None, None):
             if self.warmup_steps is None:
                 object.__setattr__(self, "warmup_steps", DEFAULT_WARMUP_STEPS)
             if self.round_steps is None:
                 object.__setattr__(self, "round_steps", DEFAULT_ROUND_STEPS)
 
-    def with_steps(self, train_tokens: dict[str, int]) -> SimulationSettings:
-        """These settings with the training as steps (derived from the epochs, if given)."""
-        if self.epochs is None:
-            return self
-        options = self.round_options.train
-        steps = epoch_schedule(train_tokens, self.epochs, self.rounds, options)
-        return replace(self, epochs=None, warmup_steps=steps, round_steps=steps)
+    @property
+    def schedule(self) -> Schedule:
+        """The federation schedule every simulated federation is made with."""
+        if self.round_steps is not None:
+            return Schedule(warmup_steps=self.warmup_steps, round_steps=self.round_steps)
+        if self.epochs is not None:
+            per_round = self.epochs / self.rounds
+            return Schedule(warmup_epochs=per_round, round_epochs=per_round)
+        return SIMULATION_SCHEDULE
 
 
 @dataclass(frozen=True)
@@ -198,8 +200,6 @@ def simulate(
         client_set = _cap_tokens(client_set, loaded.runtime, max_tokens)
         _check_splits(client_set)
     train_tokens = {c.name: _train_tokens(c, loaded.runtime) for c in client_set.clients}
-    epochs = settings.epochs
-    settings = settings.with_steps(train_tokens)
     data = client_set.write(out_dir / "clients")
     reference = out_dir / "clients" / "reference.txt"
     runs: dict[str, dict[str, list]] = {v.label: {} for v in settings.variants}
@@ -215,9 +215,7 @@ def simulate(
                     store,
                     base=loaded.base_path,
                     lora=replace(settings.lora, init_seed=seed),
-                    warmup_steps=settings.warmup_steps,
-                    round_steps=settings.round_steps,
-                    wait_seconds=0,  # every device publishes before any pulls: none is late
+                    schedule=settings.schedule,
                     trust=variant,
                     reference=reference,
                 )
@@ -267,6 +265,8 @@ def simulate(
                             # the raw scores and their standard errors, in trust's order
                             "scores": record.scores,
                             "errors": record.errors,
+                            # auto trust: every candidate mix and its selection score
+                            "candidates": record.candidates,
                             "bytes": _round_bytes(store, space, round_number, peers),
                         }
                         done += 1
@@ -280,9 +280,8 @@ def simulate(
             "variants": [v.label for v in settings.variants],
             "seeds": settings.seeds,
             "rounds": settings.rounds,
-            "warmup_steps": settings.warmup_steps,
-            "round_steps": settings.round_steps,
-            "epochs": epochs,
+            "schedule": settings.schedule.as_dict(),
+            "epochs": settings.epochs,
             "lora": settings.lora.as_dict(),
             "train": asdict(options.train),
             "precision": loaded.precision,
@@ -331,17 +330,6 @@ def _train_tokens(client, runtime) -> int:
 
     documents = split_documents(client.documents, SplitRule())[TRAIN]
     return sum(len(runtime.tokenize(d.text, add_bos=False)) + 1 for d in documents)
-
-
-def epoch_schedule(
-    train_tokens: dict[str, int], epochs: float, rounds: int, train: TrainConfig
-) -> int:
-    """Steps per round (the warm-up's too) so that a device with the clients' mean train split
-    trains `epochs` epochs of it over `rounds` rounds, at least one step a round."""
-    mean_tokens = statistics.fmean(train_tokens.values())
-    # a block holds seq_len - 1 text tokens after its BOS (`pack_blocks`)
-    steps_per_epoch = mean_tokens / ((train.seq_len - 1) * train.batch_size * train.grad_accum)
-    return max(1, round(epochs * steps_per_epoch / rounds))
 
 
 def _epochs_done(space: Workspace | None, rounds: int, train_tokens: int) -> float | None:

@@ -8,7 +8,8 @@ signature vouches for the manifest and the blob together.
     federation.json  {"format", "id", "created", "base": {"sha256", "architecture", "name",
                       "parameters"}, "lora": {"rank", "alpha", "dropout", "targets",
                       "init_seed"}, "lora_modules": {module: [in, out]}, "schedule":
-                      {"warmup_steps", "round_steps", "max_staleness", "wait_seconds"},
+                      {"warmup_epochs", "round_epochs", "max_steps" | "warmup_steps",
+                      "round_steps", "max_staleness", "wait_seconds"},
                       "trust": {...}, "reference": {"sha256", "bytes"} | null,
                       "limits": {"adapter_bytes"}}
     devices/<d>.json {"format", "device", "public_key" (base64 raw Ed25519), "registered"}
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from edgefed.adapter import LoraSpec
-from edgefed.errors import AdapterMismatchError, EdgefedError, ModelFormatError
+from edgefed.errors import AdapterMismatchError, ConfigError, EdgefedError, ModelFormatError
 from edgefed.sync.signing import DeviceKey, signature_is_valid
 
 FORMAT_VERSION = 1
@@ -133,11 +134,8 @@ def federation_manifest(
     federation_id: str,
     base_info,
     lora,
-    warmup_steps: int,
-    round_steps: int,
+    schedule: Schedule,
     trust: Mapping,
-    max_staleness: int = 0,
-    wait_seconds: float = 0.0,
     reference: bytes | None = None,
 ) -> dict:
     """The manifest of a new federation over `base_info` with LoRA spec `lora`.
@@ -164,12 +162,7 @@ def federation_manifest(
         },
         "lora": lora.as_dict(),
         "lora_modules": {m: list(s) for m, s in modules.items()},
-        "schedule": {
-            "warmup_steps": warmup_steps,
-            "round_steps": round_steps,
-            "max_staleness": max_staleness,
-            "wait_seconds": wait_seconds,
-        },
+        "schedule": schedule.as_dict(),
         "trust": dict(trust),
         "reference": None
         if reference is None
@@ -179,30 +172,109 @@ def federation_manifest(
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """How many local steps each round trains: round 0 the warm-up (when set), then round_steps;
-    and how many rounds old a peer's adapter may be and still be mixed (`max_staleness`: a
-    device aggregating round r mixes each peer's freshest adapter of rounds r-max_staleness..r).
-    A federation made before asynchronous mixing has none recorded: 0, lock-step as it was.
-    `wait_seconds` is how long a round waits by default for its peers' adapters of the round
-    (0 in a federation made before the wait had a default)."""
+class RoundTraining:
+    """How long one round trains: a number of steps, or epochs of the device's own train split
+    with at most `max_steps` steps (None: no cap)."""
 
-    warmup_steps: int
-    round_steps: int
+    steps: int | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+
+    def describe(self) -> str:
+        if self.steps is not None:
+            return f"{self.steps} step{'s' * (self.steps != 1)}"
+        cap = f", at most {self.max_steps} steps" if self.max_steps else ""
+        return f"{self.epochs:g} epoch{'s' * (self.epochs != 1)}{cap}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long each round trains: round 0 the warm-up, then every round the round's amount,
+    either in epochs of each device's own train split (capped at `max_steps`, so a device with
+    much text trains a bounded time) or, in a federation made so (or before epochs existed),
+    in steps; and how many rounds old a peer's adapter may be and still be mixed
+    (`max_staleness`: a device aggregating round r mixes each peer's freshest adapter of rounds
+    r-max_staleness..r; 0 in a federation made before asynchronous mixing). `wait_seconds` is
+    how long a round waits by default for its peers' adapters of the round (0 in a federation
+    made before the wait had a default)."""
+
+    warmup_steps: int | None = None
+    round_steps: int | None = None
+    warmup_epochs: float | None = None
+    round_epochs: float | None = None
+    max_steps: int | None = None
     max_staleness: int = 0
     wait_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         # read from a store: a NaN or infinite wait would hold every device for ever
         if not (0 <= self.wait_seconds < math.inf) or self.max_staleness < 0:
-            raise ValueError(
-                f"schedule wait {self.wait_seconds} s / max staleness {self.max_staleness}"
+            raise ConfigError(
+                f"schedule wait {self.wait_seconds:g} s / max staleness {self.max_staleness} "
+                "is not a finite number of seconds and a count of rounds",
+                "give --wait and --max-staleness of 0 or more",
+            )
+        in_steps = self.round_steps is not None or self.warmup_steps is not None
+        in_epochs = self.round_epochs is not None or self.warmup_epochs is not None
+        if in_steps and in_epochs:
+            raise ConfigError(
+                "the schedule is given both in steps and in epochs",
+                "give --epochs/--warmup-epochs, or --round-steps/--warmup-steps",
+            )
+        amounts = (self.warmup_steps, self.round_steps)
+        epochs = (self.warmup_epochs, self.round_epochs)
+        if (
+            any(n is not None and n < 0 for n in amounts)
+            or any(e is not None and not (0 <= e < math.inf) for e in epochs)
+            or (self.max_steps is not None and self.max_steps < 1)
+        ):
+            raise ConfigError(
+                f"schedule steps {amounts} / epochs {epochs} / max steps {self.max_steps} "
+                "are not all finite and positive",
+                "give positive --epochs, --warmup-epochs, --max-steps or step counts",
+            )
+        if not ((self.round_steps or 0) >= 1 or (self.round_epochs or 0) > 0):
+            raise ConfigError(
+                "the schedule trains nothing in a round",
+                "give a positive --epochs (or --round-steps)",
             )
 
-    def steps_of(self, round_number: int) -> int:
-        if round_number == 0 and self.warmup_steps > 0:
-            return self.warmup_steps
-        return self.round_steps
+    def training_of(self, round_number: int) -> RoundTraining:
+        if self.round_epochs is not None:
+            warmup = self.warmup_epochs
+            epochs = warmup if round_number == 0 and warmup else self.round_epochs
+            return RoundTraining(epochs=epochs, max_steps=self.max_steps)
+        warmup_steps = self.warmup_steps or 0
+        steps = warmup_steps if round_number == 0 and warmup_steps > 0 else self.round_steps
+        return RoundTraining(steps=steps)
+
+    def as_dict(self) -> dict:
+        """The manifest's "schedule": the fields in use."""
+        if self.round_epochs is not None:
+            amounts = {
+                "warmup_epochs": self.warmup_epochs or 0.0,
+                "round_epochs": self.round_epochs,
+                "max_steps": self.max_steps,
+            }
+        else:
+            amounts = {"warmup_steps": self.warmup_steps or 0, "round_steps": self.round_steps}
+        return amounts | {"max_staleness": self.max_staleness, "wait_seconds": self.wait_seconds}
+
+    @classmethod
+    def from_dict(cls, schedule: Mapping) -> Schedule:
+        def number(key: str, kind):
+            value = schedule.get(key)
+            return None if value is None else kind(value)
+
+        return cls(
+            warmup_steps=number("warmup_steps", int),
+            round_steps=number("round_steps", int),
+            warmup_epochs=number("warmup_epochs", float),
+            round_epochs=number("round_epochs", float),
+            max_steps=number("max_steps", int),
+            max_staleness=int(schedule.get("max_staleness", 0)),
+            wait_seconds=float(schedule.get("wait_seconds", 0.0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -241,12 +313,7 @@ class Federation:
                 lora_modules={
                     m: tuple(int(n) for n in s) for m, s in document["lora_modules"].items()
                 },
-                schedule=Schedule(
-                    int(schedule["warmup_steps"]),
-                    int(schedule["round_steps"]),
-                    int(schedule.get("max_staleness", 0)),
-                    float(schedule.get("wait_seconds", 0.0)),
-                ),
+                schedule=Schedule.from_dict(schedule),
                 trust_default=dict(document.get("trust") or {}),
                 reference_sha256=(document.get("reference") or {}).get("sha256"),
                 adapter_bytes_limit=int(document["limits"]["adapter_bytes"]),

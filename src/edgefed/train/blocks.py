@@ -62,6 +62,32 @@ def pack_blocks(stream: np.ndarray, seq_len: int, bos: int) -> TokenBlocks:
     return TokenBlocks(tokens=blocks, text_tokens=len(stream))
 
 
+def validation_halves(
+    documents: Sequence[Document], tokenize: Callable[[str], np.ndarray], eos: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The trust-validation split cut in two disjoint streams: the first half of every
+    document (the trust half) and the second half (the selection half).
+
+    Two decisions are made on a device's held-out text: which training step and which trust
+    row (fit to the trust half), and which candidate mix to keep (`edgefed.trust.choose`, on
+    the selection half). A choice made on the tokens that fitted what it chooses among
+    favours whatever fitted them best, so the two get separate tokens. Every document gives
+    to both, so a split of one document still feeds both, and each half keeps its text in
+    order (natural contexts, unlike interleaved chunks).
+    """
+    first, second = [], []
+    for document in documents:
+        tokens = np.append(tokenize(document.text), np.int32(eos)).astype(np.int32)
+        middle = len(tokens) // 2
+        first.append(tokens[:middle])
+        second.append(tokens[middle:])
+    empty = np.zeros(0, np.int32)
+    return (
+        np.concatenate(first) if first else empty,
+        np.concatenate(second) if second else empty,
+    )
+
+
 def evaluation_stream(stream: np.ndarray, bos: int, max_tokens: int | None) -> np.ndarray:
     """BOS + the first `max_tokens` tokens of a split's stream (all of it when None)."""
     kept = stream if max_tokens is None else stream[:max_tokens]

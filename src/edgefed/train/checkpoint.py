@@ -24,6 +24,7 @@ from edgefed.errors import ModelFormatError
 CHECKPOINT_FORMAT_VERSION = 1
 _META_KEY = "edgefed.checkpoint"
 _LORA, _OPTIMIZER, _RNG, _CUDA_RNG = "lora.", "optimizer.", "rng.torch", "rng.cuda"
+_EXTRA = "extra."  # tensors of the run's other state (the stopper's best point and scores)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Checkpoint:
     rng_state: object  # torch ByteTensor
     meta: dict  # config, data fingerprint, loss curve, tokens seen, seconds
     cuda_rng_state: object | None = None  # when training on a GPU, its dropout RNG too
+    extra: dict | None = None  # name -> tensor: the stopper's state (`Stopper.state`)
 
 
 def optimizer_tensors(state_dict: Mapping) -> tuple[dict, list]:
@@ -75,6 +77,7 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> Non
     flat[_RNG] = checkpoint.rng_state
     if checkpoint.cuda_rng_state is not None:
         flat[_CUDA_RNG] = checkpoint.cuda_rng_state
+    flat |= {f"{_EXTRA}{k}": v.contiguous() for k, v in (checkpoint.extra or {}).items()}
     meta = checkpoint.meta | {
         "format": CHECKPOINT_FORMAT_VERSION,
         "step": checkpoint.step,
@@ -113,6 +116,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         rng_state=flat[_RNG],
         meta=meta,
         cuda_rng_state=flat.get(_CUDA_RNG),
+        extra={k.removeprefix(_EXTRA): v for k, v in flat.items() if k.startswith(_EXTRA)},
     )
 
 

@@ -26,6 +26,7 @@ from edgefed.errors import ConfigError, TrainingError
 from edgefed.faults import crash_point
 from edgefed.train.blocks import PAD, TokenBlocks
 from edgefed.train.checkpoint import Checkpoint, save_checkpoint
+from edgefed.train.stopping import Stopper
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,25 @@ class TrainConfig:
     # matmuls in bfloat16 under torch.autocast (AVX-512 BF16 on a CPU, tensor cores on a GPU);
     # the weights, LoRA factors, optimizer state and the loss's softmax stay float32
     bf16: bool = False
+    # with epochs: the most steps a run may take (a device with much text trains a bounded time)
+    max_steps: int | None = None
+    # score held-out tokens every `eval_every` steps (None: about 8 times a run) and keep the
+    # best point's adapter (`edgefed.train.stopping`); False: score only the start and the end
+    # (the guard against a wrecked adapter still applies)
+    stop_at_best: bool = True
+    eval_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
             raise ConfigError(
                 "--steps and --epochs are both given", "give either steps or epochs, not both"
+            )
+        if (self.max_steps is not None and self.max_steps < 1) or (
+            self.eval_every is not None and self.eval_every < 1
+        ):
+            raise ConfigError(
+                f"max steps {self.max_steps} / evaluation interval {self.eval_every} is below 1",
+                "give --max-steps and --eval-every of at least 1",
             )
         for name in ("seq_len", "batch_size", "grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -76,14 +91,20 @@ class TrainConfig:
         if self.steps is not None:
             return self.steps
         per_epoch = math.ceil(n_blocks / self.batch_size)
-        return max(1, math.ceil((self.epochs or 1.0) * per_epoch / self.grad_accum))
+        steps = max(1, math.ceil((self.epochs or 1.0) * per_epoch / self.grad_accum))
+        return min(steps, self.max_steps) if self.max_steps else steps
 
     def as_dict(self) -> dict:
-        """The fields; bf16 only when on, so runs from before it existed still resume."""
+        """The fields; those added later only when not at their default, so runs from before
+        they existed still resume."""
         values = asdict(self)
-        if not self.bf16:
-            del values["bf16"]
+        for name, default in _LATER_FIELDS.items():
+            if values[name] == default:
+                del values[name]
         return values
+
+
+_LATER_FIELDS = {"bf16": False, "max_steps": None, "stop_at_best": True, "eval_every": None}
 
 
 @dataclass(frozen=True)
@@ -192,8 +213,12 @@ def train_steps(
     checkpoint_meta: dict,
     on_progress: Callable[[TrainProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    stopper: Stopper | None = None,
 ) -> TrainState:
     """Run from `state.step` to the last step, checkpointing as configured; returns the state.
+
+    A `stopper` (started by the caller) scores the model at its intervals and after the last
+    step, and its state travels in the checkpoints.
 
     Raises TrainingInterrupted when `should_stop` turns true (after checkpointing) and
     TrainingError when the loss stops being finite.
@@ -217,6 +242,9 @@ def train_steps(
             "seconds": state.seconds,
             "loss_curve": state.loss_curve,
         }
+        extra = None
+        if stopper is not None:
+            meta["stopper"], extra = stopper.state()
         save_checkpoint(
             checkpoint_path,
             Checkpoint(
@@ -226,6 +254,7 @@ def train_steps(
                 rng_state=torch.get_rng_state(),
                 meta=meta,
                 cuda_rng_state=torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                extra=extra,
             ),
         )
 
@@ -278,6 +307,8 @@ def train_steps(
                     tokens_per_second=session_tokens / (time.perf_counter() - session_start),
                 )
             )
+        if stopper is not None and stopper.due(state.step, total):
+            stopper.observe(model, state.step)
         if state.step % config.checkpoint_every == 0 and state.step < total:
             checkpoint()
             crash_point("train-checkpoint")

@@ -41,10 +41,14 @@ class TrainMetrics(RecordFile):
     val: ValScore
     wall_seconds: float
     peak_rss_bytes: int
+    # what the run kept and why (`StopOutcome.as_dict`); absent before runs stopped at best
+    stopping: dict | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainMetrics:
-        values = {f.name: data[f.name] for f in fields(cls)}
+        values = {
+            f.name: data[f.name] for f in fields(cls) if f.name in data or f.name != "stopping"
+        }
         return cls(**values | {"val": ValScore(**data["val"])})
 
     def published_metrics(self) -> tuple[int, dict]:

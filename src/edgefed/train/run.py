@@ -29,7 +29,12 @@ from edgefed.atomic import remove_leftovers
 from edgefed.documents import DEFAULT_TEXT_FIELD, Documents, read_documents
 from edgefed.errors import AdapterMismatchError, InputFileError, TrainingError
 from edgefed.loaded_base import LoadedBase
-from edgefed.train.blocks import evaluation_stream, pack_blocks, token_stream
+from edgefed.train.blocks import (
+    evaluation_stream,
+    pack_blocks,
+    token_stream,
+    validation_halves,
+)
 from edgefed.train.checkpoint import load_checkpoint, load_optimizer_state, save_optimizer_state
 from edgefed.train.loop import TrainConfig, TrainProgress, TrainState, train_steps
 from edgefed.train.metrics import TrainMetrics, ValScore
@@ -44,6 +49,7 @@ from edgefed.train.split import (
     recorded_splits,
     split_documents,
 )
+from edgefed.train.stopping import DEFAULT_STOP_TOKENS, TRAINED, Stopper, interval
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +210,15 @@ def train_adapter(
         on_data(summary)
     blocks = pack_blocks(streams[TRAIN], config.seq_len, runtime.bos)
     val_tokens = evaluation_stream(streams[TRUST_VAL], runtime.bos, eval_tokens)
+    trust_half, _ = validation_halves(
+        split[TRUST_VAL], lambda t: runtime.tokenize(t, add_bos=False), runtime.eos
+    )
+    stop_tokens = evaluation_stream(
+        trust_half if len(trust_half) >= 2 else streams[TRUST_VAL],
+        runtime.bos,
+        DEFAULT_STOP_TOKENS,
+    )
+    total_steps = config.total_steps(blocks.count)
     run_identity = {
         "base_sha256": loaded.fingerprint,
         "data_sha256": blocks.fingerprint(),
@@ -232,6 +247,13 @@ def train_adapter(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay
     )
     state = TrainState()
+    stopper = Stopper(
+        stop_tokens,
+        config.seq_len,
+        interval(total_steps, config.eval_every),
+        batch_size=config.batch_size,
+        stop_at_best=config.stop_at_best,
+    )
     if checkpoint is not None:
         load_lora_state(model, checkpoint.lora)
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -244,12 +266,15 @@ def train_adapter(
             seconds=float(checkpoint.meta["seconds"]),
             loss_curve=[(int(s), float(v)) for s, v in checkpoint.meta["loss_curve"]],
         )
+        stopper.restore(checkpoint.meta["stopper"], checkpoint.extra or {})
         status(f"resuming at step {state.step}")
     else:
         load_lora_state(model, start_tensors if start_tensors is not None else initial_state)
         if optimizer_state is not None:
             _load_optimizer(optimizer, optimizer_state)
         torch.manual_seed(config.seed)  # seeds the CUDA generators too
+        status("scoring the starting point on the validation tokens it stops by")
+        stopper.start(model, _without_b(start_tensors) if start_tensors is not None else None)
 
     status("training")
     state = train_steps(
@@ -262,7 +287,18 @@ def train_adapter(
         checkpoint_meta={"run": run_identity, "base_val_perplexity": base_val},
         on_progress=on_progress,
         should_stop=should_stop,
+        stopper=stopper,
     )
+    stopping = stopper.outcome()
+    if stopping.kept == TRAINED:
+        load_lora_state(model, stopper.best_state)
+    else:
+        start = start_tensors if start_tensors is not None else initial_state
+        load_lora_state(model, start if stopping.kept == "start" else _without_b(start))
+    if stopping.fell_back:
+        logger.warning(stopping.describe())
+    else:
+        status(stopping.describe())
 
     status("writing the adapter")
     adapter_dir = save_peft_adapter(
@@ -293,10 +329,16 @@ def train_adapter(
         ),
         wall_seconds=round(time.perf_counter() - started, 3),
         peak_rss_bytes=peak_rss_bytes(),
+        stopping=stopping.as_dict(),
     )
     metrics.write(run.metrics)
     run.checkpoint.unlink(missing_ok=True)
     return TrainResult(run.root, adapter_dir, gguf_adapter, metrics)
+
+
+def _without_b(tensors: dict) -> dict:
+    """The same LoRA tensors with every B zeroed: the bare base's adapter (ΔW = 0)."""
+    return {name: t.clone().zero_() if ".lora_B." in name else t for name, t in tensors.items()}
 
 
 def _load_optimizer(optimizer, path: str | os.PathLike[str]) -> None:

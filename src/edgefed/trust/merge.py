@@ -60,15 +60,27 @@ def check_compatible(adapters: Sequence[Mapping], weights: Sequence[float]) -> l
     return [float(w) / total for w in weights]
 
 
-def merge_factors(adapters: Sequence[Mapping], weights: Sequence[float]) -> MergeResult:
-    """Σ w A and Σ w B separately (the paper's mix); the error is against the exact Σ w B·A."""
+def merge_factors(
+    adapters: Sequence[Mapping],
+    weights: Sequence[float],
+    b_weights: Sequence[float] | None = None,
+) -> MergeResult:
+    """Σ w A and Σ w B separately (the paper's mix); the error is against the exact Σ w B·A.
+
+    `b_weights` mixes the B factors by other weights (FedSA-LoRA: A averaged, B the device's
+    own); the error is then against Σ w B·A by `weights`."""
     import torch
 
     normalised = check_compatible(adapters, weights)
+    b_normalised = normalised if b_weights is None else check_compatible(adapters, b_weights)
     merged = {
-        name: sum(w * a[name].float() for w, a in zip(normalised, adapters, strict=True))
+        name: sum(
+            w * a[name].float()
+            for w, a in zip(b_normalised if name.endswith(LORA_B) else normalised, adapters,
+                            strict=True)
+        )
         for name in adapters[0]
-    }
+    }  # fmt: skip
     errors, discarded, total = {}, 0.0, 0.0
     for module in modules(adapters[0]):
         exact = sum(

@@ -8,6 +8,11 @@
     local        this device alone (W = I)
     oracle       the dot products of the devices' known data mixtures, normalised per row: the
                  mix that knows the truth, a reference only a simulation can compute
+    auto         the best of local, FedAvg and perplexity rows at three sharpnesses, each mixed
+                 and scored on validation tokens the trust scores never saw (`trust.choose`)
+    fedsa        FedSA-LoRA (Guo et al., ICLR 2025): the A factors averaged, B kept local
+    graph        pFedGraph (Ye et al., ICML 2023): min Σ_j w_j·(−cos ΔW_ij) + α‖w − p‖² over
+                 the simplex, p the devices' shares of training tokens
 
 Scores are "higher is more trusted" and go through `trust_row` (top-k, threshold, softmax with
 temperature); fedavg, local and oracle set their weights directly. The runtime schemes also record
@@ -54,6 +59,10 @@ class TrustInputs:
     reference_tokens: np.ndarray | None = None
     on_progress: Callable | None = None  # ScoreProgress events while the runtime scores
     mixtures: Mapping[str, Mapping[str, float]] | None = None  # device -> its data's mixture
+    # auto trust: the tokens candidates are chosen on (disjoint from val_tokens), and the
+    # runtime adapter of the mix a row of weights (in `_devices` order) makes
+    selection_tokens: np.ndarray | None = None
+    load_mix: Callable[[list[float]], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,11 @@ class TrustRow:
     # each score's standard error relative to the device's own (None for itself); runtime
     # schemes only
     errors: list[float | None] | None = None
+    # auto: every candidate mix with its selection score (`Candidate.as_dict`), the chosen
+    # one's label first
+    candidates: list[dict] | None = None
+    # fedsa: the weights the B factors are mixed by, when they differ from `weights` (A's)
+    b_weights: list[float] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -192,11 +206,7 @@ def perplexity_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
         inputs, inputs.val_tokens, "the trust-validation text", "train to make the split"
     )
     devices = _devices(inputs)
-    results = inputs.runtime.perplexities(
-        _jobs(inputs, devices, inputs.val_tokens), task="trust row", on_progress=inputs.on_progress
-    )
-    scores = [-r.mean_nll for r in results]
-    errors = _errors([r.token_nlls for r in results], scores, PERPLEXITY_NOISE_FLOOR)
+    scores, errors = _perplexity_scores(inputs, devices)
     return _softmax_row("perplexity", devices, scores, norm, errors)
 
 
@@ -244,6 +254,85 @@ def prediction_trust(
     return _softmax_row("prediction", devices, scores, norm, errors)
 
 
+def _perplexity_scores(inputs: TrustInputs, devices: list[str]):
+    results = inputs.runtime.perplexities(
+        _jobs(inputs, devices, inputs.val_tokens), task="trust row", on_progress=inputs.on_progress
+    )
+    scores = [-r.mean_nll for r in results]
+    return scores, _errors([r.token_nlls for r in results], scores, PERPLEXITY_NOISE_FLOOR)
+
+
+def auto_trust(inputs: TrustInputs, norm: Normalization) -> TrustRow:
+    """The candidate mix with the lowest loss on the selection tokens (`trust.choose`)."""
+    from edgefed.runtime.llama import ScoreJob
+    from edgefed.trust.choose import candidate_rows, choose_mix
+
+    if (row := _alone("auto", inputs)) is not None:
+        return row
+    _require_runtime(
+        inputs, inputs.val_tokens, "the trust half of the validation text", "train first"
+    )
+    if inputs.selection_tokens is None or len(inputs.selection_tokens) < 2:
+        raise DataError(
+            "auto trust has no selection tokens (the second half of the trust-validation split)",
+            "give the device longer documents, or choose a fixed --trust",
+        )
+    if inputs.load_mix is None:
+        raise DataError("auto trust cannot mix its candidates here", "choose a fixed --trust")
+    devices = _devices(inputs)
+    scores, errors = _perplexity_scores(inputs, devices)
+
+    def score(candidates):
+        jobs = [
+            ScoreJob(inputs.selection_tokens, inputs.load_mix(c.weights), label=c.label)
+            for c in candidates
+        ]
+        results = inputs.runtime.perplexities(
+            jobs, task="candidate mixes", on_progress=inputs.on_progress
+        )
+        return [r.token_nlls for r in results]
+
+    chosen, scored = choose_mix(candidate_rows(scores, errors), score)
+    ordered = [chosen] + [c for c in scored if c is not chosen]
+    return TrustRow("auto", devices, scores, chosen.weights, errors, [c.as_dict() for c in ordered])
+
+
+def fedsa_trust(inputs: TrustInputs, norm: Normalization, *, by_tokens: bool = False) -> TrustRow:
+    """FedSA-LoRA: every device's A averaged (as FedAvg weighs), this device's own B."""
+    row = fedavg_trust(inputs, norm, by_tokens=by_tokens)
+    own_b = [1.0] + [0.0] * (len(row.devices) - 1)
+    return TrustRow("fedsa", row.devices, row.scores, row.weights, b_weights=own_b)
+
+
+PFEDGRAPH_ALPHA = 0.8  # the pFedGraph code's default weight of the prior term
+
+
+def project_to_simplex(values: np.ndarray) -> np.ndarray:
+    """The Euclidean projection onto {w ≥ 0, Σ w = 1} (sort-based, exact)."""
+    ordered = np.sort(values)[::-1]
+    cumulative = np.cumsum(ordered) - 1.0
+    ranks = np.arange(1, len(values) + 1)
+    last = ranks[ordered - cumulative / ranks > 0][-1]
+    return np.maximum(values - cumulative[last - 1] / last, 0.0)
+
+
+def graph_trust(
+    inputs: TrustInputs, norm: Normalization, *, alpha: float = PFEDGRAPH_ALPHA
+) -> TrustRow:
+    """pFedGraph's row: argmin_w Σ_j w_j d_j + α‖w − p‖² on the simplex, d_j = −cos(ΔW_i,
+    ΔW_j) and p the devices' shares of training tokens (uniform when unknown). The objective
+    is a projection: w = Π(p − d / 2α), solved exactly (the paper's code calls a QP solver).
+    It differs from `weights` trust (a softmax of the cosines): anchored at the data shares,
+    and peers past a margin of dissimilarity get exactly 0."""
+    devices = _devices(inputs)
+    own = inputs.adapters[inputs.own]
+    cosines = np.array([delta_cosine(own, inputs.adapters[d]) for d in devices])
+    tokens = np.array([float(inputs.train_tokens.get(d, 0)) for d in devices])
+    prior = tokens / tokens.sum() if tokens.sum() > 0 else np.full(len(devices), 1 / len(devices))
+    weights = project_to_simplex(prior + cosines / (2 * alpha))
+    return TrustRow("graph", devices, cosines.tolist(), weights.tolist())
+
+
 @dataclass(frozen=True)
 class TrustScheme:
     """Everything edgefed knows about one scheme, in one place.
@@ -272,6 +361,9 @@ class TrustScheme:
     uses_train_tokens: bool  # can weight by each device's training tokens (--by-tokens)
     needs_mixtures: bool  # the devices' known data mixtures: a simulation's reference only
     help: str
+    # validation text cut in a trust half and a selection half (`validation_halves`), and a
+    # way to mix and load candidate rows: auto trust
+    needs_selection_text: bool = False
 
     def describe(self) -> str:
         return f"{self.name} ({self.help})"
@@ -299,6 +391,13 @@ SCHEMES: dict[str, TrustScheme] = {
                     "yourself alone"),
         TrustScheme("oracle", oracle_trust, None, None, False, False, False, False, False, True,
                     "the known data mixtures; simulations only"),
+        TrustScheme("auto", auto_trust, None, None, False, True, True, False, False, False,
+                    "the best of local, FedAvg and perplexity rows on held-out tokens",
+                    needs_selection_text=True),
+        TrustScheme("fedsa", fedsa_trust, None, None, False, False, False, False, True, False,
+                    "FedSA-LoRA: A averaged, B kept local"),
+        TrustScheme("graph", graph_trust, None, None, False, False, False, False, False, False,
+                    "pFedGraph: ΔW cosine against data shares, sparse"),
     )
 }  # fmt: skip
 
