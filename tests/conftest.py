@@ -177,29 +177,33 @@ def tiny_lora(tmp_path_factory, tiny_gguf) -> tuple[str, Path, Path, Path, Path]
     return kind, folder, base, peft_dir, gguf_adapter
 
 
+# the words of the tiny models' easy training text
+REPETITIVE_WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "the",
+    "dog",
+    "ran",
+    "to",
+    "the",
+    "park",
+    "while",
+    "birds",
+    "sang",
+    "songs",
+]
+
+
 def write_repetitive_corpus(folder: Path, n_docs: int = 40, *, start: int = 0) -> Path:
     """`n_docs` small .txt documents built from five repeated sentences: easy to learn."""
     import random
 
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "and",
-        "the",
-        "dog",
-        "ran",
-        "to",
-        "the",
-        "park",
-        "while",
-        "birds",
-        "sang",
-        "songs",
-    ]
+    words = REPETITIVE_WORDS
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + n_docs):
         rng = random.Random(i % 5)

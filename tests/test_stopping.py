@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPETITIVE_WORDS
 
 from edgefed.documents import document_id
 from edgefed.errors import ConfigError
@@ -19,25 +20,7 @@ from edgefed.train.run import train_adapter
 from edgefed.train.split import TRAIN, SplitRule
 from edgefed.train.stopping import Stopper
 
-TRAIN_WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "the",
-    "dog",
-    "ran",
-    "to",
-    "the",
-    "park",
-    "while",
-    "birds",
-    "sang",
-    "songs",
-]
+TRAIN_WORDS = REPETITIVE_WORDS
 OTHER_WORDS = [
     "seven",
     "quantum",
