@@ -44,27 +44,38 @@ BASELINES = {"local", "fedavg"}  # every gain in the map is measured against the
 CELL_FILE = "cell.json"
 
 
-def cell_dir(work: Path, dataset: str, docs: int, epochs: float, rounds: int) -> Path:
-    return work / dataset / f"docs-{docs}_epochs-{epochs:g}_rounds-{rounds}"
+def cell_dir(work: Path, dataset: str, docs: int, epochs: float | None, rounds: int) -> Path:
+    training = "default" if epochs is None else f"{epochs:g}"
+    return work / dataset / f"docs-{docs}_epochs-{training}_rounds-{rounds}"
 
 
-def run_cell(folder: Path, dataset: str, docs: int, epochs: float, args) -> None:
-    """`edgefed simulate` for one cell, unless its results are there; records its minutes."""
+def schedule_epochs(schedule: dict, rounds: int) -> float:
+    """Epochs per device over all rounds of a schedule in epochs (its step cap aside)."""
+    return schedule["warmup_epochs"] + (rounds - 1) * schedule["round_epochs"]
+
+
+def run_cell(folder: Path, dataset: str, docs: int, epochs: float | None, args) -> None:
+    """`edgefed simulate` for one cell, unless its results are there; records its minutes.
+    Epochs None: the federation's default schedule (more epochs in round 0 than later)."""
     if (folder / "results.json").is_file():
         return
     shutil.rmtree(folder / "run", ignore_errors=True)  # an unfinished run: start it again
     command = [
         sys.executable, "-m", "edgefed", "simulate", "--dataset", dataset,
-        "--docs-per-client", str(docs), "--epochs", f"{epochs:g}", "--rounds", str(args.rounds),
-        "--trust", args.trust, "--seeds", str(args.seeds), "--val-tokens", str(args.val_tokens),
-        "--test-tokens", str(args.test_tokens), "--out", str(folder / "run"),
+        "--docs-per-client", str(docs), "--rounds", str(args.rounds), "--trust", args.trust,
+        "--seeds", str(args.seeds), "--val-tokens", str(args.val_tokens), "--test-tokens",
+        str(args.test_tokens), "--out", str(folder / "run"),
     ]  # fmt: skip
+    if epochs is not None:
+        command += ["--epochs", f"{epochs:g}"]
     print("$ edgefed " + " ".join(command[3:]), file=sys.stderr, flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     minutes = (time.perf_counter() - started) / 60
-    cell = {"dataset": dataset, "docs": docs, "epochs": epochs, "rounds": args.rounds,
-            "minutes": minutes}  # fmt: skip
+    schedule = json.loads((folder / "run" / "results.json").read_text())["settings"]["schedule"]
+    cell = {"dataset": dataset, "docs": docs, "rounds": args.rounds, "minutes": minutes,
+            "epochs": epochs or schedule_epochs(schedule, args.rounds),
+            "schedule": "default" if epochs is None else "even"}  # fmt: skip
     (folder / CELL_FILE).write_text(json.dumps(cell) + "\n")  # before results.json marks it done
     os.replace(folder / "run" / "results.json", folder / "results.json")
     print(f"{folder.name}: {minutes:.1f} min", file=sys.stderr, flush=True)
@@ -134,7 +145,7 @@ def cell_rows(results: dict, cell: dict) -> list[dict]:
             )  # fmt: skip
         rows.append({
             "dataset": cell["dataset"], "docs": cell["docs"], "epochs": cell["epochs"],
-            "rounds": results["settings"]["rounds"],
+            "rounds": results["settings"]["rounds"], "schedule": cell.get("schedule", "even"),
             "epochs_done": statistics.fmean(epochs_done) if epochs_done else None,
             "train_tokens": statistics.fmean(c["train_tokens"] for c in results["clients"]),
             "minutes": cell.get("minutes"), "seeds": results["settings"]["seeds"],
@@ -169,15 +180,16 @@ def print_tables(rows: list[dict]) -> None:
         return "–" if value is None else f"{value:+.1f}"
 
     def cell_of(row: dict) -> tuple:
-        return row["dataset"], row["docs"], row["epochs"], row["rounds"]
+        return row["dataset"], row["docs"], row["epochs"], row["rounds"], row["schedule"]
 
     for key in dict.fromkeys(cell_of(r) for r in rows):
-        dataset, docs, epochs, rounds = key
+        dataset, docs, epochs, rounds, schedule = key
+        shared = "the default schedule" if schedule == "default" else "shared equally"
         part = [r for r in rows if cell_of(r) == key]
         first = part[0]
         done = f"{first['epochs_done']:.1f}" if first["epochs_done"] is not None else "?"
         print(f"\n**{dataset}, {docs} documents per client ({first['train_tokens']:.0f} train "
-              f"tokens), {epochs:g} epochs ({done} done) in {rounds} round(s), "
+              f"tokens), {epochs:g} epochs ({done} done) in {rounds} round(s) ({shared}), "
               f"{first['seeds']} seeds, {first['minutes'] or 0:.0f} min; the bare base: "
               f"{first['base']:.3f}**\n")  # fmt: skip
         print("| trust | test ppl (mean ± std) | vs local | vs FedAvg | paired σ over local / "
@@ -284,7 +296,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="cells' run folders, reused")
     parser.add_argument("--datasets", default="code-prose-mixed,bbc-mixed")
     parser.add_argument("--docs", default="10,20,60", help="documents per client")
-    parser.add_argument("--epochs", default="1,3,10", help="epochs per device, all rounds")
+    parser.add_argument("--epochs", default="1,3,10",
+                        help="epochs per device over all rounds, shared equally by them; "
+                        "'default': the federation's default schedule")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--trust", default=DEFAULT_VARIANTS)
@@ -301,7 +315,8 @@ def main() -> None:
     if not args.report_only:
         for dataset in args.datasets.split(","):
             for docs in (int(d) for d in args.docs.split(",")):
-                for epochs in (float(e) for e in args.epochs.split(",")):
+                for epochs in (None if e == "default" else float(e)
+                               for e in args.epochs.split(",")):  # fmt: skip
                     folder = cell_dir(args.work, dataset, docs, epochs, args.rounds)
                     run_cell(folder, dataset, docs, epochs, args)
     rows = finished_cells(args.work)

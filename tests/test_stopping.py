@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPETITIVE_WORDS
+from conftest import REPETITIVE_WORDS, run
+from safetensors.torch import load_file
 
 from edgefed.documents import document_id
 from edgefed.errors import ConfigError
@@ -135,12 +140,55 @@ def test_training_that_makes_the_model_worse_keeps_where_it_started_and_says_so(
     assert stopping["kept"] == "start", stopping
     assert stopping["best_nll"] > stopping["start_nll"] + 2 * stopping["standard_error"]
     assert "kept the adapter it started from" in caplog.text
-    from safetensors.torch import load_file
-
     kept = load_file(result.adapter_dir / "adapter_model.safetensors")
     began = load_file(start.adapter_dir / "adapter_model.safetensors")
     assert kept.keys() == began.keys()
     assert all(torch.equal(kept[name], began[name]) for name in kept)
+
+
+def test_a_round_forced_to_train_far_past_its_best_publishes_its_start_and_says_so(
+    tmp_path, tiny_llama_gguf
+):
+    """A device whose round 0 fit its text; then its folder's training documents change to
+    other text and `edgefed round` is forced to train far too hard on them: the wrecked adapter
+    never leaves the device. The round keeps (and publishes) the adapter it started from, the
+    previous round's mix, warns in one line and records what it kept."""
+    store, workspace = tmp_path / "shared", tmp_path / "alice"
+    data = write_shifted_corpus(tmp_path / "data", OTHER_WORDS, OTHER_WORDS)
+    assert run("init", store, "--base", tiny_llama_gguf, "--wait", 0).exit_code == 0
+    joined = run("join", store, "--device", "alice", "--data", data, "--workspace", workspace,
+                 "--base", tiny_llama_gguf)  # fmt: skip
+    assert joined.exit_code == 0, joined.stderr
+    fast = ("--seq-len", "64", "--batch-size", "4")
+
+    def round_(*options: str) -> subprocess.CompletedProcess:
+        # a process of its own, as a user runs it: the warning reaches a real stderr
+        return subprocess.run(
+            [sys.executable, "-m", "edgefed", "round", "--workspace", str(workspace), *fast,
+             *options],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    fitted = round_("--steps", "30", "--lr", "0.05")
+    assert fitted.returncode == 0 and "made the model worse" not in fitted.stderr, fitted.stderr
+    shutil.rmtree(data)
+    write_shifted_corpus(data, TRAIN_WORDS, OTHER_WORDS)
+    wrecked = round_("--steps", "40", "--lr", "0.3")
+    assert wrecked.returncode == 0, wrecked.stderr
+    warned = [line for line in wrecked.stderr.splitlines() if "made the model worse" in line]
+    assert len(warned) == 1 and "kept the adapter it started from" in warned[0], wrecked.stderr
+
+    record = json.loads((workspace / "rounds" / "1" / "round.json").read_text())
+    train = record["steps"]["train"]
+    assert train["kept"] == "start" and train["steps"] == 40, train
+    metrics = json.loads((workspace / "rounds" / "1" / "train" / "metrics.json").read_text())
+    stopping = metrics["stopping"]
+    assert stopping["best_nll"] > stopping["start_nll"] + 2 * stopping["standard_error"]
+    # what round 1 kept, and sent to its peers, is round 0's mix, tensor for tensor
+    kept = load_file(workspace / "rounds" / "1" / "train" / "adapter" / "adapter_model.safetensors")
+    began = load_file(workspace / "rounds" / "0" / "aggregated" / "adapter_model.safetensors")
+    assert kept.keys() == began.keys()
+    assert all(torch.allclose(kept[n], began[n]) for n in kept)
 
 
 def test_the_validation_halves_are_disjoint_and_cover_the_split():
