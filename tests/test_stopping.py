@@ -23,7 +23,7 @@ from edgefed.sync.manifest import Schedule
 from edgefed.train.loop import TrainConfig
 from edgefed.train.run import train_adapter
 from edgefed.train.split import TRAIN, SplitRule
-from edgefed.train.stopping import Stopper
+from edgefed.train.stopping import PATIENCE, Stopper
 
 TRAIN_WORDS = REPETITIVE_WORDS
 OTHER_WORDS = [
@@ -93,9 +93,12 @@ def test_stopping_keeps_the_best_points_adapter_of_a_run_trained_past_it(tmp_pat
         curve = dict((int(step), nll) for step, nll in stopping["curve"])
         trained = {step: nll for step, nll in curve.items() if step > 0}
         best = min(trained, key=trained.get)
-        # trained past its best: the last point is worse than the best, and the best is kept
-        assert stopping["kept"] == "trained" and stopping["kept_step"] == best < 40
-        assert curve[40] > curve[best], curve
+        # trained past its best: the last point is worse than the best, and the best is kept;
+        # the run ended PATIENCE evaluations after its best, or at its last step
+        last = stopping["final_step"]
+        assert stopping["kept"] == "trained" and stopping["kept_step"] == best < last
+        assert curve[last] > curve[best], curve
+        assert result.metrics.steps == last and last in (40, best + PATIENCE * 2)
         # the written adapter is the best point's: scored again it gives the best loss
         spec, tensors, _ = read_adapter_folder(result.adapter_dir)
         model, _ = loaded.training_model(spec)
@@ -180,7 +183,7 @@ def test_a_round_forced_to_train_far_past_its_best_publishes_its_start_and_says_
 
     record = json.loads((workspace / "rounds" / "1" / "round.json").read_text())
     train = record["steps"]["train"]
-    assert train["kept"] == "start" and train["steps"] == 40, train
+    assert train["kept"] == "start" and train["steps"] <= 40, train
     metrics = json.loads((workspace / "rounds" / "1" / "train" / "metrics.json").read_text())
     stopping = metrics["stopping"]
     assert stopping["best_nll"] > stopping["start_nll"] + 2 * stopping["standard_error"]
@@ -205,8 +208,9 @@ def test_the_validation_halves_are_disjoint_and_cover_the_split():
     assert second.tolist() == [13, 14, 2, 14, 15, 16, 17, 2, 2]
 
 
-def test_the_stopper_falls_back_only_beyond_noise():
-    stopper = Stopper(np.arange(10), 4, 1)
+@pytest.mark.parametrize("stop_at_best", [True, False])
+def test_the_start_is_a_point_and_the_guard_warns_only_beyond_noise(stop_at_best):
+    stopper = Stopper(np.arange(10), 4, 1, stop_at_best=stop_at_best)
     rng = np.random.default_rng(0)
     base = rng.normal(3.0, 1.0, 400)
     stopper.nlls = {"start": base, "base": base}
@@ -216,10 +220,17 @@ def test_the_stopper_falls_back_only_beyond_noise():
     noise = rng.normal(0.0, 0.5, 400)
     stopper.nlls |= {"best": base + 0.01 + noise, "final": base + 0.02 + noise}
     stopper.best_step = 1
-    assert stopper.outcome().kept == "trained"  # 0.01 nats worse, well within noise: kept
+    # 0.01 nats worse, within noise: stopping at the best keeps the start (step 0 is the best
+    # point) without a warning; keeping the last step keeps the trained adapter
+    within = stopper.outcome()
+    assert within.kept == ("start" if stop_at_best else "trained") and not within.guarded
+    if stop_at_best:
+        assert "no step scored better" in within.describe()
+    stopper.nlls |= {"best": base - 0.05 + noise, "final": base + noise}
+    assert stopper.outcome().kept == "trained"  # better than the start: kept
     stopper.nlls |= {"best": base + 0.5 + noise, "final": base + 0.6 + noise}
     outcome = stopper.outcome()
-    assert outcome.kept == "start" and outcome.fell_back and "worse" in outcome.describe()
+    assert outcome.kept == "start" and outcome.guarded and "worse" in outcome.describe()
 
 
 def test_fedsa_averages_a_and_keeps_b_and_graph_rows_solve_their_objective(shapes):
@@ -253,3 +264,28 @@ def test_fedsa_averages_a_and_keeps_b_and_graph_rows_solve_their_objective(shape
     assert (gradient[~active] >= gradient[active].max() - 1e-9).all()
     assert project_to_simplex(np.array([0.2, 0.3, 0.5])).tolist() == pytest.approx([0.2, 0.3, 0.5])
     assert math.isclose(project_to_simplex(np.array([5.0, -1.0, 0.0])).sum(), 1.0)
+
+
+def test_init_refuses_a_schedule_in_both_steps_and_epochs_and_a_device_override_keeps_the_cap(
+    tmp_path, tiny_llama_gguf, train_corpus
+):
+    from conftest import assert_one_line_error
+
+    from edgefed.device.train import round_training
+    from edgefed.device.workspace import Workspace
+
+    store = tmp_path / "shared"
+    mixed = run("init", store, "--base", tiny_llama_gguf, "--epochs", 2, "--round-steps", 5)
+    assert_one_line_error(mixed, "both in steps", "in epochs")
+    assert not store.exists() or not any(store.iterdir())  # nothing half-written
+    assert run("init", store, "--base", tiny_llama_gguf, "--max-steps", 7).exit_code == 0
+    joined = run("join", store, "--device", "alice", "--data", train_corpus, "--workspace",
+                 tmp_path / "alice", "--base", tiny_llama_gguf)  # fmt: skip
+    assert joined.exit_code == 0, joined.stderr
+    workspace = Workspace.open(tmp_path / "alice")
+    schedule = round_training(workspace, 1, TrainConfig())
+    assert (schedule.epochs, schedule.max_steps) == (1.0, 7)
+    # `round --epochs 3`: the device's epochs, the federation's cap; `--steps 50`: exactly 50
+    assert round_training(workspace, 1, TrainConfig(epochs=3.0)).max_steps == 7
+    exact = round_training(workspace, 1, TrainConfig(steps=50))
+    assert exact.total_steps(10_000) == 50

@@ -61,32 +61,38 @@ def init(
     targets: TargetsOption = DEFAULT_TARGETS_TEXT,
     init_seed: InitSeedOption = LORA_DEFAULTS.init_seed,
     epochs: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--epochs",
             help="How long each round trains: passes over each device's own train split "
             "(a device with 10 documents and one with 500 both train a sensible amount; "
-            "training keeps its best validation point within it).",
+            f"training keeps its best validation point within it). Default: "
+            f"{DEFAULT_ROUND_EPOCHS:g}.",
             min=0.001,
+            show_default=False,
             rich_help_panel=_SCHEDULE,
         ),
-    ] = DEFAULT_ROUND_EPOCHS,
+    ] = None,
     warmup_epochs: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="How long round 0 trains, in epochs (0: as long as any round).",
+            help="How long round 0 trains, in epochs (0: as long as any round). Default: "
+            f"{DEFAULT_WARMUP_EPOCHS:g}.",
             min=0,
+            show_default=False,
             rich_help_panel=_SCHEDULE,
         ),
-    ] = DEFAULT_WARMUP_EPOCHS,
+    ] = None,
     max_steps: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="The most steps a round trains, whatever a device holds (its time is bounded).",
+            help="The most steps a round trains, whatever a device holds (its time is "
+            f"bounded). Default: {DEFAULT_MAX_STEPS}.",
             min=1,
+            show_default=False,
             rich_help_panel=_SCHEDULE,
         ),
-    ] = DEFAULT_MAX_STEPS,
+    ] = None,
     round_steps: Annotated[
         int | None,
         typer.Option(
@@ -177,14 +183,25 @@ def init(
         )
     defaults = TrustSettings(scheme=trust, temperature=temperature, se_temperature=se_temperature)
     in_steps = round_steps is not None or warmup_steps is not None
-    if in_steps and round_steps is None:
-        round_steps = ROUND_STEPS_WITH_WARMUP
+    if in_steps and (epochs, warmup_epochs, max_steps) != (None, None, None):
+        raise ConfigError(
+            "the schedule is given both in steps (--round-steps/--warmup-steps) and in epochs "
+            "(--epochs/--warmup-epochs/--max-steps)",
+            "give one kind: epochs of each device's own text, or the same steps for all",
+        )
+    if in_steps:
+        amounts = {
+            "warmup_steps": warmup_steps,
+            "round_steps": round_steps or ROUND_STEPS_WITH_WARMUP,
+        }
+    else:
+        amounts = {
+            "warmup_epochs": DEFAULT_WARMUP_EPOCHS if warmup_epochs is None else warmup_epochs,
+            "round_epochs": epochs or DEFAULT_ROUND_EPOCHS,
+            "max_steps": max_steps or DEFAULT_MAX_STEPS,
+        }
     schedule = Schedule(
-        warmup_steps=warmup_steps if in_steps else None,
-        round_steps=round_steps,
-        warmup_epochs=None if in_steps else warmup_epochs,
-        round_epochs=None if in_steps else epochs,
-        max_steps=None if in_steps else max_steps,
+        **amounts,
         max_staleness=max_staleness,
         wait_seconds=wait,
     )

@@ -38,7 +38,7 @@ class RoundOptions:
     """How this device runs its rounds (the resources are the LoadedBase's)."""
 
     trust: TrustSettings = field(default_factory=TrustSettings)  # unset: the federation's
-    train: TrainConfig = field(default_factory=TrainConfig)  # steps come from the schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # no steps/epochs: the schedule's
     compress: bool = False
     dp: DpNoise | None = None  # clipping and noise on the published adapter
     min_peers: int | None = None  # fresh peers to wait for; None: every peer taking part

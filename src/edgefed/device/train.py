@@ -83,10 +83,14 @@ def train_round(
 
 def round_training(workspace: Workspace, round_number: int, config: TrainConfig) -> TrainConfig:
     """`config` with the round's length: its own steps or epochs (a device's override) when it
-    sets one, else the federation schedule's for the round."""
-    if config.steps is not None or config.epochs is not None:
-        return config
+    sets one, else the federation schedule's for the round. Epochs of its own keep the
+    schedule's step cap (a device with much text still trains a bounded time); steps are
+    exactly what the device asked for."""
     training = workspace.federation.schedule.training_of(round_number)
+    if config.steps is not None:
+        return config
+    if config.epochs is not None:
+        return replace(config, max_steps=config.max_steps or training.max_steps)
     return replace(
         config, steps=training.steps, epochs=training.epochs, max_steps=training.max_steps
     )

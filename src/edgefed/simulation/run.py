@@ -110,13 +110,19 @@ class SimulationSettings:
 
     @property
     def schedule(self) -> Schedule:
-        """The federation schedule every simulated federation is made with."""
+        """The federation schedule every simulated federation is made with: the default's
+        waits and staleness whatever the training. Epochs given are trained whole (no step
+        cap): a cell of the map asks for exactly that much training."""
         if self.round_steps is not None:
-            return Schedule(warmup_steps=self.warmup_steps, round_steps=self.round_steps)
-        if self.epochs is not None:
+            amounts = {"warmup_steps": self.warmup_steps, "round_steps": self.round_steps}
+        elif self.epochs is not None:
             per_round = self.epochs / self.rounds
-            return Schedule(warmup_epochs=per_round, round_epochs=per_round)
-        return SIMULATION_SCHEDULE
+            amounts = {"warmup_epochs": per_round, "round_epochs": per_round}
+        else:
+            return SIMULATION_SCHEDULE
+        nothing = dict.fromkeys(("warmup_steps", "round_steps", "warmup_epochs", "round_epochs",
+                                 "max_steps"))  # fmt: skip
+        return replace(SIMULATION_SCHEDULE, **(nothing | amounts))
 
 
 @dataclass(frozen=True)

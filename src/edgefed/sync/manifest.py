@@ -180,12 +180,6 @@ class RoundTraining:
     epochs: float | None = None
     max_steps: int | None = None
 
-    def describe(self) -> str:
-        if self.steps is not None:
-            return f"{self.steps} step{'s' * (self.steps != 1)}"
-        cap = f", at most {self.max_steps} steps" if self.max_steps else ""
-        return f"{self.epochs:g} epoch{'s' * (self.epochs != 1)}{cap}"
-
 
 @dataclass(frozen=True)
 class Schedule:

@@ -68,7 +68,7 @@ class TrainConfig:
         ):
             raise ConfigError(
                 f"max steps {self.max_steps} / evaluation interval {self.eval_every} is below 1",
-                "give --max-steps and --eval-every of at least 1",
+                "give max_steps and eval_every of at least 1",
             )
         for name in ("seq_len", "batch_size", "grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -218,7 +218,8 @@ def train_steps(
     """Run from `state.step` to the last step, checkpointing as configured; returns the state.
 
     A `stopper` (started by the caller) scores the model at its intervals and after the last
-    step, and its state travels in the checkpoints.
+    step, ends the run early once it is past its best, and its state travels in the
+    checkpoints.
 
     Raises TrainingInterrupted when `should_stop` turns true (after checkpointing) and
     TrainingError when the loss stops being finite.
@@ -309,6 +310,8 @@ def train_steps(
             )
         if stopper is not None and stopper.due(state.step, total):
             stopper.observe(model, state.step)
+            if stopper.past_its_best():
+                break
         if state.step % config.checkpoint_every == 0 and state.step < total:
             checkpoint()
             crash_point("train-checkpoint")

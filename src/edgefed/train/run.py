@@ -8,6 +8,7 @@ are the ones the checkpoint was made with.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from edgefed.adapter import (
     BASE_FINGERPRINT_KEY,
@@ -137,7 +140,8 @@ def _check_resume(checkpoint_meta: dict, run: dict, path: Path) -> None:
             raise TrainingError(
                 f"{path} was made with a different {key} "
                 f"({json.dumps(recorded.get(key))} there, {json.dumps(value)} now)",
-                "resume with the same data, base and options, or start a new --out",
+                f"resume with the same data, base and options, or delete {path} to train "
+                "from the start",
             )
 
 
@@ -222,6 +226,9 @@ def train_adapter(
     run_identity = {
         "base_sha256": loaded.fingerprint,
         "data_sha256": blocks.fingerprint(),
+        # the stopper's saved scores are per token of these: a document moved into the
+        # trust-validation split since the checkpoint would compare different tokens
+        "stop_tokens_sha256": hashlib.sha256(np.asarray(stop_tokens, np.int32)).hexdigest(),
         # how often to checkpoint does not change the result: it may differ on resume
         "config": config.as_dict() | {"checkpoint_every": None},
         "lora": spec.as_dict(),
@@ -295,7 +302,7 @@ def train_adapter(
     else:
         start = start_tensors if start_tensors is not None else initial_state
         load_lora_state(model, start if stopping.kept == "start" else _without_b(start))
-    if stopping.fell_back:
+    if stopping.guarded:
         logger.warning(stopping.describe())
     else:
         status(stopping.describe())
@@ -305,7 +312,10 @@ def train_adapter(
         model, run.adapter, metadata={BASE_FINGERPRINT_KEY: loaded.fingerprint}
     )
     gguf_adapter = convert_lora_to_gguf(adapter_dir, run.gguf_adapter, base=loaded.base_path)
-    save_optimizer_state(run.optimizer, optimizer.state_dict())
+    if not stopping.fell_back:
+        save_optimizer_state(run.optimizer, optimizer.state_dict())
+    elif optimizer_state is not None:  # the moments of a discarded trajectory would steer the
+        save_optimizer_state(run.optimizer, load_optimizer_state(optimizer_state))  # next run
 
     status("scoring the adapter on the trust-validation split")
     val = runtime.perplexity(val_tokens, loaded.load_file(gguf_adapter))

@@ -3,7 +3,12 @@
 A device with a dozen documents overfits them within a few epochs: its adapter's loss on text it
 did not train on falls, then climbs past the bare base's. So a run scores its adapter on held-out
 tokens of its own (the trust half of its trust-validation split, `validation_halves`) where it
-starts, then every `every` steps and after the last step, and keeps the best point's LoRA tensors.
+starts, then every `every` steps and after the last step (or after PATIENCE evaluations without
+a better point, when it stops training), and keeps the best point's LoRA tensors, the start
+(step 0) included: a round that trains past its best from its first interval keeps
+what it started from. Without that, a device whose every later round overshoots by a little
+(within noise) would take each small step back, and over rounds its adapter drifts upwards
+(measured: local training on 10 documents, README "Many rounds").
 
 Which tokens, and why. The test split reports results and must choose nothing. The selection
 half of the trust-validation split is kept for the round's last decision, the choice among
@@ -41,6 +46,11 @@ DEFAULT_STOP_TOKENS = 2048
 # how many paired standard errors worse than its references a trained adapter must be before
 # the run keeps a reference instead: noise alone does not throw training away
 GUARD_SIGMAS = 2.0
+# evaluations in a row without a new best point (the start included) after which the run stops
+# training: it is past its best, and the rest of the run would cost a laptop minutes to keep
+# nothing of (a round from an adapter at its best, on a device with little text, overshoots
+# from its first interval)
+PATIENCE = 3
 
 START, BASE, TRAINED = "start", "base", "trained"
 
@@ -54,11 +64,14 @@ def interval(total_steps: int, every: int | None) -> int:
 class StopOutcome:
     """What a run kept and why, as metrics.json records it.
 
-    `kept` is "trained" (the best scored step), "start" (the adapter the run started from)
-    or "base" (no adapter: B = 0). Losses are mean NLL in nats on the stopping tokens.
+    `kept` is "trained" (the best scored step), "start" (the adapter the run started from:
+    no step scored better, or the guard) or "base" (no adapter, B = 0: the guard only).
+    `guarded`: the guard fired, the best step was worse beyond noise. Losses are mean NLL in
+    nats on the stopping tokens.
     """
 
     kept: str
+    guarded: bool
     kept_step: int
     final_step: int
     best_step: int
@@ -85,7 +98,13 @@ class StopOutcome:
     def describe(self) -> str:
         """One line for a user: what was kept, in words and numbers."""
         ppl = math.exp
-        if self.kept != TRAINED:
+        if self.fell_back and not self.guarded:
+            return (
+                f"no step scored better on validation than where the run started (perplexity "
+                f"{ppl(self.best_nll):.2f} at the best step {self.best_step}, "
+                f"{ppl(self.start_nll):.2f} at the start): kept the adapter it started from"
+            )
+        if self.guarded:
             reference = "the adapter it started from" if self.kept == START else "the bare base"
             return (
                 f"training made the model worse on its own validation text (perplexity "
@@ -109,8 +128,8 @@ class StopOutcome:
 class Stopper:
     """Scores a training model at its start and at intervals; keeps the best point's tensors.
 
-    `start_state` is the LoRA state the run begins from; `base_state` the same with every B
-    zeroed when that differs from the start (a continued adapter), else None. The state that
+    `start(model, base_state)` scores the point the run begins from and, for a continued
+    adapter, `base_state` (its tensors with every B zeroed: the bare base). The state that
     survives a checkpoint is `state()` / `restore()`: scoring never touches the RNG, so a
     resumed run takes the same steps and scores the same points.
     """
@@ -163,6 +182,11 @@ class Stopper:
             return True
         return self.stop_at_best and step % self.every == 0
 
+    def past_its_best(self) -> bool:
+        """PATIENCE evaluations since the best point so far (the start included): stop."""
+        means = [mean for _, mean in self.curve]
+        return self.stop_at_best and len(means) - 1 - means.index(min(means)) >= PATIENCE
+
     def observe(self, model, step: int) -> None:
         """Score the model after `step` steps; keep its tensors if it is the best so far."""
         from edgefed.adapter import lora_state
@@ -185,10 +209,17 @@ class Stopper:
             if len(best) >= 2
             else math.inf
         )
-        worse = best.mean() - reference.mean() > GUARD_SIGMAS * error
+        guarded = bool(best.mean() - reference.mean() > GUARD_SIGMAS * error)
+        if guarded:
+            kept = reference_name
+        elif self.stop_at_best and start.mean() <= best.mean():
+            kept = START  # the best point is step 0
+        else:
+            kept = TRAINED
         return StopOutcome(
-            kept=reference_name if worse else TRAINED,
-            kept_step=0 if worse else self.best_step,
+            kept=kept,
+            guarded=guarded,
+            kept_step=self.best_step if kept == TRAINED else 0,
             final_step=int(self.curve[-1][0]),
             best_step=self.best_step,
             best_nll=float(best.mean()),
