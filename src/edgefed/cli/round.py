@@ -120,10 +120,11 @@ def round_command(
     trains the round's amount (epochs of this device's own text, capped in steps; --epochs or
     --steps override it) from the previous round's mix. Training keeps its best point on
     held-out validation tokens, and an adapter that makes the model worse than where it started
-    is never published: the round warns and keeps the start. The pull waits for the peers'
-    adapters of the round up to the federation's wait, showing who has published, and says by
-    name whom it went on without. Each step is recorded when it finishes, so after a crash or
-    Ctrl-C the same command resumes where it stopped and never trains a finished round again.
+    is never published: the round warns and keeps its start (or the bare base, if better). The
+    pull waits for the peers' adapters of the round up to the federation's wait, showing who
+    has published, and says by name whom it went on without. Each step is recorded when it
+    finishes, so after a crash or Ctrl-C the same command resumes where it stopped and never
+    trains a finished round again.
     """
     settings = dict(locals())
     _drive_rounds(first=settings.pop("round_number"), count=1, **settings)

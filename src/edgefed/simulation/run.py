@@ -49,9 +49,8 @@ RESULTS_FORMAT = 1
 
 
 DEFAULT_VARIANTS = "local,fedavg,oracle,perplexity"
-# the demo: a cell of the regime map (README, "Quality: the regime map"), scarce data trained
-# for one epoch, where mixing by trust beat FedAvg (past it, every device overfits its few
-# documents and the widest average wins); minutes on a laptop CPU; the CLI's defaults are these
+# the demo: scarce data (a cell of the regime map, README "Quality: the regime map") trained by
+# the federation's default schedule; minutes on a laptop CPU; the CLI's defaults are these
 DEMO_TRAIN = TrainConfig(seq_len=128, batch_size=2, learning_rate=2e-3)
 DEMO_ROUNDS = 1
 DEMO_VAL_TOKENS = 1024  # at most: a client's split of 10 documents holds about 500-900
