@@ -18,10 +18,12 @@ gains) against documents per client at a fixed training, and against epochs at a
     python bench/quality.py --work bench/results/regime --datasets code-prose-mixed \\
         --docs 10,20 --epochs 1,3,10 --seeds 3 --plot docs/regime.png
 
-A finished cell's run folder in --work is reused and the report covers every finished cell
-there, so the map can be filled in over several runs; --report-only runs nothing. In
-bench/results/regime, each cell's results.json and cell.json are kept in the repository (its
-run folder, the adapters, is ignored), so the map outlives the machine that measured it.
+A finished cell in --work is reused and the report covers every finished cell there, so the
+map can be filled in over several runs; --report-only runs nothing. A cell runs a seed at a
+time and keeps each seed's results as it ends (seeds/<seed>.json), so a cell cut short goes on
+from its next seed. In bench/results/regime, each cell's results.json and cell.json (and an
+unfinished cell's seeds/) are kept in the repository (its run folder, the adapters, is
+ignored), so the map outlives the machine that measured it.
 """
 
 from __future__ import annotations
@@ -55,30 +57,71 @@ def schedule_epochs(schedule: dict, rounds: int) -> float:
 
 
 def run_cell(folder: Path, dataset: str, docs: int, epochs: float | None, args) -> None:
-    """`edgefed simulate` for one cell, unless its results are there; records its minutes.
-    Epochs None: the federation's default schedule (more epochs in round 0 than later)."""
+    """`edgefed simulate` for one cell, a seed at a time, unless its results are there; records
+    its minutes. A seed's results are kept (seeds/<seed>.json, in the repository) as it ends, so
+    a cell longer than a session goes on from its next seed, on this machine or another; the
+    last seed merges them into results.json. Epochs None: the federation's default schedule
+    (more epochs in round 0 than later)."""
     if (folder / "results.json").is_file():
         return
-    shutil.rmtree(folder / "run", ignore_errors=True)  # an unfinished run: start it again
+    parts = [run_seed(folder, dataset, docs, epochs, seed, args) for seed in range(args.seeds)]
+    results = merge_seeds(parts)
+    schedule = results["settings"]["schedule"]
+    minutes = sum(part["minutes"] for part in parts)
+    cell = {"dataset": dataset, "docs": docs, "rounds": args.rounds, "minutes": minutes,
+            "epochs": epochs or schedule_epochs(schedule, args.rounds),
+            "schedule": "default" if epochs is None else "even"}  # fmt: skip
+    (folder / CELL_FILE).write_text(json.dumps(cell) + "\n")  # before results.json marks it done
+    tmp = folder / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, folder / "results.json")
+    shutil.rmtree(folder / "seeds")
+    shutil.rmtree(folder / "run", ignore_errors=True)
+    print(f"{folder.name}: {minutes:.1f} min", file=sys.stderr, flush=True)
+
+
+def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: int, args) -> dict:
+    """One seed of a cell: its kept results, or `edgefed simulate --first-seed seed --seeds 1`
+    from the start (an unfinished run folder is started again) with its minutes added."""
+    part = folder / "seeds" / f"{seed}.json"
+    if part.is_file():
+        return json.loads(part.read_text())
+    run = folder / "run" / f"seed-{seed}"
+    shutil.rmtree(run, ignore_errors=True)
     command = [
         sys.executable, "-m", "edgefed", "simulate", "--dataset", dataset,
         "--docs-per-client", str(docs), "--rounds", str(args.rounds), "--trust", args.trust,
-        "--seeds", str(args.seeds), "--val-tokens", str(args.val_tokens), "--test-tokens",
-        str(args.test_tokens), "--out", str(folder / "run"),
+        "--seeds", "1", "--first-seed", str(seed), "--val-tokens", str(args.val_tokens),
+        "--test-tokens", str(args.test_tokens), "--out", str(run),
     ]  # fmt: skip
     if epochs is not None:
         command += ["--epochs", f"{epochs:g}"]
     print("$ edgefed " + " ".join(command[3:]), file=sys.stderr, flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    minutes = (time.perf_counter() - started) / 60
-    schedule = json.loads((folder / "run" / "results.json").read_text())["settings"]["schedule"]
-    cell = {"dataset": dataset, "docs": docs, "rounds": args.rounds, "minutes": minutes,
-            "epochs": epochs or schedule_epochs(schedule, args.rounds),
-            "schedule": "default" if epochs is None else "even"}  # fmt: skip
-    (folder / CELL_FILE).write_text(json.dumps(cell) + "\n")  # before results.json marks it done
-    os.replace(folder / "run" / "results.json", folder / "results.json")
-    print(f"{folder.name}: {minutes:.1f} min", file=sys.stderr, flush=True)
+    results = json.loads((run / "results.json").read_text())
+    results["minutes"] = (time.perf_counter() - started) / 60
+    part.parent.mkdir(exist_ok=True)
+    tmp = part.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, part)
+    print(f"{folder.name} seed {seed}: {results['minutes']:.1f} min", file=sys.stderr, flush=True)
+    return results
+
+
+def merge_seeds(parts: list[dict]) -> dict:
+    """One cell's results from its seeds' runs, as one `edgefed simulate --seeds N` would write
+    them (the clients, their data and the settings are the same in every part but the seed)."""
+    from edgefed.simulation.run import summarize
+
+    results = {key: value for key, value in parts[0].items() if key not in ("minutes", "summary")}
+    results["settings"] = results["settings"] | {"seeds": len(parts), "first_seed": 0}
+    results["runs"] = {
+        label: {seed: rounds for part in parts for seed, rounds in part["runs"][label].items()}
+        for label in parts[0]["runs"]
+    }
+    results["summary"] = summarize(results)
+    return results
 
 
 def paired(values: list[float], baseline: list[float]) -> tuple[float, float, float | None]:

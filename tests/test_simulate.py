@@ -96,6 +96,30 @@ def test_a_simulated_device_trains_the_adapter_its_real_round_would(
         assert all(torch.allclose(real[n], twin[n], atol=1e-6) for n in real), step
 
 
+def test_a_run_from_a_later_first_seed_is_that_seed_of_one_longer_run(
+    tmp_path, client_folders, tiny_llama_gguf
+):
+    """A long comparison split over sessions (--first-seed) merges into what one run gives."""
+    from edgefed.adapter import read_adapter_folder
+
+    outs = {}
+    for name, seeds in {"both": ("--seeds", 2), "second": ("--first-seed", 1)}.items():
+        outs[name] = tmp_path / name
+        done = run("simulate", "--clients", client_folders, "--trust", "local", "--out",
+                   outs[name], "--base", tiny_llama_gguf, *SMALL, *seeds, "--json")  # fmt: skip
+        assert done.exit_code == 0, done.stderr
+    results = {n: json.loads((out / "results.json").read_text()) for n, out in outs.items()}
+    assert list(results["both"]["runs"]["local"]) == ["0", "1"]
+    assert list(results["second"]["runs"]["local"]) == ["1"]
+    assert results["second"]["settings"]["first_seed"] == 1
+    assert results["second"]["runs"]["local"]["1"] == results["both"]["runs"]["local"]["1"]
+    device = Path("federations", "local", "seed-1", "devices", "north", "rounds", "1", "train")
+    ours, theirs = (read_adapter_folder(out / device)[1] for out in outs.values())
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    seed_0 = read_adapter_folder(outs["both"] / str(device).replace("seed-1", "seed-0"))[1]
+    assert not all(torch.equal(ours[n], seed_0[n]) for n in ours)
+
+
 def test_client_folders_that_cannot_make_a_federation_get_one_clear_line(tmp_path, client_folders):
     empty = tmp_path / "empty"
     write_repetitive_corpus(empty / "full", 30)

@@ -109,6 +109,16 @@ def simulate(
             rich_help_panel=_FEDERATION,
         ),
     ] = 1,
+    first_seed: Annotated[
+        int,
+        typer.Option(
+            help="The first seed: --first-seed 3 --seeds 3 runs seeds 3..5, the federations "
+            "one run of --seeds 6 would run after its first three, so a long comparison can be "
+            "split over sessions or machines (bench/quality.py merges such runs by seed).",
+            min=0,
+            rich_help_panel=_FEDERATION,
+        ),
+    ] = 0,
     rounds: Annotated[
         int, typer.Option(help="Rounds per federation.", min=1, rich_help_panel=_FEDERATION)
     ] = DEMO_ROUNDS,
@@ -205,6 +215,7 @@ def simulate(
     settings = SimulationSettings(
         variants=parse_variants(trust),
         seeds=seeds,
+        first_seed=first_seed,
         rounds=rounds,
         warmup_steps=warmup_steps,
         round_steps=round_steps,

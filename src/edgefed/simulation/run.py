@@ -78,6 +78,9 @@ class SimulationSettings:
         default_factory=lambda: parse_variants(DEFAULT_VARIANTS)
     )
     seeds: int = 1
+    # seeds first_seed .. first_seed + seeds - 1: a long comparison split over sessions or
+    # machines runs the same federations as one run would, and its results merge by seed
+    first_seed: int = 0
     rounds: int = DEMO_ROUNDS
     # the training: `epochs` passes over each device's own train split in all, shared equally
     # by the rounds; or steps; neither: the federation's default schedule (SIMULATION_SCHEDULE);
@@ -94,6 +97,8 @@ class SimulationSettings:
 
     def __post_init__(self) -> None:
         steps = (self.warmup_steps, self.round_steps)
+        if self.first_seed < 0:
+            raise ConfigError(f"--first-seed {self.first_seed} is negative", "e.g. --first-seed 3")
         if self.epochs is not None and steps != (None, None):
             raise ConfigError(
                 "--epochs and --warmup-steps/--round-steps both set the training",
@@ -209,7 +214,8 @@ def simulate(
     reference = out_dir / "clients" / "reference.txt"
     runs: dict[str, dict[str, list]] = {v.label: {} for v in settings.variants}
     warmup: dict[tuple[int, str], Workspace] = {}
-    for seed in range(settings.seeds):
+    seeds = range(settings.first_seed, settings.first_seed + settings.seeds)
+    for seed in seeds:
         for variant in settings.variants:
             folder = _federation_dir(out_dir, variant, seed)
             store = (
@@ -284,6 +290,7 @@ def simulate(
         "settings": {
             "variants": [v.label for v in settings.variants],
             "seeds": settings.seeds,
+            "first_seed": settings.first_seed,
             "rounds": settings.rounds,
             "schedule": settings.schedule.as_dict(),
             "epochs": settings.epochs,
@@ -303,7 +310,7 @@ def simulate(
                 "train_tokens": train_tokens[c.name],
                 # what one device trained over all rounds, in passes over its train split
                 "epochs": _epochs_done(
-                    warmup.get((0, c.name)), settings.rounds, train_tokens[c.name]
+                    warmup.get((seeds[0], c.name)), settings.rounds, train_tokens[c.name]
                 ),
             }
             for c in client_set.clients
@@ -338,7 +345,7 @@ def _train_tokens(client, runtime) -> int:
 
 
 def _epochs_done(space: Workspace | None, rounds: int, train_tokens: int) -> float | None:
-    """Training tokens of every round of seed 0's first variant over the train split."""
+    """Training tokens of every round of the first seed's first variant over the train split."""
     if space is None or not train_tokens:
         return None
     seen = sum(space.train_run(r).read_metrics().tokens_seen for r in range(rounds))
