@@ -1,4 +1,4 @@
-"""Fixtures: tiny random Llama / Qwen2 models built in code, with the embedded base's tokenizer.
+"""Fixtures: tiny random models of every family built in code, with the embedded base's tokenizer.
 
 Nothing is downloaded. The tokenizer is rebuilt by transformers from the embedded GGUF (so the
 tests exercise a real 49k-token byte-level BPE), and every test runs with EDGEFED_HOME in a
@@ -51,32 +51,49 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# what a tiny model of each family needs beyond TINY_DIMS: a head size of its own where the
+# family allows one (so `attention.key_length` is tested), llama.cpp's attention scale for Gemma,
+# local attention short enough to act on the test texts, no local attention where the GGUF
+# architecture has none (Mistral runs as LLAMA), the head tied where the family ties it
+FAMILY_DIMS: dict[str, dict] = {
+    "llama": {"rope_theta": 10000.0},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"rope_theta": 10000.0, "tie_word_embeddings": True},
+    "qwen3": {"head_dim": 32},
+    "gemma2": {
+        "initializer_range": 0.05,  # logits inside its soft-cap, where the cap acts
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "sliding_window": 16,
+        "tie_word_embeddings": True,
+    },
+    "gemma3_text": {
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "sliding_window": 16,
+        "tie_word_embeddings": True,
+    },
+    "phi3": {"pad_token_id": 0},
+}
+FAMILIES = tuple(FAMILY_DIMS)
+
+
 def build_tiny_model(
     kind: str, folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides: object
 ) -> Path:
-    """Save a tiny random `kind` ('llama' or 'qwen2') model with the shared tokenizer."""
+    """Save a tiny random model of Hugging Face model_type `kind` with the shared tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
-    config = config_class(
-        vocab_size=len(tok),
-        tie_word_embeddings=(kind == "qwen2"),
-        rope_theta=10000.0,
-        **(TINY_DIMS | overrides),
-    )
+    dims = {"vocab_size": len(tok), "tie_word_embeddings": False} | TINY_DIMS
+    config = AutoConfig.for_model(kind, **(dims | FAMILY_DIMS[kind] | overrides))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if kind == "qwen2":  # give the q/k/v biases non-zero values so their conversion is tested
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (
-                    layer.self_attn.q_proj,
-                    layer.self_attn.k_proj,
-                    layer.self_attn.v_proj,
-                ):
-                    proj.bias.normal_(0, 0.1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):  # zero at init: give them values, so they are tested
+                parameter.normal_(0, 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
@@ -111,8 +128,11 @@ SAMPLE_TEXT = (
 )
 
 
-def attach_random_lora(model, *, seed: int = 1, rank: int = 4, alpha: float = 8.0, **options):
-    """Wrap `model` in a PEFT LoRA on every projection with random non-zero A and B."""
+def attach_random_lora(
+    model, *, seed: int = 1, rank: int = 4, alpha: float = 8.0, targets=None, **options
+):
+    """Wrap `model` in a PEFT LoRA on every projection (of a Llama block, unless `targets`
+    says others) with random non-zero A and B."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -120,15 +140,8 @@ def attach_random_lora(model, *, seed: int = 1, rank: int = 4, alpha: float = 8.
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=targets
+        or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         **options,
     )
     peft_model = get_peft_model(model, config)

@@ -103,11 +103,16 @@ def bad_files(tmp_path, tiny_gguf) -> dict[str, Path]:
     return files
 
 
-def test_bad_bases_get_one_line_and_exit_2(bad_files, tiny_gguf):
+def test_bad_bases_get_one_line_and_exit_2(bad_files, tiny_gguf, tmp_path):
     assert_one_line_error(run("base", "show", bad_files["missing"]), "does not exist")
     assert_one_line_error(run("base", "show", bad_files["text"]), "not a GGUF file")
     assert_one_line_error(run("base", "show", bad_files["truncated"]), "truncated")
-    assert_one_line_error(run("evaluate", "--base", bad_files["gpt2"]), "architecture 'gpt2'")
+    # scoring hands any architecture to llama.cpp, which says what this file lacks; a
+    # federation, which trains, refuses the family first
+    assert_one_line_error(run("evaluate", "--base", bad_files["gpt2"]), "gpt2.context_length")
+    assert_one_line_error(
+        run("init", tmp_path / "store", "--base", bad_files["gpt2"]), "architecture 'gpt2'"
+    )
     _, _, base = tiny_gguf
     assert_one_line_error(run("evaluate", "--base", base, "--data", bad_files["empty"]), "no")
     assert_one_line_error(

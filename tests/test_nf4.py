@@ -85,3 +85,29 @@ def test_an_untied_output_head_survives_the_cache(tiny_llama_gguf, caplog):
     assert not caplog.records, caplog.text  # loaded from the cache, not rebuilt
     assert torch.equal(first.lm_head.weight, again.lm_head.weight)
     assert not torch.equal(again.lm_head.weight, again.model.embed_tokens.weight)
+
+
+def test_loading_the_nf4_copy_reaches_for_no_hub(tiny_llama_gguf):
+    """bitsandbytes asks the Hub for a CPU kernel on CPUs with AVX-512 BF16; edgefed keeps every
+    library offline. A tripwire on name lookups records any host a library tries to reach."""
+    script = f"""
+import socket
+looked_up = []
+real = socket.getaddrinfo
+def tripwire(host, *args, **kwargs):
+    if host not in ("127.0.0.1", "localhost", "::1", None):
+        looked_up.append(host)
+        raise OSError("no network here: " + str(host))
+    return real(host, *args, **kwargs)
+socket.getaddrinfo = tripwire
+import os
+import edgefed
+from edgefed.quant.training_copy import build_training_model
+from edgefed.adapter import LoraSpec, attach_lora
+attach_lora(build_training_model({str(tiny_llama_gguf)!r}, "nf4"), LoraSpec(rank=2))
+print(os.environ["HF_HUB_OFFLINE"], looked_up)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "[]"], done.stdout
+    assert "kernels-community" not in done.stderr, done.stderr

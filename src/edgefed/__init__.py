@@ -2,9 +2,13 @@
 
 Importing the package is light on purpose: torch, transformers, bitsandbytes and llama.cpp
 load only in the modules that use them, so the CLI starts fast and `--help` needs none of them.
+It sets one thing: no library may reach for a model hub (`offline`).
 """
 
 from edgefed.errors import ConfigError, EdgefedError
+from edgefed.offline import stay_offline
+
+stay_offline()  # before any module imports huggingface_hub, transformers or bitsandbytes
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "EdgefedError", "LoadedBase", "__version__"]

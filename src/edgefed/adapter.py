@@ -20,7 +20,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgefed.atomic import atomic_dir
@@ -58,6 +58,16 @@ class LoraSpec:
             )
         # PEFT stores targets as a set: keep one canonical order so equal specs compare equal
         object.__setattr__(self, "targets", tuple(sorted(set(self.targets))))
+
+    def for_architecture(self, gguf_architecture: str) -> LoraSpec:
+        """This spec on a base of that family: the default targets, every projection of a
+        Llama block, become every projection of the family's blocks (Phi-3 fuses q/k/v into
+        qkv_proj and gate/up into gate_up_proj); targets the user chose stay as they are."""
+        from edgefed.quant.architectures import architecture
+
+        if self.targets != tuple(sorted(DEFAULT_TARGETS)):
+            return self
+        return replace(self, targets=architecture(gguf_architecture).lora_targets)
 
     def as_dict(self) -> dict:
         return asdict(self) | {"targets": list(self.targets)}
@@ -265,9 +275,6 @@ def read_adapter_folder(
     return spec, tensors, base_fingerprint
 
 
-_ATTENTION_PARENT, _MLP_PARENT = "self_attn", "mlp"
-
-
 def lora_module_shapes(base_info, spec: LoraSpec) -> dict[str, tuple[int, int]]:
     """{module name: (in_features, out_features)} of every module `spec` adapts on the base.
 
@@ -275,20 +282,19 @@ def lora_module_shapes(base_info, spec: LoraSpec) -> dict[str, tuple[int, int]]:
     federation manifest can state exactly which adapter tensors it accepts.
     Raises AdapterMismatchError for a target the base does not have.
     """
-    import gguf
+    from edgefed.quant.architectures import architecture
 
-    arch = gguf.MODEL_ARCH[base_info.architecture.upper()]
-    name_map = gguf.get_tensor_name_map(arch, base_info.n_layers)
+    record = architecture(base_info.architecture)
+    name_map = record.tensor_name_map(base_info.n_layers)
     shapes: dict[str, tuple[int, int]] = {}
     for layer in range(base_info.n_layers):
         for target in spec.targets:
-            parent = _ATTENTION_PARENT if target in ATTENTION_PROJECTIONS else _MLP_PARENT
-            module = f"model.layers.{layer}.{parent}.{target}"
+            module = f"model.layers.{layer}.{record.block_of(target)}.{target}"
             gguf_name = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
             if gguf_name is None or gguf_name not in base_info.tensor_shapes:
                 raise AdapterMismatchError(
-                    f"LoRA target '{target}' is not a module of this base",
-                    f"use targets among {', '.join(DEFAULT_TARGETS)}",
+                    f"LoRA target '{target}' is not a module of this {record.gguf_name} base",
+                    f"use targets among {', '.join(record.lora_targets)}",
                 )
             n_in, n_out = base_info.tensor_shapes[gguf_name][:2]
             shapes[module] = (int(n_in), int(n_out))

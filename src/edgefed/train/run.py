@@ -190,6 +190,7 @@ def train_adapter(
     spec, start_tensors = _resolve_lora(
         lora, Path(from_adapter) if from_adapter else None, loaded.fingerprint
     )
+    spec = spec.for_architecture(loaded.info.architecture)
 
     status("reading data")
     documents: Documents = read_documents(data, text_field=text_field)
