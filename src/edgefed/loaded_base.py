@@ -84,8 +84,7 @@ class LoadedBase:
         if threads is not None and threads < 1:
             raise ConfigError(f"{threads} threads", "give --threads 1 or more, or leave it out")
         self.base_path = resolve_base(base)
-        # scoring runs any family llama.cpp loads; training asks check_trainable first
-        self.info = read_base_info(self.base_path, require_supported=False)
+        self.info = read_base_info(self.base_path)
         self.precision = precision
         self.runtime_quant = check_runtime_quant(runtime_quant or DEFAULT_RUNTIME_QUANT)
         self.threads = threads

@@ -28,7 +28,7 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Print architecture, parameters, tensor types, tokenizer, context and sha256 fingerprint."""
-    info = read_base_info(resolve_base(path), require_supported=False)
+    info = read_base_info(resolve_base(path))
     summary = info.summary() | {"supported": info.architecture in SUPPORTED_ARCHITECTURES}
     if as_json:
         emit_json(summary)

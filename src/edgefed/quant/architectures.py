@@ -41,6 +41,7 @@ class Architecture:
     config_model_type: str  # the transformers model the training copy is built as
     permuted_qk: bool = False  # q/k rows stored in llama.cpp's interleaved RoPE order
     norm_offset: float = 0.0  # GGUF norm weight = transformers norm weight + this
+    local_attention: bool = False  # sliding-window layers (`attention.sliding_window`)
     # GGUF key (without the "<arch>." prefix) -> config field, beyond transformers' table
     extra_config_keys: Mapping[str, str] = field(default_factory=dict)
     attention_modules: tuple[str, ...] = _LLAMA_ATTENTION
@@ -68,11 +69,12 @@ class Architecture:
         return gguf.get_tensor_name_map(self.gguf_arch(), n_layers)
 
 
-_GEMMA = {"norm_offset": 1.0}
+_GEMMA = {"norm_offset": 1.0, "local_attention": True}
 ARCHITECTURES: dict[str, Architecture] = {
     a.gguf_name: a
     for a in (
-        # llama.cpp runs Mistral's dense models as LLAMA (gguf-py has no MISTRAL)
+        # llama.cpp runs Mistral's dense models as LLAMA (gguf-py has no MISTRAL), without
+        # local attention: its converter drops Mistral's sliding window, and so does edgefed
         Architecture("llama", ("llama", "mistral"), "llama", permuted_qk=True),
         Architecture("qwen2", ("qwen2",), "qwen2"),
         Architecture("qwen3", ("qwen3",), "qwen3"),
@@ -91,6 +93,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "phi3",
             ("phi3",),
             "phi3",
+            local_attention=True,
             attention_modules=("qkv_proj", "o_proj"),
             mlp_modules=("gate_up_proj", "down_proj"),
         ),
@@ -153,7 +156,7 @@ def config_from_gguf(info):
         for key, field_name in mapping.items()
         if field_name and prefix + key in info.hparams
     }
-    head_dim = info.hparams.get(prefix + gguf.Keys.Attention.KEY_LENGTH.removeprefix("{arch}."))
+    head_dim = info.hparams.get(gguf.Keys.Attention.KEY_LENGTH.format(arch=record.gguf_name))
     kwargs |= {
         "vocab_size": info.vocab_size,
         "head_dim": int(head_dim or info.n_embd // info.n_head),

@@ -21,7 +21,6 @@ import numpy as np
 
 from edgefed.atomic import atomic_path
 from edgefed.errors import InputFileError, ModelFormatError, UnsupportedModelError
-from edgefed.quant.architectures import architecture
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_GGUF_VERSIONS = (2, 3)
@@ -223,10 +222,9 @@ class BaseInfo:
         }
 
 
-def read_base_info(
-    path: str | os.PathLike[str], *, require_supported: bool = True, reader=None
-) -> BaseInfo:
-    """Describe a GGUF base model; with `require_supported`, refuse architectures we can't use.
+def read_base_info(path: str | os.PathLike[str], *, reader=None) -> BaseInfo:
+    """Describe a GGUF base model of any architecture (llama.cpp scores what it loads; what
+    trains, converts or exports looks its family up in `architectures`, which refuses others).
 
     Pass an open `reader` to avoid parsing the file twice (a reader costs ~150 MB of Python
     objects on a 49k-token vocabulary). Without one, the description of an unchanged file
@@ -239,18 +237,16 @@ def read_base_info(
         except OSError:
             stat = None  # open_gguf says what is wrong with the path
         if stat is not None:
-            return _cached_base_info(
-                Path(path).resolve(), stat.st_size, stat.st_mtime_ns, require_supported
-            )
-    return _describe_base(path, require_supported, reader or open_gguf(path, "base model"))
+            return _cached_base_info(Path(path).resolve(), stat.st_size, stat.st_mtime_ns)
+    return _describe_base(path, reader or open_gguf(path, "base model"))
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_base_info(path: Path, size: int, mtime_ns: int, require_supported: bool) -> BaseInfo:
-    return _describe_base(path, require_supported, open_gguf(path, "base model"))
+def _cached_base_info(path: Path, size: int, mtime_ns: int) -> BaseInfo:
+    return _describe_base(path, open_gguf(path, "base model"))
 
 
-def _describe_base(path, require_supported: bool, reader) -> BaseInfo:
+def _describe_base(path, reader) -> BaseInfo:
     import gguf
 
     arch = str(_field_value(reader, gguf.Keys.General.ARCHITECTURE, ""))
@@ -259,8 +255,6 @@ def _describe_base(path, require_supported: bool, reader) -> BaseInfo:
         raise UnsupportedModelError(
             f"{path} is a LoRA adapter, not a base model", "pass it with --adapter instead"
         )
-    if require_supported:
-        architecture(arch)  # one line naming the family and what edgefed trains
 
     def key(name: str) -> str:
         return name.format(arch=arch)

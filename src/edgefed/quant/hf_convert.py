@@ -129,9 +129,8 @@ class HFModelConfig:
                 vocab_size=int(cfg["vocab_size"]),
                 tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 rope_dims=int(head_dim * rotary),
-                # LLAMA GGUFs have no local attention: llama.cpp's converter drops Mistral's
                 sliding_window=(cfg.get("sliding_window") or None)
-                if record.gguf_name != "llama"
+                if record.local_attention
                 else None,
                 attn_softcap=cfg.get("attn_logit_softcapping"),
                 final_softcap=cfg.get("final_logit_softcapping"),

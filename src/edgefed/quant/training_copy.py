@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from edgefed.errors import ModelFormatError
-from edgefed.quant.architectures import architecture, config_from_gguf
+from edgefed.quant.architectures import Architecture, architecture, config_from_gguf
 from edgefed.quant.gguf_blocks import SUPPORTED_TYPES, TYPE_NAMES, split_blocks, type_name
 from edgefed.quant.gguf_file import (
     BaseInfo,
@@ -104,9 +104,9 @@ def dequantize(raw: np.ndarray, entry: TensorEntry, rows_per_chunk: int = 2048) 
     return out
 
 
-def _rope_rows(info: BaseInfo, entry: TensorEntry) -> np.ndarray | None:
+def _rope_rows(record: Architecture, info: BaseInfo, entry: TensorEntry) -> np.ndarray | None:
     """llama.cpp stores Llama's q/k rows permuted for its RoPE; the order that undoes it."""
-    if not architecture(info.architecture).permuted_qk:
+    if not record.permuted_qk:
         return None
     heads = {".attn_q.": info.n_head, ".attn_k.": info.n_head_kv}
     for marker, n_head in heads.items():
@@ -127,9 +127,9 @@ def check_block_types(info: BaseInfo) -> None:
             )
 
 
-def _tensor_places(model, info: BaseInfo) -> dict[str, str]:
+def _tensor_places(model, record: Architecture, info: BaseInfo) -> dict[str, str]:
     """GGUF tensor name -> parameter name in the transformers model."""
-    name_map = architecture(info.architecture).tensor_name_map(info.n_layers)
+    name_map = record.tensor_name_map(info.n_layers)
     places: dict[str, str] = {}
     for hf_name, _ in model.named_parameters():
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -170,15 +170,15 @@ def build_training_model(base: str | os.PathLike[str] | None = None, precision: 
         )
     base_path = resolve_base(base)
     info = read_base_info(base_path)
+    record = architecture(info.architecture)
     if precision == "gguf":
         check_block_types(info)
-    record = architecture(info.architecture)
     model = empty_model(config_from_gguf(info))
     if precision == "nf4":
         from edgefed.quant.nf4 import replace_linears, set_nf4
 
         replace_linears(model)
-    places = _tensor_places(model, info)
+    places = _tensor_places(model, record, info)
     from edgefed.quant.gguf_layers import DequantBuffers
 
     buffers = DequantBuffers()
@@ -192,7 +192,7 @@ def build_training_model(base: str | os.PathLike[str] | None = None, precision: 
                 "use a base of a supported architecture (`edgefed base show` checks one)",
             )
         raw = read_tensor_bytes(base_path, entry)
-        order = _rope_rows(info, entry)
+        order = _rope_rows(record, info, entry)
         if precision == "gguf" and len(entry.shape) > 1:
             _place_blocks(model, hf_name, raw, entry, order, buffers)
             continue

@@ -154,8 +154,7 @@ class LlamaRuntime:
         self._scores: dict | None = {} if remember_scores else None
         ll = self._ll
         self.base_path = Path(base_path)
-        # llama.cpp runs families edgefed cannot train: scoring needs no architecture record
-        self.info = read_base_info(self.base_path, require_supported=False)
+        self.info = read_base_info(self.base_path)
         if window < 2:
             raise DataError(f"window {window} is too small", "use a window of at least 2 tokens")
         self.window = min(window, self.info.context_length or window)

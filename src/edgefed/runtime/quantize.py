@@ -76,7 +76,7 @@ def requantize(
             f"unknown quantization type '{quant_type}'",
             f"choose one of {', '.join(QUANT_TYPES)}",
         )
-    read_base_info(source, require_supported=False)  # a missing or damaged model: one line
+    read_base_info(source)  # refuses a missing or damaged model with one line
     out = Path(destination)
     if out.resolve() == Path(source).resolve():
         raise InputFileError("the output would overwrite the input", "choose another output path")
@@ -116,7 +116,7 @@ def runtime_copy(
     copy = cache_dir("gguf") / f"{sha256_file(require_file(base, 'base model'))}.{key}.gguf"
     if copy.is_file():
         return copy
-    if read_base_info(base, require_supported=False).file_type.lower() == key:
+    if read_base_info(base).file_type.lower() == key:
         return Path(base)
     if on_build is not None:
         on_build(f"building the runtime's {key} copy of the base (once; it is cached)")
