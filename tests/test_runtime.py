@@ -161,6 +161,49 @@ def test_parallel_lanes_score_exactly_what_one_lane_does(tiny_lora, tmp_path):
     assert [e.finished for e in last_run if e.finished] == ["base", "adapter-0", "adapter-1"]
 
 
+def test_a_window_decoded_in_pieces_scores_what_one_call_with_that_micro_batch_does(tiny_lora):
+    """A large vocabulary's window is decoded a few positions at a time, so that its logits
+    stay bounded; the KV cache carries the context, so nothing changes but the buffers."""
+    _kind, folder, base, _, adapter = tiny_lora
+    tokens = np.asarray(hf_tokens(folder, SAMPLE_TEXT * 4), dtype=np.int32)
+    for rows in (16, 24):
+        scores = []
+        for pieces in (rows, None):  # `rows` positions per call, or the window in one call
+            with LlamaRuntime(
+                base, window=64, rows=pieces, ubatch=rows, lanes=1, cache_base_scores=False
+            ) as runtime:
+                assert runtime.rows == (pieces or 64)
+                jobs = _three_jobs(runtime, tokens, [adapter])
+                scores.append(
+                    (
+                        [r.mean_nll for r in runtime.perplexities(jobs)],
+                        [r.mean_nll for r in runtime.perplexities(jobs, stride=16)],
+                        runtime.top_ks(jobs, 3, stride=16),
+                        runtime.token_logprobs(tokens, jobs[1].adapter)[0],
+                    )
+                )
+        pieces, whole = scores
+        assert pieces[0] == whole[0] and pieces[1] == whole[1]  # bit for bit
+        assert pieces[0][0] != pieces[0][1]  # the adapter changes the scores it is compared by
+        for mine, theirs in zip(pieces[2], whole[2], strict=True):
+            assert np.array_equal(mine.token_ids, theirs.token_ids)
+            assert np.array_equal(mine.logprobs, theirs.logprobs)
+        assert np.array_equal(pieces[3], whole[3]) and len(pieces[3]) == len(tokens) - 1
+
+
+def test_logits_and_lanes_follow_the_vocabulary_and_the_memory():
+    from edgefed.runtime.llama import default_lanes, logits_rows
+
+    assert logits_rows(512, 49_152) == 512  # the embedded base: one call per window
+    assert logits_rows(512, 262_144) == 96  # Gemma 3: 96 MiB of logits, not 512
+    assert logits_rows(512, 10_000_000) == 16 and logits_rows(8, 262_144) == 8
+    mib = 1 << 20
+    assert default_lanes(2, 200 * mib, 24 << 30) == 2  # threads decide
+    assert default_lanes(16, 200 * mib, 64 << 30) == 4  # MAX_DEFAULT_LANES decides
+    assert default_lanes(8, 200 * mib, 8 << 30) == 2  # 1/16 of 8 GiB holds two lanes
+    assert default_lanes(8, 2048 * mib, 8 << 30) == 1  # always one
+
+
 def test_base_scores_are_remembered_across_runtimes_and_a_bad_cache_is_ignored(
     tiny_gguf, edgefed_home
 ):

@@ -9,6 +9,7 @@ never share mutable state; the model and the adapters' tensors are read-only.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -22,14 +23,18 @@ SCRATCH_ROWS = 4
 class ScoringContext:
     """A llama context with its batch buffers and the adapter it has applied."""
 
-    def __init__(self, ll, model, *, window: int, ubatch: int, threads: int, n_vocab: int):
+    def __init__(
+        self, ll, model, *, window: int, rows: int, ubatch: int, threads: int, n_vocab: int
+    ):
         self._ll = ll
         self.threads = threads
         self.n_vocab = n_vocab
+        # positions decoded per llama_decode call: llama.cpp sizes its logits buffers by them
+        self.rows = rows
         params = ll.llama_context_default_params()
         params.n_ctx = window
-        params.n_batch = window
-        params.n_ubatch = ubatch
+        params.n_batch = rows
+        params.n_ubatch = min(ubatch, rows)
         params.n_seq_max = 1
         params.n_threads = threads
         params.n_threads_batch = threads
@@ -42,14 +47,14 @@ class ScoringContext:
             )
         self._ctx = ctx
         self._memory = ll.llama_get_memory(ctx)
-        self._batch = ll.llama_batch_init(window, 0, 1)
-        for i in range(window):
+        self._batch = ll.llama_batch_init(rows, 0, 1)
+        for i in range(rows):
             self._batch.n_seq_id[i] = 1
             self._batch.seq_id[i][0] = 0
-        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(window,))
-        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(window,))
+        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(rows,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(rows,))
         self._wants_logits = np.ctypeslib.as_array(
-            ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(window,)
+            ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(rows,)
         )
         # rows of logits the log-softmax works through at a time (see `_log_sum_exp_rows`)
         self.scratch = np.empty((SCRATCH_ROWS, n_vocab), dtype=np.float32)
@@ -80,27 +85,35 @@ class ScoringContext:
             )
         self._active = handle
 
-    def decode(self, tokens: np.ndarray, first_scored: int) -> np.ndarray:
-        """Run one window; return its scored logits rows, a view into llama.cpp's buffer.
+    def decode(self, tokens: np.ndarray, first_scored: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Run one window, `rows` positions per llama_decode call (the KV cache carries the
+        context from one call to the next); yield (first scored row, logits rows) per call, each
+        a view into llama.cpp's buffer that is valid until the next one is asked for.
 
-        The view is valid until the next `decode` on this context.
+        Scored rows are those of positions first_scored .. len(tokens) - 2 (the last position
+        has no next token); row 0 is position first_scored's.
         """
         n = len(tokens)
         self._ll.llama_memory_clear(self._memory, True)
-        self._tokens[:n] = tokens
-        self._pos[:n] = np.arange(n, dtype=np.int32)
-        self._wants_logits[:n] = 0
-        self._wants_logits[first_scored : n - 1] = 1
-        self._batch.n_tokens = n
-        rc = self._ll.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise RuntimeBackendError(
-                f"llama_decode failed with code {rc}",
-                take_recent_errors() or "run with --verbose to see llama.cpp's log",
-            )
-        rows = n - 1 - first_scored
-        pointer = self._ll.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab))
+        for start in range(0, n, self.rows):
+            end = min(n, start + self.rows)
+            count = end - start
+            self._tokens[:count] = tokens[start:end]
+            self._pos[:count] = np.arange(start, end, dtype=np.int32)
+            wanted = np.arange(start, end)
+            self._wants_logits[:count] = (wanted >= first_scored) & (wanted < n - 1)
+            self._batch.n_tokens = count
+            rc = self._ll.llama_decode(self._ctx, self._batch)
+            if rc != 0:
+                raise RuntimeBackendError(
+                    f"llama_decode failed with code {rc}",
+                    take_recent_errors() or "run with --verbose to see llama.cpp's log",
+                )
+            scored = int(self._wants_logits[:count].sum())
+            if scored:
+                pointer = self._ll.llama_get_logits(self._ctx)
+                first = max(start, first_scored) - first_scored
+                yield first, np.ctypeslib.as_array(pointer, shape=(scored, self.n_vocab))
 
     def close(self) -> None:
         if self._closed:

@@ -4,13 +4,13 @@ Texts are tokenized by the base's own tokenizer (with BOS when the model asks fo
 scored by the rule in `edgefed.scoring`; perplexity is exp(mean negative log-likelihood) over
 all scored tokens.
 
-Speed: a window is one `llama_decode` call whose batch asks logits only for the scored rows;
-they are read in place from llama.cpp's buffer (no copy per token), and the log-softmax runs
-over the whole block at once in numpy. Work is a list of jobs (a text under an adapter); their
-windows are shared out over `lanes` llama contexts on one loaded model, each run from its own
-Python thread with its share of the threads (see `default_lanes` for why). A window's result
-does not depend on the lane that computed it, so parallel scoring returns exactly what one lane
-would (tested).
+Speed: a window is one `llama_decode` call (several on a large vocabulary: see
+LOGITS_BLOCK_BYTES) whose batch asks logits only for the scored rows; they are read in place
+from llama.cpp's buffer (no copy per token), and the log-softmax runs over each block in
+numpy. Work is a list of jobs (a text under an adapter); their windows are shared out over
+`lanes` llama contexts on one loaded model, each run from its own Python thread with its share
+of the threads (see `default_lanes` for why). A window's result does not depend on the lane
+that computed it, so parallel scoring returns exactly what one lane would (tested).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from edgefed.quant.gguf_file import open_gguf, read_base_info
 from edgefed.runtime.backend import ensure_backend, take_recent_errors
 from edgefed.runtime.base_scores import BaseScoreCache
 from edgefed.runtime.context import ScoringContext
-from edgefed.scoring import PerplexityResult, ScoreProgress, Window, windows
+from edgefed.scoring import PerplexityResult, ScoreProgress, windows
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,19 @@ DEFAULT_WINDOW = 512
 # log-softmax overlaps the other's forward pass) and a single text as fast; on a busy machine
 # fewer thread barriers per graph node gain more. Each lane holds its own KV cache, compute and
 # logits buffers (68 MiB on the embedded base), so the default stops at 4 lanes to fit a
-# laptop; with more threads each lane gets several.
+# laptop, and at fewer where the lanes' buffers would take more than LANES_MEMORY_SHARE of the
+# machine's memory (`lane_bytes`); with more threads each lane gets several.
 MAX_DEFAULT_LANES = 4
+LANES_MEMORY_SHARE = 1 / 16
+# Logits a lane holds at once. llama.cpp keeps a float32 row per vocabulary entry for every
+# position of a decode call, twice (its output buffer and its graph's result): a 512-position
+# window on Gemma's 262k vocabulary would be 512 MiB each. So a window is decoded
+# LOGITS_BLOCK_BYTES // (4 x vocabulary) positions at a time (at least MIN_LOGITS_ROWS): the
+# whole 512-token window at once on the embedded base's 49k vocabulary, 96 positions on
+# Gemma's. The KV cache carries the context across calls, so the scores are those of one call
+# with that micro-batch (tested).
+LOGITS_BLOCK_BYTES = 96 << 20
+MIN_LOGITS_ROWS = 16
 
 
 def default_threads() -> int:
@@ -56,9 +67,41 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def default_lanes(threads: int) -> int:
-    """One lane per thread, at most MAX_DEFAULT_LANES (see there)."""
-    return max(1, min(threads, MAX_DEFAULT_LANES))
+def logits_rows(window: int, n_vocab: int) -> int:
+    """Positions a lane decodes per llama_decode call (see LOGITS_BLOCK_BYTES)."""
+    return max(1, min(window, max(MIN_LOGITS_ROWS, LOGITS_BLOCK_BYTES // (4 * max(n_vocab, 1)))))
+
+
+def lane_bytes(info, window: int, rows: int) -> int:
+    """About what one lane allocates: its f16 KV cache, the logits twice (see
+    LOGITS_BLOCK_BYTES) and the graph's activations; an estimate to size the default lanes by,
+    not an accounting."""
+    head_dim = int(info.hparams.get(f"{info.architecture}.attention.key_length") or 0) or (
+        info.n_embd // max(info.n_head, 1)
+    )
+    kv = info.n_layers * window * 2 * max(info.n_head_kv, 1) * head_dim * 2
+    logits = 2 * rows * info.vocab_size * 4
+    activations = rows * (window * max(info.n_head, 1) + 16 * info.n_embd) * 4
+    return kv + logits + activations
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def default_lanes(threads: int, per_lane: int = 0, memory: int | None = None) -> int:
+    """One lane per thread, at most MAX_DEFAULT_LANES, and no more than fit in
+    LANES_MEMORY_SHARE of `memory` (default: this machine's) at `per_lane` bytes each; always
+    at least one."""
+    lanes = max(1, min(threads, MAX_DEFAULT_LANES))
+    memory = physical_memory() if memory is None else memory
+    if per_lane > 0 and memory > 0:
+        lanes = min(lanes, max(1, int(memory * LANES_MEMORY_SHARE) // per_lane))
+    return lanes
 
 
 @dataclass(frozen=True)
@@ -107,16 +150,13 @@ def _log_sum_exp_rows(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     return out
 
 
-def _target_logprobs(
-    logits: np.ndarray, window_tokens: np.ndarray, w: Window, scratch: np.ndarray
-) -> np.ndarray:
-    targets = window_tokens[w.first_scored + 1 :]
+def _target_logprobs(logits: np.ndarray, targets: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     picked = logits[np.arange(len(targets)), targets]
     return (picked - _log_sum_exp_rows(logits, scratch)).astype(np.float64)
 
 
 def _top_k_rows(k: int) -> Callable:
-    def reduce(logits: np.ndarray, _tokens: np.ndarray, _w: Window, scratch: np.ndarray):
+    def reduce(logits: np.ndarray, _targets: np.ndarray, scratch: np.ndarray):
         lse = _log_sum_exp_rows(logits, scratch)
         top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
         top_logits = np.take_along_axis(logits, top, axis=1)
@@ -144,6 +184,7 @@ class LlamaRuntime:
         threads: int | None = None,
         lanes: int | None = None,
         ubatch: int | None = None,
+        rows: int | None = None,
         remember_scores: bool = False,
         cache_base_scores: bool = True,
     ) -> None:
@@ -159,8 +200,13 @@ class LlamaRuntime:
             raise DataError(f"window {window} is too small", "use a window of at least 2 tokens")
         self.window = min(window, self.info.context_length or window)
         self.threads = threads or default_threads()
-        self.lanes = min(lanes or default_lanes(self.threads), self.threads)
-        self._ubatch = min(ubatch or self.window, self.window)
+        # positions per decode call, and llama.cpp's micro-batch within them
+        self.rows = min(rows or logits_rows(self.window, self.info.vocab_size), self.window)
+        self._ubatch = min(ubatch or self.window, self.rows)
+        self.lanes = min(
+            lanes or default_lanes(self.threads, lane_bytes(self.info, self.window, self.rows)),
+            self.threads,
+        )
         # the bare base's perplexity of a text never changes: remembered across processes
         # (`cache_base_scores=False` for benchmarks, which time the computation itself)
         self._base_scores = (
@@ -234,6 +280,7 @@ class LlamaRuntime:
                     self._ll,
                     self._model,
                     window=self.window,
+                    rows=self.rows,
                     ubatch=self._ubatch,
                     threads=_share(self.threads, self.lanes, index),
                     n_vocab=self.n_vocab,
@@ -332,7 +379,7 @@ class LlamaRuntime:
         self,
         jobs: Sequence[ScoreJob],
         step: int,
-        reduce: Callable[[np.ndarray, np.ndarray, Window, np.ndarray], object],
+        reduce: Callable[[np.ndarray, np.ndarray, np.ndarray], object],
         *,
         task: str,
         on_progress: Callable[[ScoreProgress], None] | None,
@@ -382,8 +429,13 @@ class LlamaRuntime:
                 job = jobs[j]
                 context.activate(handles[j], job.label or "adapter")
                 window_tokens = job.tokens[w.start : w.end]
-                logits = context.decode(window_tokens, w.first_scored)
-                results[j][i] = reduce(logits, window_tokens, w, context.scratch)
+                targets = window_tokens[w.first_scored + 1 :]
+                results[j][i] = _joined(
+                    [
+                        reduce(logits, targets[first : first + len(logits)], context.scratch)
+                        for first, logits in context.decode(window_tokens, w.first_scored)
+                    ]
+                )
                 with lock:
                     state["done_tokens"] += w.end - w.start
                     remaining[j] -= 1
@@ -567,6 +619,16 @@ class LlamaRuntime:
             self._scores[(*kind, job.adapter.path if job.adapter else None, step, digest)] = result
         if kind == ("perplexity",) and job.adapter is None and self._base_scores is not None:
             self._base_scores.put(digest, step, result)
+
+
+def _joined(parts: list):
+    """One window's `reduce` outputs over its decode calls, as if reduced at once (an array,
+    or a tuple of arrays, row-wise)."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+    return np.concatenate(parts)
 
 
 def _share(threads: int, lanes: int, index: int) -> int:
