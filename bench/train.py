@@ -59,6 +59,8 @@ def train_command(config: str, base: Path, data: Path, out: Path, args) -> list[
     ]  # fmt: skip
     flags = {"gc": "--gradient-checkpointing", "bf16": "--bf16"}
     command += [flags[extra] for extra in extras]
+    if "gc" not in extras:  # checkpointing is edgefed's default; a plain config trains without
+        command.append("--no-gradient-checkpointing")
     return command
 
 

@@ -174,6 +174,8 @@ def test_a_window_decoded_in_pieces_scores_what_one_call_with_that_micro_batch_d
             ) as runtime:
                 assert runtime.rows == (pieces or 64)
                 jobs = _three_jobs(runtime, tokens, [adapter])
+                first = [r.mean_nll for r in runtime.perplexities(jobs)]
+                runtime.release_lanes()  # as training does: the next score makes them again
                 scores.append(
                     (
                         [r.mean_nll for r in runtime.perplexities(jobs)],
@@ -182,6 +184,7 @@ def test_a_window_decoded_in_pieces_scores_what_one_call_with_that_micro_batch_d
                         runtime.token_logprobs(tokens, jobs[1].adapter)[0],
                     )
                 )
+                assert scores[-1][0] == first
         pieces, whole = scores
         assert pieces[0] == whole[0] and pieces[1] == whole[1]  # bit for bit
         assert pieces[0][0] != pieces[0][1]  # the adapter changes the scores it is compared by

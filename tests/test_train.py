@@ -172,6 +172,25 @@ def test_resume_refuses_changed_settings_and_a_missing_checkpoint(
             resume=True,
             split_rule=SplitRule(seed=3),
         )
+    # whether activations are recomputed does not change the result: a resume may switch it
+    config = {"steps": 20, "gradient_checkpointing": False, "checkpoint_every": 7}
+    result = train(train_corpus, tmp_path / "run", tiny_llama_gguf, config=config, resume=True)
+    assert result.metrics.steps == 20
+
+
+def test_importing_edgefed_puts_large_tensors_on_huge_pages_unless_the_user_chose():
+    """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: edgefed sets it on
+    import (it halved a training round's peak memory, README Memory), never over the user's."""
+    show = (
+        "import os, edgefed, torch; torch.ones(9 << 20); print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    )
+    for env, expected in (({}, "1"), ({"THP_MEM_ALLOC_ENABLE": "0"}, "0")):
+        environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        done = subprocess.run(
+            [sys.executable, "-c", show], env=environment | env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == expected
 
 
 def _train_command(corpus: Path, base: Path, out: Path) -> list[str]:

@@ -15,6 +15,7 @@ from edgefed.cli.options import (
     BatchSizeOption,
     Bf16Option,
     DeviceOption,
+    GradientCheckpointingOption,
     JsonOption,
     LearningRateOption,
     PrecisionOption,
@@ -169,6 +170,7 @@ def simulate(
     batch_size: BatchSizeOption = DEMO_TRAIN.batch_size,
     lr: LearningRateOption = DEMO_TRAIN.learning_rate,
     bf16: Bf16Option = DEMO_TRAIN.bf16,
+    gradient_checkpointing: GradientCheckpointingOption = DEMO_TRAIN.gradient_checkpointing,
     val_tokens: Annotated[
         int,
         typer.Option(
@@ -221,7 +223,13 @@ def simulate(
         round_steps=round_steps,
         epochs=epochs,
         round_options=RoundOptions(
-            train=TrainConfig(seq_len=seq_len, batch_size=batch_size, learning_rate=lr, bf16=bf16),
+            train=TrainConfig(
+                seq_len=seq_len,
+                batch_size=batch_size,
+                learning_rate=lr,
+                bf16=bf16,
+                gradient_checkpointing=gradient_checkpointing,
+            ),
             test_tokens=test_tokens or None,
             val_tokens=val_tokens or None,
         ),

@@ -262,6 +262,14 @@ class LlamaRuntime:
         self._ll.llama_model_free(self._model)
         self._closed = True
 
+    def release_lanes(self) -> None:
+        """Free every lane's KV cache and buffers, keeping the model and its adapters: the next
+        score makes its lanes again (milliseconds). Training calls it, so that the lanes do not
+        sit in memory under its activations."""
+        for context in self._contexts:
+            context.close()
+        self._contexts.clear()
+
     def __del__(self) -> None:  # a forgotten close() must not leak a few hundred MB
         with contextlib.suppress(Exception):
             self.close()

@@ -51,7 +51,11 @@ RESULTS_FORMAT = 1
 DEFAULT_VARIANTS = "local,fedavg,oracle,perplexity"
 # the demo: scarce data (a cell of the regime map, README "Quality: the regime map") trained by
 # the federation's default schedule; minutes on a laptop CPU; the CLI's defaults are these
-DEMO_TRAIN = TrainConfig(seq_len=128, batch_size=2, learning_rate=2e-3)
+# a simulation trains every device on one machine, where time is short and memory is not:
+# without gradient checkpointing (the same adapters, bit for bit, 1.4x faster)
+DEMO_TRAIN = TrainConfig(
+    seq_len=128, batch_size=2, learning_rate=2e-3, gradient_checkpointing=False
+)
 DEMO_ROUNDS = 1
 DEMO_VAL_TOKENS = 1024  # at most: a client's split of 10 documents holds about 500-900
 DEMO_TEST_TOKENS = 1024

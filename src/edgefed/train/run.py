@@ -230,8 +230,9 @@ def train_adapter(
         # the stopper's saved scores are per token of these: a document moved into the
         # trust-validation split since the checkpoint would compare different tokens
         "stop_tokens_sha256": hashlib.sha256(np.asarray(stop_tokens, np.int32)).hexdigest(),
-        # how often to checkpoint does not change the result: it may differ on resume
-        "config": config.as_dict() | {"checkpoint_every": None},
+        # how often to checkpoint, or whether activations are recomputed, does not change the
+        # result: either may differ on resume
+        "config": config.as_dict() | {"checkpoint_every": None, "gradient_checkpointing": None},
         "lora": spec.as_dict(),
         "precision": loaded.precision,
     }
@@ -247,9 +248,9 @@ def train_adapter(
     status(f"loading the {loaded.precision} training copy of the base")
     model, initial_state = loaded.training_model(spec)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif model.is_gradient_checkpointing:
-        model.gradient_checkpointing_disable()  # left on by an earlier run over `loaded`
+        model.activation_checkpointing_enable()  # non-reentrant: the LoRA-only gradients flow
+    elif model.is_activation_checkpointing:
+        model.activation_checkpointing_disable()  # left on by an earlier run over `loaded`
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -285,6 +286,7 @@ def train_adapter(
         stopper.start(model, _without_b(start_tensors) if start_tensors is not None else None)
 
     status("training")
+    runtime.release_lanes()  # made again to score the adapter; not kept under the activations
     state = train_steps(
         model,
         optimizer,
