@@ -95,6 +95,9 @@ class ScoringContext:
         """
         n = len(tokens)
         self._ll.llama_memory_clear(self._memory, True)
+        if first_scored >= n - 1:  # nothing to score: no call, no rows
+            yield 0, np.empty((0, self.n_vocab), dtype=np.float32)
+            return
         for start in range(0, n, self.rows):
             end = min(n, start + self.rows)
             count = end - start
