@@ -156,10 +156,9 @@ def config_from_gguf(info):
         for key, field_name in mapping.items()
         if field_name and prefix + key in info.hparams
     }
-    head_dim = info.hparams.get(gguf.Keys.Attention.KEY_LENGTH.format(arch=record.gguf_name))
     kwargs |= {
         "vocab_size": info.vocab_size,
-        "head_dim": int(head_dim or info.n_embd // info.n_head),
+        "head_dim": info.head_dim,
         "tie_word_embeddings": "output.weight" not in info.tensor_shapes,
         "bos_token_id": info.hparams.get(gguf.Keys.Tokenizer.BOS_ID),
         "eos_token_id": info.hparams.get(gguf.Keys.Tokenizer.EOS_ID),

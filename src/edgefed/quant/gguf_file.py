@@ -192,6 +192,13 @@ class BaseInfo:
     # the hyper-parameters a transformers config needs beyond the fields above (GGUF key -> value)
     hparams: dict[str, object] = field(default_factory=dict)
 
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: the file's key length where it says (Gemma's is not
+        embedding / heads), else embedding / heads."""
+        key_length = self.hparams.get(f"{self.architecture}.attention.key_length")
+        return int(key_length or self.n_embd // max(self.n_head, 1))
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the file, computed on first use: loading a runtime does not need it."""

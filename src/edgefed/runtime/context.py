@@ -34,7 +34,7 @@ class ScoringContext:
         params = ll.llama_context_default_params()
         params.n_ctx = window
         params.n_batch = rows
-        params.n_ubatch = min(ubatch, rows)
+        params.n_ubatch = ubatch  # at most `rows` (the runtime's choice)
         params.n_seq_max = 1
         params.n_threads = threads
         params.n_threads_batch = threads

@@ -76,10 +76,7 @@ def lane_bytes(info, window: int, rows: int) -> int:
     """About what one lane allocates: its f16 KV cache, the logits twice (see
     LOGITS_BLOCK_BYTES) and the graph's activations; an estimate to size the default lanes by,
     not an accounting."""
-    head_dim = int(info.hparams.get(f"{info.architecture}.attention.key_length") or 0) or (
-        info.n_embd // max(info.n_head, 1)
-    )
-    kv = info.n_layers * window * 2 * max(info.n_head_kv, 1) * head_dim * 2
+    kv = info.n_layers * window * 2 * max(info.n_head_kv, 1) * info.head_dim * 2
     logits = 2 * rows * info.vocab_size * 4
     activations = rows * (window * max(info.n_head, 1) + 16 * info.n_embd) * 4
     return kv + logits + activations

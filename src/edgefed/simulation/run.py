@@ -52,7 +52,7 @@ DEFAULT_VARIANTS = "local,fedavg,oracle,perplexity"
 # the demo: scarce data (a cell of the regime map, README "Quality: the regime map") trained by
 # the federation's default schedule; minutes on a laptop CPU; the CLI's defaults are these
 # a simulation trains every device on one machine, where time is short and memory is not:
-# without gradient checkpointing (the same adapters, bit for bit, 1.4x faster)
+# without gradient checkpointing (the same adapters; training 1.2x faster, README Memory)
 DEMO_TRAIN = TrainConfig(
     seq_len=128, batch_size=2, learning_rate=2e-3, gradient_checkpointing=False
 )
