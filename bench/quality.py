@@ -82,30 +82,66 @@ def run_cell(folder: Path, dataset: str, docs: int, epochs: float | None, args) 
 
 def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: int, args) -> dict:
     """One seed of a cell: its kept results, or `edgefed simulate --first-seed seed --seeds 1`
-    from the start (an unfinished run folder is started again) with its minutes added."""
+    for the variants it still lacks. The simulation rewrites its results.json as each variant's
+    federation ends, and that is copied into seeds/<seed>.json (in the repository) as it
+    appears, so a seed stopped with the session keeps its finished variants and the next
+    session runs only the others (round 0 is trained again there: the same seed, data and init,
+    so the same adapters on the same CPU)."""
     part = folder / "seeds" / f"{seed}.json"
-    if part.is_file():
-        return json.loads(part.read_text())
+    kept = json.loads(part.read_text()) if part.is_file() else None
+    wanted = args.trust.split(",")
+    missing = [v for v in wanted if kept is None or v not in kept["runs"]]
+    if not missing:
+        return kept
     run = folder / "run" / f"seed-{seed}"
     shutil.rmtree(run, ignore_errors=True)
     command = [
         sys.executable, "-m", "edgefed", "simulate", "--dataset", dataset,
-        "--docs-per-client", str(docs), "--rounds", str(args.rounds), "--trust", args.trust,
-        "--seeds", "1", "--first-seed", str(seed), "--val-tokens", str(args.val_tokens),
-        "--test-tokens", str(args.test_tokens), "--out", str(run),
+        "--docs-per-client", str(docs), "--rounds", str(args.rounds),
+        "--trust", ",".join(missing), "--seeds", "1", "--first-seed", str(seed),
+        "--val-tokens", str(args.val_tokens), "--test-tokens", str(args.test_tokens),
+        "--out", str(run),
     ]  # fmt: skip
     if epochs is not None:
         command += ["--epochs", f"{epochs:g}"]
     print("$ edgefed " + " ".join(command[3:]), file=sys.stderr, flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    results = json.loads((run / "results.json").read_text())
-    results["minutes"] = (time.perf_counter() - started) / 60
-    part.parent.mkdir(exist_ok=True)
-    tmp = part.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, part)
-    print(f"{folder.name} seed {seed}: {results['minutes']:.1f} min", file=sys.stderr, flush=True)
+    simulation = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    seen = None
+    while True:
+        code = simulation.poll()  # before the read: the last results are written by then
+        current = run / "results.json"
+        if current.is_file() and current.stat().st_mtime_ns != seen:
+            seen = current.stat().st_mtime_ns
+            results = with_kept(json.loads(current.read_text()), kept, wanted)
+            results["minutes"] = (kept or {}).get("minutes", 0.0) + (
+                time.perf_counter() - started
+            ) / 60
+            part.parent.mkdir(exist_ok=True)
+            tmp = part.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
+            os.replace(tmp, part)
+            done = [v for v in wanted if v in results["runs"]]
+            print(f"{folder.name} seed {seed}: {', '.join(done)} kept, "
+                  f"{results['minutes']:.1f} min", file=sys.stderr, flush=True)  # fmt: skip
+        if code is not None:
+            break
+        time.sleep(30)
+    if code != 0:
+        raise subprocess.CalledProcessError(code, command)
+    return json.loads(part.read_text())
+
+
+def with_kept(results: dict, kept: dict | None, wanted: list[str]) -> dict:
+    """A simulation's results with the variants an earlier, stopped run of the same seed kept,
+    in the order asked for."""
+    from edgefed.simulation.run import summarize
+
+    runs = (kept or {}).get("runs", {}) | results["runs"]
+    results = results | {"runs": {v: runs[v] for v in wanted if v in runs}}
+    results["settings"] = results["settings"] | {"variants": wanted}
+    results["finished"] = all(v in runs for v in wanted)
+    results["summary"] = summarize(results)
     return results
 
 

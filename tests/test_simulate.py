@@ -38,6 +38,7 @@ def test_a_tiny_simulation_of_every_scheme_writes_finite_results_and_the_report(
     assert results == json.loads((out / "results.json").read_text()) | {
         "outputs": results["outputs"]
     }
+    assert results["finished"] is True
     assert [c["name"] for c in results["clients"]] == ["east", "north", "south"]
     summary = results["summary"]
     assert list(summary) == SCHEMES.split(",")
@@ -233,3 +234,43 @@ def test_oracle_trust_is_refused_where_no_mixture_is_known(tmp_path, tiny_llama_
         refused = run("round", "--workspace", workspace, *args, *SMALL[6:])
         assert_one_line_error(refused, needle)
         assert not (workspace / "rounds" / "0" / "train").exists()
+
+
+def test_an_interrupted_simulation_keeps_the_federations_it_finished(
+    tmp_path, client_folders, tiny_llama_gguf
+):
+    """Stopped while its second variant trains, a simulation's results.json holds the first
+    variant whole and says it is not finished: a long run loses at most one federation."""
+    from edgefed.device.round import RoundOptions
+    from edgefed.loaded_base import LoadedBase
+    from edgefed.simulation.clients import load_clients
+    from edgefed.simulation.run import SimulationSettings, simulate
+    from edgefed.train.loop import TrainConfig
+    from edgefed.trust.settings import parse_variants
+
+    settings = SimulationSettings(
+        variants=parse_variants("local,fedavg"),
+        rounds=2,
+        warmup_steps=4,
+        round_steps=2,
+        round_options=RoundOptions(
+            train=TrainConfig(seq_len=32, batch_size=2, learning_rate=2e-3), test_tokens=256
+        ),
+    )
+
+    def stop_at_fedavg(progress) -> None:
+        if progress.message.startswith("fedavg"):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "sim"
+    with (
+        LoadedBase(tiny_llama_gguf, precision="fp32", runtime_quant="keep") as loaded,
+        pytest.raises(KeyboardInterrupt),
+    ):
+        simulate(load_clients(None, client_folders), out, loaded, settings,
+                 on_progress=stop_at_fedavg)  # fmt: skip
+    kept = json.loads((out / "results.json").read_text())
+    assert kept["finished"] is False
+    assert list(kept["runs"]) == ["local"] and list(kept["runs"]["local"]) == ["0"]
+    assert len(kept["runs"]["local"]["0"]) == 2
+    assert list(kept["summary"]) == ["local"] and math.isfinite(kept["summary"]["local"]["mean"])

@@ -287,14 +287,38 @@ def simulate(
                         done += 1
                     rounds.append({"round": round_number, "devices": devices})
                 runs[variant.label][str(seed)] = rounds
+                # written as each federation ends: an interrupted simulation keeps what it
+                # finished ("finished": false until the last)
+                results = _results_document(
+                    client_set, settings, loaded, options, train_tokens, warmup, runs, max_tokens
+                )
+                atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
 
+    return results
+
+
+def _results_document(
+    client_set: ClientSet,
+    settings: SimulationSettings,
+    loaded: LoadedBase,
+    options: RoundOptions,
+    train_tokens: dict[str, int],
+    warmup: dict[tuple[int, str], Workspace],
+    runs: dict[str, dict[str, list]],
+    max_tokens: int | None,
+) -> dict:
+    """results.json of the federations finished so far: `runs` holds only those, and
+    `finished` says whether every variant x seed is among them."""
+    first_seed = settings.first_seed
+    finished = {label: seeds for label, seeds in runs.items() if seeds}
     results = {
         "format": RESULTS_FORMAT,
         "dataset": client_set.dataset,
+        "finished": sum(map(len, finished.values())) == len(settings.variants) * settings.seeds,
         "settings": {
             "variants": [v.label for v in settings.variants],
             "seeds": settings.seeds,
-            "first_seed": settings.first_seed,
+            "first_seed": first_seed,
             "rounds": settings.rounds,
             "schedule": settings.schedule.as_dict(),
             "epochs": settings.epochs,
@@ -314,15 +338,14 @@ def simulate(
                 "train_tokens": train_tokens[c.name],
                 # what one device trained over all rounds, in passes over its train split
                 "epochs": _epochs_done(
-                    warmup.get((seeds[0], c.name)), settings.rounds, train_tokens[c.name]
+                    warmup.get((first_seed, c.name)), settings.rounds, train_tokens[c.name]
                 ),
             }
             for c in client_set.clients
         ],
-        "runs": runs,
+        "runs": finished,
     }
     results["summary"] = summarize(results)
-    atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
     return results
 
 
