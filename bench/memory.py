@@ -60,8 +60,10 @@ def edgefed(args: list[str], home: Path, env: dict | None = None) -> tuple[float
         return seconds, usage.ru_maxrss * 1024, out.read()
 
 
-def prepare(start: Path, docs: int, base: str | None) -> None:
-    """Two devices joined, ben's round 0 published: the state every configuration starts at."""
+def prepare(start: Path, docs: int, base: str | None, peer_args: list[str] = ()) -> None:
+    """Two devices joined, ben's round 0 published: the state every configuration starts at.
+    `peer_args`: options of ben's round (bench/models.py trains it one step on large bases,
+    only so that there is an adapter to score)."""
     home = start / "home"
     for device, topic in (("ann", "business"), ("ben", "sports")):
         folder = start / "data" / device
@@ -75,7 +77,7 @@ def prepare(start: Path, docs: int, base: str | None) -> None:
              str(start / "data" / device), "--workspace", str(start / device)],
             home,
         )  # fmt: skip
-    edgefed(["round", "--workspace", str(start / "ben"), "--wait", "0"], home)
+    edgefed(["round", "--workspace", str(start / "ben"), "--wait", "0", *peer_args], home)
 
 
 def measure(start: Path, config: str) -> dict:

@@ -39,7 +39,12 @@ def convert(
     ] = "f16",
     as_json: JsonOption = False,
 ) -> None:
-    """Write a Llama-family or Qwen2 Hugging Face model as a GGUF file for llama.cpp."""
+    """Write a Hugging Face model as a GGUF file for llama.cpp.
+
+    Converts the families edgefed trains: Llama (SmolLM, Llama 3.x), Mistral, Qwen2, Qwen3,
+    Gemma 2, Gemma 3 and Phi-3 (README, "Model families"); llama.cpp's own
+    convert_hf_to_gguf.py converts more, and edgefed evaluates any GGUF llama.cpp loads.
+    """
     from edgefed.quant.hf_convert import convert_hf_to_gguf
 
     with stderr.status(f"converting {folder} ..."):
