@@ -136,12 +136,14 @@ def test_an_exported_adapter_scores_in_llama_cpp_as_in_peft(family, tmp_path):
     assert abs(bare / expected - 1) > 0.03, kind  # the adapter really changes the model
 
 
-def _as_architecture(source, destination, arch: str):
-    """The GGUF `source` with its architecture (and its keys' prefix) renamed to `arch`."""
+def _rewritten(source, destination, *, arch: str | None = None, extra: dict | None = None):
+    """The GGUF `source` with its architecture (and its keys' prefix) renamed to `arch`, and
+    the tensors of `extra` (name -> array) added."""
     import gguf
 
     reader = gguf.GGUFReader(source)
     old = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    arch = arch or old
     writer = gguf.GGUFWriter(destination, arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE:
@@ -152,6 +154,8 @@ def _as_architecture(source, destination, arch: str):
         writer.add_key_value(renamed, field.contents(), value_type, sub_type=sub_type)
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -164,8 +168,8 @@ def test_a_family_edgefed_cannot_train_is_still_evaluated_and_training_says_why(
 ):
     """Gemma (the first) is llama.cpp's, not edgefed's: a tied Llama's tensors under its name."""
     hf = build_tiny_model("llama", tmp_path / "hf", tokenizer_dir, tie_word_embeddings=True)
-    gemma = _as_architecture(convert_hf_to_gguf(hf, tmp_path / "llama.gguf"),
-                             tmp_path / "gemma.gguf", "gemma")  # fmt: skip
+    gemma = _rewritten(convert_hf_to_gguf(hf, tmp_path / "llama.gguf"), tmp_path / "gemma.gguf",
+                       arch="gemma")  # fmt: skip
     data = write_repetitive_corpus(tmp_path / "notes", 12)
     shown = run("base", "show", gemma, "--json")
     assert shown.exit_code == 0 and '"supported": false' in shown.stdout, shown.stderr
@@ -174,4 +178,55 @@ def test_a_family_edgefed_cannot_train_is_still_evaluated_and_training_says_why(
     assert '"perplexity"' in scored.stdout
     refused = run("train", "--base", gemma, "--data", data, "--out", tmp_path / "run")
     assert_one_line_error(refused, "training does not support architecture 'gemma'", "evaluate")
+    assert not (tmp_path / "run").exists()
+
+
+# Llama 3.1/3.2's RoPE scaling, with an original context short enough to act on the test text
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # fmt: skip
+
+
+def test_llama_3_rope_scaling_is_converted_and_trained_as_llama_cpp_runs_it(
+    tmp_path, tokenizer_dir
+):
+    """Llama 3.x stretch RoPE's long wavelengths: conversion writes llama.cpp's rope_freqs
+    factors and the training copies (the NF4 cache included) divide their frequencies by them,
+    so llama.cpp and every copy compute transformers' model, not the plain-RoPE one."""
+    from edgefed.quant.nf4 import load_training_model
+
+    hf = build_tiny_model("llama", tmp_path / "hf", tokenizer_dir, rope_parameters=LLAMA3_ROPE)
+    plain = build_tiny_model("llama", tmp_path / "plain", tokenizer_dir)  # same weights
+    base = convert_hf_to_gguf(hf, tmp_path / "f32.gguf", out_type="f32")
+    assert "rope_freqs.weight" in {t.name for t in read_base_info(base).tensors}
+    tokens = hf_tokens(hf, SAMPLE_TEXT * 2)
+    reference = _reference_logprobs(hf, tokens)
+    assert np.abs(reference - _reference_logprobs(plain, tokens)).max() > 0.05  # it acts
+
+    with LlamaRuntime(base) as runtime:
+        logprobs, _ = runtime.token_logprobs(tokens)
+    expected = reference[np.arange(len(tokens) - 1), tokens[1:]]
+    assert np.abs(logprobs - expected).max() < 0.01
+    ids = torch.tensor([tokens])
+    with torch.inference_mode():
+        for precision in ("fp32", "gguf"):
+            copy = build_training_model(base, precision)
+            got = torch.log_softmax(copy(ids).logits[0, :-1], -1).double()
+            assert (got - torch.from_numpy(reference)).abs().max() < 1e-4, precision
+        built, cached = load_training_model(base), load_training_model(base)
+        assert torch.equal(cached.model.rotary_emb.inv_freq, built.model.rotary_emb.inv_freq)
+        assert torch.equal(cached(ids).logits, built(ids).logits)
+
+
+def test_long_context_rope_the_copy_cannot_compute_is_refused_in_one_line(tmp_path, tokenizer_dir):
+    """Phi-3's long-context factors (rope_factors_long, which llama.cpp runs) are not Llama 3's
+    frequency divisors: training says so instead of training another model."""
+    phi3 = build_tiny_model("phi3", tmp_path / "hf", tokenizer_dir)
+    source = convert_hf_to_gguf(phi3, tmp_path / "plain.gguf", out_type="f32")
+    extra = {"rope_factors_long.weight": np.ones(8, dtype=np.float32)}
+    long = _rewritten(source, tmp_path / "long.gguf", extra=extra)
+    data = write_repetitive_corpus(tmp_path / "notes", 12)
+    refused = run("train", "--base", long, "--data", data, "--out",
+                  tmp_path / "run", "--steps", 1)  # fmt: skip
+    assert_one_line_error(refused, "rope_factors_long", "training copy")
     assert not (tmp_path / "run").exists()

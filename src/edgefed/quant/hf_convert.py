@@ -77,6 +77,9 @@ class HFModelConfig:
     # Gemma 2's soft-caps of attention scores and final logits
     attn_softcap: float | None
     final_softcap: float | None
+    # "llama3" (Llama 3.1/3.2's frequency scaling, stored as llama.cpp's rope_freqs factors) or
+    # None for plain RoPE; other scalings are refused
+    rope_scaling: str | None
 
     @classmethod
     def from_folder(cls, folder: Path) -> HFModelConfig:
@@ -103,10 +106,12 @@ class HFModelConfig:
         scaling = cfg.get("rope_scaling") or (
             rope if rope.get("rope_type", "default") != "default" else None
         )
-        if scaling:
+        scaling_type = (scaling.get("rope_type") or scaling.get("type")) if scaling else None
+        if scaling and not (scaling_type == "llama3" and record.gguf_name == "llama"):
             raise UnsupportedModelError(
-                f"{folder} uses RoPE scaling ({scaling.get('rope_type') or scaling.get('type')})",
-                "edgefed converts models with plain RoPE only",
+                f"{folder} uses RoPE scaling ({scaling_type})",
+                "edgefed converts plain RoPE and Llama 3's scaling; convert it with llama.cpp's "
+                "convert_hf_to_gguf.py (edgefed evaluates any GGUF llama.cpp loads)",
             )
         try:
             n_head = int(cfg["num_attention_heads"])
@@ -134,6 +139,7 @@ class HFModelConfig:
                 else None,
                 attn_softcap=cfg.get("attn_logit_softcapping"),
                 final_softcap=cfg.get("final_logit_softcapping"),
+                rope_scaling=scaling_type,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(
@@ -156,6 +162,19 @@ def _check_attention_scale(folder: Path, cfg: dict, head_dim: int) -> None:
             f"{head_dim}",
             "llama.cpp scales by the head size: convert with llama.cpp's convert_hf_to_gguf.py",
         )
+
+
+def _llama3_rope_factors(folder: Path) -> np.ndarray:
+    """llama.cpp's per-frequency divisors for Llama 3's RoPE scaling: the plain inverse
+    frequencies over the scaled ones, both as transformers computes them for this config."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(folder)
+    plain, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (plain / scaled).numpy().astype(np.float32)
 
 
 def _safetensor_files(folder: Path) -> list[Path]:
@@ -251,6 +270,8 @@ def convert_hf_to_gguf(
             writer.add_tensor(
                 gguf_name, tensor.astype(float_type if tensor.ndim > 1 else np.float32)
             )
+        if cfg.rope_scaling == "llama3":
+            writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(src))
         if not seen_embedding:
             raise ModelFormatError(
                 f"{src} has no token embedding tensor", "the checkpoint is incomplete"

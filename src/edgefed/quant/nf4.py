@@ -20,15 +20,18 @@ from edgefed.home import cache_dir
 from edgefed.quant.gguf_file import read_base_info, resolve_base
 from edgefed.quant.training_copy import (
     KEEP_FLOAT,
+    ROPE_FACTORS_BUFFER,
     build_training_model,
     empty_model,
     finish,
+    scale_rope,
     set_float,
 )
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+# 2: a base's RoPE factors (Llama 3's scaling) are kept in the cache
+CACHE_FORMAT_VERSION = 2
 NF4_BLOCKSIZE = 64
 
 
@@ -108,7 +111,10 @@ def _load_cache(folder: Path):
             model.get_submodule(name.rpartition(".")[0]), bnb.nn.Linear4bit
         ):
             set_float(model, name, state[name])
-    return finish(model)
+    model = finish(model)
+    if ROPE_FACTORS_BUFFER in state:
+        scale_rope(model, state[ROPE_FACTORS_BUFFER].numpy())
+    return model
 
 
 def load_training_model(base: str | os.PathLike[str] | None = None, *, use_cache: bool = True):

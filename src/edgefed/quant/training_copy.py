@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from edgefed.errors import ModelFormatError
+from edgefed.errors import ModelFormatError, UnsupportedModelError
 from edgefed.quant.architectures import Architecture, architecture, config_from_gguf
 from edgefed.quant.gguf_blocks import SUPPORTED_TYPES, TYPE_NAMES, split_blocks, type_name
 from edgefed.quant.gguf_file import (
@@ -39,6 +39,10 @@ from edgefed.quant.hf_convert import unpermute_for_rope
 PRECISIONS = ("gguf", "nf4", "fp32")
 # modules kept in float by NF4: embeddings are small next to the layers, and sensitive
 KEEP_FLOAT = ("embed_tokens", "lm_head")
+# llama.cpp's per-frequency RoPE divisors (Llama 3's scaling), a tensor with no module
+ROPE_FACTORS = "rope_freqs.weight"
+# where the training copy keeps them
+ROPE_FACTORS_BUFFER = "model.rotary_emb.rope_factors"
 
 
 def empty_model(config):
@@ -115,6 +119,19 @@ def _rope_rows(record: Architecture, info: BaseInfo, entry: TensorEntry) -> np.n
     return None
 
 
+def check_rope(info: BaseInfo) -> None:
+    """Refuse a base whose RoPE the copies cannot compute: they divide the frequencies by Llama
+    3's rope_freqs factors, not by Phi-3's long-context ones (rope_factors_long/short)."""
+    for entry in info.tensors:
+        if entry.name.startswith("rope_") and entry.name != ROPE_FACTORS:
+            raise UnsupportedModelError(
+                f"the base scales RoPE with {entry.name} (long-context RoPE), which the "
+                "training copy does not compute",
+                "evaluate it with `edgefed evaluate --base`, or train a base with plain RoPE "
+                "or Llama 3's scaling",
+            )
+
+
 def check_block_types(info: BaseInfo) -> None:
     """Refuse, before anything is read, a base with a matrix the gguf copy cannot keep."""
     for entry in info.tensors:
@@ -171,6 +188,7 @@ def build_training_model(base: str | os.PathLike[str] | None = None, precision: 
     base_path = resolve_base(base)
     info = read_base_info(base_path)
     record = architecture(info.architecture)
+    check_rope(info)
     if precision == "gguf":
         check_block_types(info)
     model = empty_model(config_from_gguf(info))
@@ -182,10 +200,14 @@ def build_training_model(base: str | os.PathLike[str] | None = None, precision: 
     from edgefed.quant.gguf_layers import DequantBuffers
 
     buffers = DequantBuffers()
+    rope_factors = None
     for entry in sorted(info.tensors, key=lambda e: -e.n_bytes):
         hf_name = places.get(entry.name)
         if hf_name is None:
-            if entry.name == "output.weight" or entry.name.startswith("rope_"):
+            if entry.name == "output.weight":
+                continue
+            if entry.name == ROPE_FACTORS:
+                rope_factors = dequantize(read_tensor_bytes(base_path, entry), entry)
                 continue
             raise ModelFormatError(
                 f"base tensor {entry.name} has no place in the model",
@@ -207,7 +229,29 @@ def build_training_model(base: str | os.PathLike[str] | None = None, precision: 
             set_nf4(model, hf_name, weight)
         else:
             set_float(model, hf_name, weight)
-    return finish(model)
+    model = finish(model)
+    if rope_factors is not None:
+        scale_rope(model, rope_factors)
+    return model
+
+
+def scale_rope(model, factors: np.ndarray) -> None:
+    """Divide the rotary frequencies by the base's rope_freqs factors, as llama.cpp does for
+    every layer (Llama 3.1/3.2's scaling: the long wavelengths stretched)."""
+    import torch
+
+    rotary = model.model.rotary_emb
+    divisors = torch.from_numpy(np.ascontiguousarray(factors, dtype=np.float32))
+    if rotary.inv_freq.shape != divisors.shape:
+        raise ModelFormatError(
+            f"the base's {ROPE_FACTORS} has {divisors.numel()} factors for "
+            f"{rotary.inv_freq.numel()} rotary frequencies",
+            "convert or download the base again",
+        )
+    rotary.inv_freq = rotary.inv_freq / divisors
+    rotary.original_inv_freq = rotary.inv_freq.clone()
+    # kept in the state dict (the frequencies are not), so a saved copy (the NF4 cache) has them
+    rotary.register_buffer(ROPE_FACTORS_BUFFER.rpartition(".")[2], divisors)
 
 
 def _is_nf4_weight(model, hf_name: str) -> bool:
