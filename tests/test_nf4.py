@@ -13,7 +13,7 @@ import torch
 from edgefed.demo_text import demo_evaluation_text
 from edgefed.home import cache_dir
 from edgefed.quant.gguf_file import embedded_base_path, read_base_info
-from edgefed.quant.nf4 import load_training_model
+from edgefed.quant.nf4 import CACHE_FORMAT_VERSION, load_training_model
 from edgefed.quant.training_copy import build_training_model
 from edgefed.runtime import LlamaRuntime
 from edgefed.train.perplexity import torch_perplexity
@@ -42,7 +42,7 @@ def test_nf4_copy_is_4bit_and_close_to_the_gguf_base(demo_tokens):
 
     # the second load comes from the cache, keyed by the base fingerprint, and is identical
     folder = cache_dir("nf4") / read_base_info(embedded_base_path()).fingerprint
-    assert json.loads((folder / "edgefed-nf4.json").read_text())["format"] == 1
+    assert json.loads((folder / "edgefed-nf4.json").read_text())["format"] == CACHE_FORMAT_VERSION
     again = load_training_model()
     sample = torch.tensor([tokens[:64].tolist()])
     with torch.no_grad():
