@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgefed.demo_text import bbc_folder
@@ -60,7 +61,7 @@ def edgefed(args: list[str], home: Path, env: dict | None = None) -> tuple[float
         return seconds, usage.ru_maxrss * 1024, out.read()
 
 
-def prepare(start: Path, docs: int, base: str | None, peer_args: list[str] = ()) -> None:
+def prepare(start: Path, docs: int, base: str | None, peer_args: Sequence[str] = ()) -> None:
     """Two devices joined, ben's round 0 published: the state every configuration starts at.
     `peer_args`: options of ben's round (bench/models.py trains it one step on large bases,
     only so that there is an adapter to score)."""

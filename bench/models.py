@@ -10,10 +10,10 @@ Bases (--bases):
                  random weights in the shapes of those models (their published configs:
                  layers, widths, heads, head size, vocabulary, tied head), built in code with
                  transformers, converted by `edgefed quant convert` and quantized to Q4_K_M by
-                 `edgefed quant requantize`. Their tokenizer is the embedded base's, padded
-                 with unused tokens to the model's vocabulary, so the embedding and the head
-                 have their real sizes. Random weights cost what trained ones do; they say
-                 nothing of quality.
+                 `edgefed quant requantize`. Their tokenizer is the embedded base's (as
+                 transformers rebuilds it), padded by the conversion with unused tokens to the
+                 model's vocabulary, so the embedding and the head have their real sizes.
+                 Random weights cost what trained ones do; they say nothing of quality.
 
 Per base, every command in its own process (peak RSS from wait4), back to back:
 
@@ -53,7 +53,8 @@ from memory import edgefed, measure, prepare
 from edgefed.quant.gguf_file import embedded_base_path
 
 # the published configs of the models whose shapes users run (Hugging Face config.json of
-# Qwen/Qwen3-0.6B, meta-llama/Llama-3.2-1B, google/gemma-3-1b-pt, Qwen/Qwen3-1.7B)
+# Qwen/Qwen3-0.6B, meta-llama/Llama-3.2-1B with its RoPE scaling, google/gemma-3-1b-pt,
+# Qwen/Qwen3-1.7B)
 SHAPES: dict[str, dict] = {
     "qwen3-0.6b": {
         "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
@@ -65,7 +66,10 @@ SHAPES: dict[str, dict] = {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
         "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
         "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True,
-        "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "max_position_embeddings": 131072,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192},
     },
     "gemma-3-1b": {
         "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
@@ -110,7 +114,8 @@ def build_base(name: str, work: Path) -> Path:
 
 def save_random_model(shape: dict, folder: Path) -> None:
     """A Hugging Face folder of `shape` with random weights (bfloat16 on disk: half the bytes
-    to write and convert) and the embedded tokenizer padded to its vocabulary."""
+    to write and convert) and the embedded base's tokenizer, which `quant convert` pads with
+    unused tokens to the model's vocabulary."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -118,8 +123,6 @@ def save_random_model(shape: dict, folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(base.parent), gguf_file=base.name)
     dims = dict(shape)
     kind = dims.pop("model_type")
-    unused = dims["vocab_size"] - len(tokenizer)
-    tokenizer.add_tokens([f"<|unused_{i}|>" for i in range(unused)], special_tokens=True)
     config = AutoConfig.for_model(
         kind, **dims, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )

@@ -20,10 +20,10 @@ gains) against documents per client at a fixed training, and against epochs at a
 
 A finished cell in --work is reused and the report covers every finished cell there, so the
 map can be filled in over several runs; --report-only runs nothing. A cell runs a seed at a
-time and keeps each seed's results as it ends (seeds/<seed>.json), so a cell cut short goes on
-from its next seed. In bench/results/regime, each cell's results.json and cell.json (and an
-unfinished cell's seeds/) are kept in the repository (its run folder, the adapters, is
-ignored), so the map outlives the machine that measured it.
+time, and keeps each of its variants' results as it ends (seeds/<seed>.json), so a cell cut
+short goes on with the variants its seed still lacks. In bench/results/regime, each cell's
+results.json and cell.json (and an unfinished cell's seeds/) are kept in the repository (its
+run folder, the adapters, is ignored), so the map outlives the machine that measured it.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def schedule_epochs(schedule: dict, rounds: int) -> float:
 
 def run_cell(folder: Path, dataset: str, docs: int, epochs: float | None, args) -> None:
     """`edgefed simulate` for one cell, a seed at a time, unless its results are there; records
-    its minutes. A seed's results are kept (seeds/<seed>.json, in the repository) as it ends, so
-    a cell longer than a session goes on from its next seed, on this machine or another; the
-    last seed merges them into results.json. Epochs None: the federation's default schedule
-    (more epochs in round 0 than later)."""
+    its minutes. A seed's variants are kept (seeds/<seed>.json, in the repository) as each
+    ends, so a cell longer than a session goes on with what it lacks, on this machine or
+    another; the last seed merges them into results.json. Epochs None: the federation's
+    default schedule (more epochs in round 0 than later)."""
     if (folder / "results.json").is_file():
         return
     parts = [run_seed(folder, dataset, docs, epochs, seed, args) for seed in range(args.seeds)]
@@ -87,12 +87,14 @@ def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: 
     appears, so a seed stopped with the session keeps its finished variants and the next
     session runs only the others (round 0 is trained again there: the same seed, data and init,
     so the same adapters on the same CPU)."""
+    from edgefed.trust.settings import parse_variants
+
     part = folder / "seeds" / f"{seed}.json"
     kept = json.loads(part.read_text()) if part.is_file() else None
-    wanted = args.trust.split(",")
+    wanted = [variant.label for variant in parse_variants(args.trust)]  # as results name them
     missing = [v for v in wanted if kept is None or v not in kept["runs"]]
     if not missing:
-        return kept
+        return with_kept(kept, None, wanted)
     run = folder / "run" / f"seed-{seed}"
     shutil.rmtree(run, ignore_errors=True)
     command = [
@@ -109,7 +111,10 @@ def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: 
     simulation = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     seen = None
     while True:
-        code = simulation.poll()  # before the read: the last results are written by then
+        try:  # before the read: the last results are written by the time it has exited
+            code = simulation.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            code = None
         current = run / "results.json"
         if current.is_file() and current.stat().st_mtime_ns != seen:
             seen = current.stat().st_mtime_ns
@@ -126,7 +131,6 @@ def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: 
                   f"{results['minutes']:.1f} min", file=sys.stderr, flush=True)  # fmt: skip
         if code is not None:
             break
-        time.sleep(30)
     if code != 0:
         raise subprocess.CalledProcessError(code, command)
     return json.loads(part.read_text())
@@ -134,9 +138,17 @@ def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: 
 
 def with_kept(results: dict, kept: dict | None, wanted: list[str]) -> dict:
     """A simulation's results with the variants an earlier, stopped run of the same seed kept,
-    in the order asked for."""
+    in the order asked for; only those asked for. Refuses kept results of other settings."""
     from edgefed.simulation.run import summarize
 
+    if kept is not None:
+        same = ("rounds", "schedule", "epochs", "lora", "train", "precision", "test_tokens",
+                "val_tokens", "max_tokens", "first_seed")  # fmt: skip
+        differ = [k for k in same if kept["settings"].get(k) != results["settings"].get(k)]
+        differ += [k for k in ("dataset", "base", "clients") if kept.get(k) != results.get(k)]
+        if differ:
+            sys.exit(f"the kept seed results differ in {', '.join(differ)}: remove the seed's "
+                     "file to run it again")  # fmt: skip
     runs = (kept or {}).get("runs", {}) | results["runs"]
     results = results | {"runs": {v: runs[v] for v in wanted if v in runs}}
     results["settings"] = results["settings"] | {"variants": wanted}

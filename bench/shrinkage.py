@@ -57,6 +57,8 @@ def main() -> None:
     if not found:
         parser.error(f"no results.json in {args.run} or beside it: is the run finished?")
     results = json.loads(found[0].read_text())
+    if not results.get("finished", True):
+        parser.error(f'{found[0]} is a stopped simulation\'s ("finished": false): finish it')
     settings = results["settings"]
     if settings["rounds"] != 1 or not {"local", "fedavg"} <= set(results["runs"]):
         parser.error("give a one-round run with a local and a fedavg variant")

@@ -136,9 +136,9 @@ def test_an_exported_adapter_scores_in_llama_cpp_as_in_peft(family, tmp_path):
     assert abs(bare / expected - 1) > 0.03, kind  # the adapter really changes the model
 
 
-def _rewritten(source, destination, *, arch: str | None = None, extra: dict | None = None):
-    """The GGUF `source` with its architecture (and its keys' prefix) renamed to `arch`, and
-    the tensors of `extra` (name -> array) added."""
+def _rewritten(source, destination, *, arch: str | None = None, extra: dict | None = None, keys=()):
+    """The GGUF `source` with its architecture (and its keys' prefix) renamed to `arch`, the
+    tensors of `extra` (name -> array) and the (key, value, GGUFValueType) of `keys` added."""
     import gguf
 
     reader = gguf.GGUFReader(source)
@@ -152,6 +152,8 @@ def _rewritten(source, destination, *, arch: str | None = None, extra: dict | No
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         renamed = arch + name.removeprefix(old) if name.startswith(f"{old}.") else name
         writer.add_key_value(renamed, field.contents(), value_type, sub_type=sub_type)
+    for name, value, value_type in keys:
+        writer.add_key_value(name, value, value_type)
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
     for name, array in (extra or {}).items():
@@ -218,15 +220,33 @@ def test_llama_3_rope_scaling_is_converted_and_trained_as_llama_cpp_runs_it(
         assert torch.equal(cached(ids).logits, built(ids).logits)
 
 
-def test_long_context_rope_the_copy_cannot_compute_is_refused_in_one_line(tmp_path, tokenizer_dir):
-    """Phi-3's long-context factors (rope_factors_long, which llama.cpp runs) are not Llama 3's
-    frequency divisors: training says so instead of training another model."""
+@pytest.mark.parametrize("scaling", ["factors", "keys"])
+def test_rope_scaling_the_copy_cannot_compute_is_refused_in_one_line(
+    scaling, tmp_path, tokenizer_dir
+):
+    """Phi-3's long-context factors (rope_factors_long) and a scaling given by keys (linear,
+    as Gemma 3 4B's), both of which llama.cpp runs, are not Llama 3's frequency divisors:
+    training says so instead of training another model."""
+    import gguf
+
     phi3 = build_tiny_model("phi3", tmp_path / "hf", tokenizer_dir)
     source = convert_hf_to_gguf(phi3, tmp_path / "plain.gguf", out_type="f32")
-    extra = {"rope_factors_long.weight": np.ones(8, dtype=np.float32)}
-    long = _rewritten(source, tmp_path / "long.gguf", extra=extra)
+    if scaling == "factors":
+        changed = {"extra": {"rope_factors_long.weight": np.ones(8, dtype=np.float32)}}
+        needles = ("rope_factors_long", "training copy")
+    else:
+        changed = {
+            "keys": [
+                ("phi3.rope.scaling.type", "linear", gguf.GGUFValueType.STRING),
+                ("phi3.rope.scaling.factor", 8.0, gguf.GGUFValueType.FLOAT32),
+            ]
+        }
+        needles = ("linear, factor 8", "training copy")
+    long = _rewritten(source, tmp_path / "long.gguf", **changed)
+    shown = run("base", "show", long, "--json")
+    assert shown.exit_code == 0 and '"supported": false' in shown.stdout, shown.stderr
     data = write_repetitive_corpus(tmp_path / "notes", 12)
     refused = run("train", "--base", long, "--data", data, "--out",
                   tmp_path / "run", "--steps", 1)  # fmt: skip
-    assert_one_line_error(refused, "rope_factors_long", "training copy")
+    assert_one_line_error(refused, *needles)
     assert not (tmp_path / "run").exists()

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from edgefed.cli.options import JsonOption
 from edgefed.cli.output import emit_json, print_whole, user_errors
-from edgefed.quant.architectures import SUPPORTED_ARCHITECTURES
+from edgefed.errors import UnsupportedModelError
+from edgefed.quant.architectures import architecture
 from edgefed.quant.gguf_file import read_base_info, resolve_base
 
 app = typer.Typer(help="Inspect base models.", no_args_is_help=True)
@@ -29,7 +30,7 @@ def show(
 ) -> None:
     """Print architecture, parameters, tensor types, tokenizer, context and sha256 fingerprint."""
     info = read_base_info(resolve_base(path))
-    summary = info.summary() | {"supported": info.architecture in SUPPORTED_ARCHITECTURES}
+    summary = info.summary() | {"supported": _trainable(info)}
     if as_json:
         emit_json(summary)
         return
@@ -56,3 +57,16 @@ def show(
     for key, value in rows:
         table.add_row(key, value)
     print_whole(table)
+
+
+def _trainable(info) -> bool:
+    """Whether edgefed trains this base: a family it has a record of, with a RoPE its training
+    copies compute (scoring needs neither)."""
+    from edgefed.quant.training_copy import check_rope
+
+    try:
+        architecture(info.architecture)
+        check_rope(info)
+    except UnsupportedModelError:
+        return False
+    return True

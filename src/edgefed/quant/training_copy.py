@@ -120,15 +120,35 @@ def _rope_rows(record: Architecture, info: BaseInfo, entry: TensorEntry) -> np.n
 
 
 def check_rope(info: BaseInfo) -> None:
-    """Refuse a base whose RoPE the copies cannot compute: they divide the frequencies by Llama
-    3's rope_freqs factors, not by Phi-3's long-context ones (rope_factors_long/short)."""
+    """Refuse a base whose RoPE the copies cannot compute. They rotate as `config_from_gguf`
+    says (plain RoPE) and divide the frequencies by Llama 3's rope_freqs factors on a llama
+    base, where llama.cpp applies them; a scaling llama.cpp reads from keys (linear, YaRN: e.g.
+    Gemma 3 4B's) or from long-context factors (Phi-3's rope_factors_long/short) would train
+    another model than the one llama.cpp scores."""
+    fix = ("evaluate it with `edgefed evaluate --base`, or train a base with plain RoPE or "
+           "Llama 3's scaling")  # fmt: skip
+    scaling = info.hparams.get(f"{info.architecture}.rope.scaling.type")
+    factor = info.hparams.get(f"{info.architecture}.rope.scaling.factor")
+    if scaling not in (None, "none") or factor not in (None, 0, 1):
+        raise UnsupportedModelError(
+            f"the base scales RoPE ({scaling or 'type unnamed'}, factor {factor}), which the "
+            "training copy does not compute",
+            fix,
+        )
     for entry in info.tensors:
-        if entry.name.startswith("rope_") and entry.name != ROPE_FACTORS:
+        if not entry.name.startswith("rope_"):
+            continue
+        if entry.name != ROPE_FACTORS or info.architecture != "llama":
             raise UnsupportedModelError(
-                f"the base scales RoPE with {entry.name} (long-context RoPE), which the "
-                "training copy does not compute",
-                "evaluate it with `edgefed evaluate --base`, or train a base with plain RoPE "
-                "or Llama 3's scaling",
+                f"the base scales RoPE with {entry.name} on a {info.architecture} model, "
+                "which the training copy does not compute",
+                fix,
+            )
+        if entry.shape[0] * 2 != info.head_dim:
+            raise ModelFormatError(
+                f"the base's {ROPE_FACTORS} has {entry.shape[0]} factors for a head of "
+                f"{info.head_dim}",
+                "convert or download the base again",
             )
 
 
@@ -242,12 +262,6 @@ def scale_rope(model, factors: np.ndarray) -> None:
 
     rotary = model.model.rotary_emb
     divisors = torch.from_numpy(np.ascontiguousarray(factors, dtype=np.float32))
-    if rotary.inv_freq.shape != divisors.shape:
-        raise ModelFormatError(
-            f"the base's {ROPE_FACTORS} has {divisors.numel()} factors for "
-            f"{rotary.inv_freq.numel()} rotary frequencies",
-            "convert or download the base again",
-        )
     rotary.inv_freq = rotary.inv_freq / divisors
     rotary.original_inv_freq = rotary.inv_freq.clone()
     # kept in the state dict (the frequencies are not), so a saved copy (the NF4 cache) has them
