@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING
 
 from edgefed.adapter import LoraSpec, attach_lora, initialize_lora, lora_state
 from edgefed.errors import AdapterMismatchError, ConfigError, InputFileError
-from edgefed.quant.architectures import architecture
 from edgefed.quant.gguf_file import read_base_info, resolve_base
 from edgefed.quant.training_copy import PRECISIONS as TRAIN_PRECISIONS
-from edgefed.quant.training_copy import check_block_types, check_rope, load_training_copy
+from edgefed.quant.training_copy import check_trainable, load_training_copy
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT, check_runtime_quant
 
 if TYPE_CHECKING:
@@ -127,10 +126,7 @@ class LoadedBase:
         """Refuse, in one line, a base the chosen training copy cannot hold (the gguf copy and a
         Q3_K matrix, a family edgefed has no record of, a RoPE scaling it cannot compute);
         scoring with llama.cpp alone needs no training copy and no such check."""
-        architecture(self.info.architecture)
-        check_rope(self.info)
-        if self.precision == "gguf":
-            check_block_types(self.info)
+        check_trainable(self.info, self.precision)
 
     def training_model(self, spec: LoraSpec):
         """The PEFT model for `spec` and its initial LoRA state (the shared seeded init)."""

@@ -11,7 +11,6 @@ from rich.table import Table
 from edgefed.cli.options import JsonOption
 from edgefed.cli.output import emit_json, print_whole, user_errors
 from edgefed.errors import UnsupportedModelError
-from edgefed.quant.architectures import architecture
 from edgefed.quant.gguf_file import read_base_info, resolve_base
 
 app = typer.Typer(help="Inspect base models.", no_args_is_help=True)
@@ -62,11 +61,10 @@ def show(
 def _trainable(info) -> bool:
     """Whether edgefed trains this base: a family it has a record of, with a RoPE its training
     copies compute (scoring needs neither)."""
-    from edgefed.quant.training_copy import check_rope
+    from edgefed.quant.training_copy import check_trainable
 
     try:
-        architecture(info.architecture)
-        check_rope(info)
+        check_trainable(info)
     except UnsupportedModelError:
         return False
     return True

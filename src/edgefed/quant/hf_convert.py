@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 OUT_TYPES = ("f32", "f16")
 # HF buffers that are recomputed at load time and have no place in a GGUF
 _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
+# llama.cpp's per-frequency RoPE divisors (Llama 3's scaling), a tensor of no layer
+ROPE_FACTORS = "rope_freqs.weight"
 
 
 def permute_for_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -271,7 +273,7 @@ def convert_hf_to_gguf(
                 gguf_name, tensor.astype(float_type if tensor.ndim > 1 else np.float32)
             )
         if cfg.rope_scaling == "llama3":
-            writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(src))
+            writer.add_tensor(ROPE_FACTORS, _llama3_rope_factors(src))
         if not seen_embedding:
             raise ModelFormatError(
                 f"{src} has no token embedding tensor", "the checkpoint is incomplete"

@@ -34,13 +34,11 @@ from edgefed.quant.gguf_file import (
     read_tensor_bytes,
     resolve_base,
 )
-from edgefed.quant.hf_convert import unpermute_for_rope
+from edgefed.quant.hf_convert import ROPE_FACTORS, unpermute_for_rope
 
 PRECISIONS = ("gguf", "nf4", "fp32")
 # modules kept in float by NF4: embeddings are small next to the layers, and sensitive
 KEEP_FLOAT = ("embed_tokens", "lm_head")
-# llama.cpp's per-frequency RoPE divisors (Llama 3's scaling), a tensor with no module
-ROPE_FACTORS = "rope_freqs.weight"
 # where the training copy keeps them
 ROPE_FACTORS_BUFFER = "model.rotary_emb.rope_factors"
 
@@ -152,6 +150,16 @@ def check_rope(info: BaseInfo) -> None:
             )
 
 
+def check_trainable(info: BaseInfo, precision: str | None = None) -> None:
+    """Refuse, in one line, a base the training copy in `precision` cannot hold: a family
+    edgefed has no record of, a RoPE it cannot compute, and for the gguf copy a matrix type it
+    cannot keep (None: whatever the copy). Scoring with llama.cpp needs none of this."""
+    architecture(info.architecture)
+    check_rope(info)
+    if precision == "gguf":
+        check_block_types(info)
+
+
 def check_block_types(info: BaseInfo) -> None:
     """Refuse, before anything is read, a base with a matrix the gguf copy cannot keep."""
     for entry in info.tensors:
@@ -207,10 +215,8 @@ def build_training_model(base: str | os.PathLike[str] | None = None, precision: 
         )
     base_path = resolve_base(base)
     info = read_base_info(base_path)
+    check_trainable(info, precision)
     record = architecture(info.architecture)
-    check_rope(info)
-    if precision == "gguf":
-        check_block_types(info)
     model = empty_model(config_from_gguf(info))
     if precision == "nf4":
         from edgefed.quant.nf4 import replace_linears, set_nf4
