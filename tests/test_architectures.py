@@ -7,6 +7,8 @@ LoRA-export tests with nothing else to write. The broader suites keep Llama and 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,7 @@ from conftest import (
 
 from edgefed.adapter import LoraSpec, attach_lora
 from edgefed.quant.architectures import ARCHITECTURES, architecture_for_model_type
-from edgefed.quant.gguf_file import read_base_info
+from edgefed.quant.gguf_file import copy_metadata, read_base_info
 from edgefed.quant.hf_convert import convert_hf_to_gguf
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
 from edgefed.quant.training_copy import build_training_model
@@ -145,13 +147,9 @@ def _rewritten(source, destination, *, arch: str | None = None, extra: dict | No
     old = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
     arch = arch or old
     writer = gguf.GGUFWriter(destination, arch)
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE:
-            continue
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-        renamed = arch + name.removeprefix(old) if name.startswith(f"{old}.") else name
-        writer.add_key_value(renamed, field.contents(), value_type, sub_type=sub_type)
+    copy_metadata(
+        reader, writer, rename=lambda name: re.sub(rf"^{re.escape(old)}\.", f"{arch}.", name)
+    )
     for name, value, value_type in keys:
         writer.add_key_value(name, value, value_type)
     for tensor in reader.tensors:

@@ -11,7 +11,9 @@ from edgefed.cli import (
     base,
     device,
     evaluate,
+    export,
     federation,
+    generate,
     prune,
     quant,
     relay,
@@ -49,6 +51,9 @@ app.command("leave")(federation.leave)
 app.command("repair")(federation.repair)
 app.command("evaluate")(evaluate.evaluate)
 app.command("prune")(prune.prune)
+app.command("generate")(generate.generate)
+app.command("chat")(generate.chat)
+app.command("export")(export.export)
 
 
 def _version(value: bool) -> None:

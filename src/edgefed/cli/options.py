@@ -75,6 +75,28 @@ BaseOption = Annotated[
         show_default=False,
     ),
 ]
+AdapterChoiceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--adapter",
+        "-a",
+        help="Which model: 'aggregated' (the device's personalised mix; the default), "
+        "'local' (its own adapter, before mixing), 'base' (the bare base), or a GGUF LoRA "
+        "file, PEFT adapter folder or `edgefed train` run folder (with --base outside a "
+        "workspace).",
+        show_default=False,
+    ),
+]
+ModelRoundOption = Annotated[
+    int | None,
+    typer.Option(
+        "--round",
+        "-r",
+        help="The device's round whose adapter to use. Default: the latest that has one.",
+        min=0,
+        show_default=False,
+    ),
+]
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Write one JSON document to stdout instead of a table.")
 ]

@@ -13,7 +13,7 @@ import hashlib
 import importlib.resources
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +112,22 @@ def write_gguf(destination: str | os.PathLike[str], architecture: str) -> Iterat
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+
+
+def copy_metadata(reader, writer, *, skip: Iterable[str] = (), rename=None) -> None:
+    """Every key/value of the GGUF `reader` into `writer`, types kept, but the header's own
+    (GGUF.*), the architecture (the writer's) and the keys of `skip`; `rename(key)` may give a
+    key another name."""
+    import gguf
+
+    skipped = {gguf.Keys.General.ARCHITECTURE, *skip}
+    for name, entry in reader.fields.items():
+        if name.startswith("GGUF.") or name in skipped:
+            continue
+        value_type = entry.types[0]
+        sub_type = entry.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        key = rename(name) if rename is not None else name
+        writer.add_key_value(key, entry.contents(), value_type, sub_type=sub_type)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

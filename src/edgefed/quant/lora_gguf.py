@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefed.adapter import BASE_FINGERPRINT_KEY, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from edgefed.errors import (
     AdapterMismatchError,
     InputFileError,
@@ -35,8 +36,6 @@ from edgefed.quant.architectures import architecture
 from edgefed.quant.gguf_file import read_base_info, write_gguf
 from edgefed.quant.hf_convert import permute_for_rope
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OUT_TYPES = ("f32", "f16")
 DEFAULT_OUT_TYPE = "f32"
 # llama.cpp applies a LoRA as mul_mat(B, mul_mat(A, x)). On the CPU a mul_mat takes its fast
@@ -80,9 +79,9 @@ class PeftLoraConfig:
 
 def read_peft_config(folder: Path) -> PeftLoraConfig:
     """Read and vet adapter_config.json; refuse every variant llama.cpp cannot apply."""
-    path = folder / ADAPTER_CONFIG
+    path = folder / PEFT_CONFIG_FILE
     if not path.is_file():
-        raise InputFileError(f"{folder} has no {ADAPTER_CONFIG}", "pass a PEFT adapter folder")
+        raise InputFileError(f"{folder} has no {PEFT_CONFIG_FILE}", "pass a PEFT adapter folder")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -120,14 +119,14 @@ def _read_pairs(folder: Path) -> dict[str, dict[str, np.ndarray]]:
     """{module name: {'A': array, 'B': array}} from the adapter's safetensors (never pickles)."""
     from safetensors import SafetensorError, safe_open
 
-    path = folder / ADAPTER_WEIGHTS
+    path = folder / PEFT_WEIGHTS_FILE
     if not path.is_file():
         if (folder / "adapter_model.bin").is_file():
             raise UnsupportedModelError(
                 f"{folder} holds a pickled adapter_model.bin",
                 "edgefed never unpickles; save with safe_serialization=True",
             )
-        raise InputFileError(f"{folder} has no {ADAPTER_WEIGHTS}", "pass a PEFT adapter folder")
+        raise InputFileError(f"{folder} has no {PEFT_WEIGHTS_FILE}", "pass a PEFT adapter folder")
     pairs: dict[str, dict[str, np.ndarray]] = {}
     try:
         with safe_open(path, framework="pt") as handle:
@@ -236,6 +235,8 @@ def convert_lora_to_gguf(
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_name(src.name)
+        # which base it was made for, checked by `generate` and `export` (llama.cpp ignores it)
+        writer.add_string(BASE_FINGERPRINT_KEY, info.fingerprint)
         for name, tensor in tensors:
             writer.add_tensor(name, tensor)
     return Path(destination)

@@ -20,6 +20,22 @@ from edgefed.runtime.backend import take_recent_errors
 SCRATCH_ROWS = 4
 
 
+def apply_adapter(ll, ctx, handle: object | None, label: str) -> None:
+    """Make `handle` (a llama_adapter_lora pointer, at scale 1) the context's only adapter;
+    None: the bare base."""
+    if handle is None:
+        rc = ll.llama_set_adapters_lora(ctx, None, 0, None)
+    else:
+        handles = (ll.llama_adapter_lora_p_ctypes * 1)(handle)
+        scales = (ctypes.c_float * 1)(1.0)
+        rc = ll.llama_set_adapters_lora(ctx, handles, 1, scales)
+    if rc != 0:
+        raise RuntimeBackendError(
+            f"llama.cpp refused to apply adapter {label}",
+            take_recent_errors() or "reload the runtime",
+        )
+
+
 class ScoringContext:
     """A llama context with its batch buffers and the adapter it has applied."""
 
@@ -71,18 +87,7 @@ class ScoringContext:
         """Apply one adapter (None: the bare base); a no-op when it is already applied."""
         if handle is self._active:
             return
-        ll = self._ll
-        if handle is None:
-            rc = ll.llama_set_adapters_lora(self._ctx, None, 0, None)
-        else:
-            handles = (ll.llama_adapter_lora_p_ctypes * 1)(handle)
-            scales = (ctypes.c_float * 1)(1.0)
-            rc = ll.llama_set_adapters_lora(self._ctx, handles, 1, scales)
-        if rc != 0:
-            raise RuntimeBackendError(
-                f"llama.cpp refused to apply adapter {label}",
-                take_recent_errors() or "reload the runtime",
-            )
+        apply_adapter(self._ll, self._ctx, handle, label)
         self._active = handle
 
     def decode(self, tokens: np.ndarray, first_scored: int) -> Iterator[tuple[int, np.ndarray]]:

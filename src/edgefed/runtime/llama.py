@@ -33,6 +33,13 @@ from edgefed.quant.gguf_file import open_gguf, read_base_info
 from edgefed.runtime.backend import ensure_backend, take_recent_errors
 from edgefed.runtime.base_scores import BaseScoreCache
 from edgefed.runtime.context import ScoringContext
+from edgefed.runtime.generate import (
+    Generation,
+    GenerationContext,
+    Sampling,
+    chat_prompt,
+    token_bytes,
+)
 from edgefed.scoring import PerplexityResult, ScoreProgress, windows
 
 logger = logging.getLogger(__name__)
@@ -57,6 +64,9 @@ LANES_MEMORY_SHARE = 1 / 16
 # with that micro-batch (tested).
 LOGITS_BLOCK_BYTES = 96 << 20
 MIN_LOGITS_ROWS = 16
+# The context a generation gets unless it asks for another, capped at the base's own: a chat of
+# a few dozen turns. Its KV cache is 94 MiB on the embedded base (30 layers x 3 KV heads x 64).
+DEFAULT_GENERATION_CONTEXT = 4096
 
 
 def default_threads() -> int:
@@ -226,6 +236,7 @@ class LlamaRuntime:
         self.bos = int(ll.llama_vocab_bos(self._vocab))
         self.eos = int(ll.llama_vocab_eos(self._vocab))
         self._contexts: list[ScoringContext] = []
+        self._generation: GenerationContext | None = None
         self._adapters: dict[Path, Adapter] = {}
         self._handles: dict[Path, object] = {}  # llama_adapter_lora pointers, owned by the model
         self._closed = False
@@ -251,21 +262,22 @@ class LlamaRuntime:
         """
         if self._closed:
             return
-        for context in self._contexts:
-            context.close()
-        self._contexts.clear()
+        self.release_lanes()
         self._adapters.clear()
         self._handles.clear()
         self._ll.llama_model_free(self._model)
         self._closed = True
 
     def release_lanes(self) -> None:
-        """Free every lane's KV cache and buffers, keeping the model and its adapters: the next
-        score makes its lanes again (milliseconds). Training calls it, so that the lanes do not
-        sit in memory under its activations."""
+        """Free every lane's KV cache and buffers (and the generation context's), keeping the
+        model and its adapters: the next score makes its lanes again (milliseconds). Training
+        calls it, so that the lanes do not sit in memory under its activations."""
         for context in self._contexts:
             context.close()
         self._contexts.clear()
+        if self._generation is not None:
+            self._generation.close()
+            self._generation = None
 
     def __del__(self) -> None:  # a forgotten close() must not leak a few hundred MB
         with contextlib.suppress(Exception):
@@ -607,6 +619,93 @@ class LlamaRuntime:
     ) -> TopK:
         """The k most likely next tokens at every scored position (for prediction trust)."""
         return self.top_ks([ScoreJob(text_or_tokens, adapter)], k, stride=stride)[0]
+
+    # -- generation -------------------------------------------------------------------------
+    def generation_context(self, context: int | None = None) -> int:
+        """The positions a generation gets: `context`, else DEFAULT_GENERATION_CONTEXT, at most
+        the base's own context length."""
+        wanted = context or DEFAULT_GENERATION_CONTEXT
+        if wanted < 16:
+            raise DataError(f"a context of {wanted} tokens", "give --context 16 or more")
+        return min(wanted, self.info.context_length or wanted)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        adapter: Adapter | None = None,
+        sampling: Sampling | None = None,
+        *,
+        chat: bool = False,
+        context: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Continue `prompt` with the base (and `adapter`), streaming text to `on_text`.
+
+        `prompt`: text (tokenized with the base's BOS rule), token ids, or with `chat` the
+        user's message, rendered by the base's chat template. Raises DataError when the prompt
+        does not fit the context and ModelFormatError when `chat` finds no template."""
+        if chat:
+            if not isinstance(prompt, str):
+                raise DataError("a chat prompt is text", "pass the message as a string")
+            return self.chat([{"role": "user", "content": prompt}], adapter, sampling,
+                             context=context, on_text=on_text)  # fmt: skip
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else prompt
+        return self._generate(tokens, adapter, sampling, context, on_text)
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        adapter: Adapter | None = None,
+        sampling: Sampling | None = None,
+        *,
+        context: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """The assistant's next turn after `messages` ({"role", "content"} dicts), by the
+        base's chat template."""
+        return self._generate(self.chat_tokens(messages), adapter, sampling, context, on_text)
+
+    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> np.ndarray:
+        """`messages` rendered by the base's chat template, as token ids (special tokens
+        parsed; a BOS the template writes itself is not added twice)."""
+        text = chat_prompt(self._ll, self._model, self._vocab, messages)
+        bos_text = self.detokenize([self.bos], special=True) if self.bos >= 0 else ""
+        writes_bos = bool(bos_text) and text.startswith(bos_text)
+        return self.tokenize(text, add_bos=self.add_bos and not writes_bos, special=True)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """The text of `tokens` (special tokens rendered only with `special`)."""
+        data = b"".join(token_bytes(self._ll, self._vocab, int(t), special=special) for t in tokens)
+        return data.decode("utf-8", errors="replace")
+
+    def _generate(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        adapter: Adapter | None,
+        sampling: Sampling | None,
+        context: int | None,
+        on_text: Callable[[str], None] | None,
+    ) -> Generation:
+        n_ctx = self.generation_context(context)
+        if self._generation is None or self._generation.n_ctx != n_ctx:
+            if self._generation is not None:
+                self._generation.close()
+            self._generation = None
+            self._generation = GenerationContext(
+                self._ll, self._model, self._vocab, n_ctx=n_ctx, threads=self.threads
+            )
+        handle = None
+        if adapter is not None:
+            handle = self._handles.get(adapter.path)
+            if handle is None:
+                raise DataError(
+                    f"adapter {adapter.name} is not loaded in this runtime", "load it first"
+                )
+        label = adapter.name if adapter is not None else "base"
+        ids = [int(t) for t in np.asarray(tokens).ravel()]
+        if ids and (min(ids) < 0 or max(ids) >= self.n_vocab):
+            raise DataError("token ids outside the base's vocabulary", "tokenize with this base")
+        return self._generation.generate(ids, handle, label, sampling or Sampling(), on_text)
 
     # -- remembered scores ------------------------------------------------------------------
     def _recall(self, kind: tuple, job: ScoreJob, digest: str, step: int):

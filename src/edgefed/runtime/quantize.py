@@ -46,6 +46,16 @@ QUANT_TYPES: dict[str, str] = {
 }
 
 
+def check_quant_type(quant_type: str) -> str:
+    """`quant_type` as a QUANT_TYPES name (any case), or ConfigError."""
+    key = quant_type.lower()
+    if key not in QUANT_TYPES:
+        raise ConfigError(
+            f"unknown quantization type '{quant_type}'", f"choose one of {', '.join(QUANT_TYPES)}"
+        )
+    return key
+
+
 def check_runtime_quant(quant_type: str) -> str:
     """`quant_type` in the runtime's spelling ('keep' or a QUANT_TYPES name), or ConfigError."""
     key = quant_type.lower()
@@ -70,12 +80,7 @@ def requantize(
     compounds the rounding error; llama.cpp allows it and so do we, but the quality of a
     Q4_1 -> Q8_0 copy is that of Q4_1, not of a Q8_0 made from the original weights.
     """
-    key = quant_type.lower()
-    if key not in QUANT_TYPES:
-        raise InputFileError(
-            f"unknown quantization type '{quant_type}'",
-            f"choose one of {', '.join(QUANT_TYPES)}",
-        )
+    key = check_quant_type(quant_type)
     read_base_info(source)  # refuses a missing or damaged model with one line
     out = Path(destination)
     if out.resolve() == Path(source).resolve():

@@ -1,0 +1,143 @@
+"""A GGUF LoRA adapter added into its base's weights: one GGUF that runs alone in any llama.cpp
+build, Ollama, LM Studio or llama-server.
+
+The arithmetic is done where llama.cpp's adapter works: in the GGUF's own tensor layout, whose
+A and B are already arranged as the base's rows (q/k permuted for RoPE where the family needs
+it), so W' = W + (alpha / r) B A for every tensor the adapter holds a pair for, with W
+dequantized by gguf-py to float32. Every tensor is written as float32, tensor by tensor (a 2B
+base never sits in memory), then llama.cpp's own quantizer makes the type asked for. At f32 the
+merged file computes what base + adapter compute, to float rounding (tested to 1e-4); at a
+quantized type each merged matrix is rounded again, and the part of the adapter's change that is
+smaller than the type's rounding step is lost: measured in the README ("Using the model").
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgefed.adapter import BASE_FINGERPRINT_KEY
+from edgefed.errors import AdapterMismatchError, ModelFormatError
+from edgefed.quant.gguf_file import copy_metadata, open_gguf, read_base_info
+
+F32 = "f32"
+
+
+def merge_lora(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    quant_type: str,
+    *,
+    threads: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write `base` with the GGUF LoRA `adapter` added into its weights at `destination`, as
+    `quant_type` (a `QUANT_TYPES` name); atomically: a failure leaves nothing behind.
+
+    `on_progress(done, total)` is told after each tensor. Raises ModelFormatError for a file
+    that is not a LoRA adapter or a tensor type gguf-py cannot dequantize, and
+    AdapterMismatchError for an adapter of another base."""
+    from edgefed.runtime.quantize import check_quant_type, requantize
+
+    key = check_quant_type(quant_type)
+    out = Path(destination)
+    if key == F32:
+        _write_merged_f32(base, adapter, out, on_progress)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as scratch:
+        merged = Path(scratch) / "merged.f32.gguf"
+        _write_merged_f32(base, adapter, merged, on_progress)
+        requantize(merged, out, key, threads=threads)
+    return out
+
+
+def _lora_pairs(adapter: Path, base_info) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """{base tensor name: (A, B)} of the adapter and llama.cpp's scale for it, alpha / rank."""
+    import gguf
+
+    reader = open_gguf(adapter, "adapter")
+    kind = reader.fields.get(gguf.Keys.General.TYPE)
+    if kind is None or kind.contents() != gguf.GGUFType.ADAPTER:
+        raise ModelFormatError(
+            f"{adapter} is not a LoRA adapter", "give a GGUF LoRA adapter (`edgefed quant lora`)"
+        )
+    architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    recorded = reader.fields.get(BASE_FINGERPRINT_KEY)
+    if architecture != base_info.architecture or (
+        recorded is not None and recorded.contents() != base_info.fingerprint
+    ):
+        raise AdapterMismatchError(
+            f"adapter {adapter.name} was made for another base than {base_info.path.name}",
+            "merge it into the base it was trained on",
+        )
+    alpha_field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
+    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, a in tensors.items():
+        if not name.endswith(".lora_a"):
+            continue
+        target = name.removesuffix(".lora_a")
+        b = tensors.get(f"{target}.lora_b")
+        if b is None or target not in base_info.tensor_shapes:
+            raise AdapterMismatchError(
+                f"adapter {adapter.name} has no pair or no base tensor for {target}",
+                "merge it into the base it was trained on",
+            )
+        pairs[target] = (a, b)
+    if not pairs:
+        raise ModelFormatError(f"{adapter} holds no LoRA tensors", "convert the adapter again")
+    rank = next(iter(pairs.values()))[0].shape[0]
+    alpha = float(alpha_field.contents()) if alpha_field is not None else float(rank)
+    return pairs, alpha / rank
+
+
+def _write_merged_f32(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    destination: Path,
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
+    import gguf
+    from gguf.quants import dequantize
+
+    from edgefed.atomic import atomic_path
+
+    info = read_base_info(base)
+    pairs, scale = _lora_pairs(Path(adapter), info)
+    reader = open_gguf(base, "base model")
+    with atomic_path(destination) as tmp:
+        writer = gguf.GGUFWriter(tmp, info.architecture)
+        copy_metadata(reader, writer, skip=(gguf.Keys.General.FILE_TYPE,))
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        shapes = {}
+        for tensor in reader.tensors:
+            shape = tuple(int(n) for n in reversed(tensor.shape))  # numpy order: rows first
+            shapes[tensor.name] = shape
+            nbytes = 4 * int(np.prod(shape))
+            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), nbytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for done, tensor in enumerate(reader.tensors, 1):
+            try:
+                weights = dequantize(tensor.data, tensor.tensor_type)
+            except NotImplementedError as exc:
+                raise ModelFormatError(
+                    f"gguf-py cannot dequantize {tensor.name}'s "
+                    f"{gguf.GGMLQuantizationType(tensor.tensor_type).name} blocks",
+                    "requantize the base to q8_0 or q4_k_m first (`edgefed quant requantize`)",
+                ) from exc
+            weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(shapes[tensor.name])
+            if tensor.name in pairs:
+                a, b = pairs[tensor.name]
+                weights += scale * (b @ a)
+            writer.write_tensor_data(weights)
+            if on_progress is not None:
+                on_progress(done, len(reader.tensors))
+        writer.close()
