@@ -29,8 +29,10 @@ from edgefed.quant.architectures import ARCHITECTURES, architecture_for_model_ty
 from edgefed.quant.gguf_file import copy_metadata, read_base_info
 from edgefed.quant.hf_convert import convert_hf_to_gguf
 from edgefed.quant.lora_gguf import convert_lora_to_gguf
+from edgefed.quant.merge import merge_lora
 from edgefed.quant.training_copy import build_training_model
 from edgefed.runtime import LlamaRuntime
+from edgefed.runtime.generate import Sampling
 from edgefed.runtime.quantize import requantize
 from edgefed.train.loss import IGNORE, causal_lm_loss
 from edgefed.train.perplexity import torch_perplexity
@@ -136,6 +138,12 @@ def test_an_exported_adapter_scores_in_llama_cpp_as_in_peft(family, tmp_path):
         bare = runtime.perplexity(tokens).perplexity
     assert abs(got / expected - 1) < 0.01, (kind, got, expected)
     assert abs(bare / expected - 1) > 0.03, kind  # the adapter really changes the model
+    # merged into the (f32) base, it computes what base + adapter compute, and writes text
+    merged = merge_lora(base, adapter, tmp_path / "merged.gguf", "f32")
+    with LlamaRuntime(merged, window=WINDOW) as runtime:
+        assert runtime.perplexity(tokens).perplexity == pytest.approx(got, rel=1e-4), kind
+        written = runtime.generate(SAMPLE_TEXT, None, Sampling(max_tokens=4, temperature=0))
+    assert written.tokens == 4 or written.stop == "end", kind
 
 
 def _rewritten(source, destination, *, arch: str | None = None, extra: dict | None = None, keys=()):

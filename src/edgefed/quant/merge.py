@@ -136,7 +136,7 @@ def _write_merged_f32(
             weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(shapes[tensor.name])
             if tensor.name in pairs:
                 a, b = pairs[tensor.name]
-                weights += scale * (b @ a)
+                weights = weights + scale * (b @ a)  # F32 tensors are read-only views
             writer.write_tensor_data(weights)
             if on_progress is not None:
                 on_progress(done, len(reader.tensors))
