@@ -47,9 +47,10 @@ def export(
         typer.Option(
             "--type",
             help=f"Type of the merged GGUF: one of {', '.join(QUANT_TYPES)}. Default: "
-            f"{DEFAULT_MERGED_TYPE}, which kept 98% of an adapter's perplexity gain on the "
-            "embedded base where its own Q4_1 kept 5% (a 4-bit rounding step is larger than "
-            "most of the adapter's change); `--format lora` keeps a 4-bit base and all of it.",
+            f"{DEFAULT_MERGED_TYPE}, which scored as base + adapter on the embedded base "
+            "where its own Q4_1 kept 5% of the adapter's gain (re-rounded onto the same grid "
+            "the weights fall back to their old values); `--format lora` keeps a 4-bit base "
+            "and all of the adapter.",
             show_default=False,
         ),
     ] = None,
@@ -71,8 +72,8 @@ def export(
 
         def progress(done: int, total: int) -> None:
             status.update(f"merging {model.label} into the base: tensor {done}/{total}")
-            if done == total and export_format == MERGED:
-                status.update("quantizing with llama.cpp")
+            if done == total and (quant_type or DEFAULT_MERGED_TYPE).lower() != "f32":
+                status.update(f"quantizing to {quant_type or DEFAULT_MERGED_TYPE} with llama.cpp")
 
         result = export_model(
             model, output, format=export_format, quant_type=quant_type, force=force,
