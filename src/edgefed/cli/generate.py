@@ -145,9 +145,10 @@ def generate(
     """Write text with a device's model: by default its latest personalised (aggregated)
     adapter over its base, streamed as it is made.
 
-    `--adapter local` is the device's own adapter of the round, `base` the bare base, a path
-    any GGUF or PEFT adapter (with `--base` outside a workspace). `--compare` shows the three
-    models of a round side by side with the perplexity each scored on the device's test split.
+    `--adapter local` is the device's own adapter of the round, `base` the bare base, and a
+    path names any GGUF or PEFT adapter (with `--base` outside a workspace). `--compare` shows
+    the three models of a round side by side with the perplexity each scored on the device's
+    test split.
     """
     from edgefed.loaded_base import LoadedBase
     from edgefed.use import choose_model
