@@ -116,8 +116,9 @@ def test_the_lora_pair_and_the_peft_export_name_files_that_exist(tiny_lora, tmp_
     modelfile = (pair / "Modelfile").read_text()
     named = re.findall(r"^(?:FROM|ADAPTER) \./(\S+)$", modelfile, re.MULTILINE)
     assert named == ["base.gguf", "adapter.gguf"]
-    for command_file in re.findall(r"\b(?:-m|--lora|-f) (\S+)", (pair / "README.md").read_text()):
-        assert (pair / command_file).is_file(), command_file
+    named = re.findall(r"(?<!\S)(?:-m|--lora|-f) (\S+)", (pair / "README.md").read_text())
+    assert named == ["base.gguf", "adapter.gguf", "base.gguf", "adapter.gguf", "Modelfile"]
+    assert all((pair / name).is_file() for name in named)
     assert (pair / "base.gguf").read_bytes() == base.read_bytes()
     with LlamaRuntime(pair / "base.gguf", threads=1) as runtime:
         exported = runtime.perplexity(PROMPT * 4, runtime.load_adapter(pair / "adapter.gguf"))

@@ -20,7 +20,7 @@ from edgefed.cli.options import (
     WorkspaceOption,
 )
 from edgefed.cli.output import emit_json, print_whole, stderr, user_errors
-from edgefed.errors import ConfigError, InputFileError
+from edgefed.errors import ConfigError, EdgefedError, InputFileError
 from edgefed.runtime.generate import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 
@@ -161,7 +161,9 @@ def generate(
                 "--compare shows a device's base, local and aggregated models",
                 "leave out --adapter and --base (choose the round with --round)",
             )
-        _compare(text, sampling, round_number, workspace, runtime_quant, threads, chat, as_json)
+        _compare(
+            text, sampling, round_number, workspace, runtime_quant, threads, chat, context, as_json
+        )
         return
     model = choose_model(adapter, round_number=round_number, workspace=workspace, base=base)
     from edgefed.use import generate as generate_text
@@ -188,7 +190,9 @@ def _stopped(stop: str) -> str:
     ]
 
 
-def _compare(text, sampling, round_number, workspace, runtime_quant, threads, chat, as_json):
+def _compare(
+    text, sampling, round_number, workspace, runtime_quant, threads, chat, context, as_json
+):
     from edgefed.device.workspace import find_workspace
     from edgefed.loaded_base import LoadedBase
     from edgefed.use import compare
@@ -204,6 +208,7 @@ def _compare(text, sampling, round_number, workspace, runtime_quant, threads, ch
                 sampling,
                 round_number=round_number,
                 chat=chat,
+                context=context,
                 on_model=lambda model: status.update(f"generating with {model.label}"),
             )
     if as_json:
@@ -273,6 +278,9 @@ def chat(
                 session.reply(message, on_text=_write)
             except KeyboardInterrupt:
                 stderr.print("\n[dim](reply stopped)[/]")
+            except EdgefedError as exc:  # a message too long for the context: say so, go on
+                stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                continue
             _write("\n")
             if session.dropped > dropped:
                 stderr.print("[dim](the oldest turns were dropped to fit the context)[/]")

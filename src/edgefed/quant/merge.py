@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefed.adapter import BASE_FINGERPRINT_KEY
-from edgefed.errors import AdapterMismatchError, ModelFormatError
+from edgefed.errors import AdapterMismatchError, InputFileError, ModelFormatError
 from edgefed.quant.gguf_file import copy_metadata, open_gguf, read_base_info
 
 F32 = "f32"
@@ -47,20 +47,28 @@ def merge_lora(
 
     key = check_quant_type(quant_type)
     out = Path(destination)
-    if key == F32:
-        _write_merged_f32(base, adapter, out, on_progress)
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as scratch:
-        merged = Path(scratch) / "merged.f32.gguf"
-        _write_merged_f32(base, adapter, merged, on_progress)
-        requantize(merged, out, key, threads=threads)
+    try:
+        if key == F32:
+            _write_merged_f32(base, adapter, out, on_progress)
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as scratch:
+            merged = Path(scratch) / "merged.f32.gguf"
+            _write_merged_f32(base, adapter, merged, on_progress)
+            requantize(merged, out, key, threads=threads)
+    except OSError as exc:  # a full disk (the float32 step is 4 bytes a parameter), no rights
+        raise InputFileError(
+            f"cannot write the merged model at {out} ({exc.strerror or exc})",
+            "free disk space (4 bytes a parameter for the float32 step) or choose another -o",
+        ) from exc
     return out
 
 
-def _lora_pairs(adapter: Path, base_info) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
-    """{base tensor name: (A, B)} of the adapter and llama.cpp's scale for it, alpha / rank."""
+def _lora_pairs(adapter: Path, base_info) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """{base tensor name: (A, B, scale)} of the adapter, with llama.cpp's scale for each pair:
+    alpha / (that pair's stored rank), or 1 where the adapter gives no alpha."""
     import gguf
+    from gguf.quants import dequantize
 
     reader = open_gguf(adapter, "adapter")
     kind = reader.fields.get(gguf.Keys.General.TYPE)
@@ -78,24 +86,34 @@ def _lora_pairs(adapter: Path, base_info) -> tuple[dict[str, tuple[np.ndarray, n
             "merge it into the base it was trained on",
         )
     alpha_field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
-    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
-    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, a in tensors.items():
-        if not name.endswith(".lora_a"):
+    alpha = float(alpha_field.contents()) if alpha_field is not None else 0.0
+    tensors = {t.name: t for t in reader.tensors}
+    pairs: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    for name in tensors:
+        if not name.endswith((".lora_a", ".lora_b")):
             continue
-        target = name.removesuffix(".lora_a")
-        b = tensors.get(f"{target}.lora_b")
-        if b is None or target not in base_info.tensor_shapes:
+        target = name.rsplit(".", 1)[0]
+        a_entry, b_entry = tensors.get(f"{target}.lora_a"), tensors.get(f"{target}.lora_b")
+        if a_entry is None or b_entry is None or target not in base_info.tensor_shapes:
             raise AdapterMismatchError(
                 f"adapter {adapter.name} has no pair or no base tensor for {target}",
                 "merge it into the base it was trained on",
             )
-        pairs[target] = (a, b)
+        if target in pairs:
+            continue
+        a, b = (np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+                for t in (a_entry, b_entry))  # fmt: skip
+        n_in, n_out = base_info.tensor_shapes[target][:2]  # GGUF lists the input dim first
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != n_in or b.shape != (n_out, a.shape[0]):
+            raise AdapterMismatchError(
+                f"adapter {adapter.name} has A{a.shape} B{b.shape} for {target}, a "
+                f"{n_out}x{n_in} tensor of {base_info.path.name}",
+                "merge it into the base it was trained on",
+            )
+        pairs[target] = (a, b, alpha / a.shape[0] if alpha else 1.0)
     if not pairs:
         raise ModelFormatError(f"{adapter} holds no LoRA tensors", "convert the adapter again")
-    rank = next(iter(pairs.values()))[0].shape[0]
-    alpha = float(alpha_field.contents()) if alpha_field is not None else float(rank)
-    return pairs, alpha / rank
+    return pairs
 
 
 def _write_merged_f32(
@@ -110,11 +128,14 @@ def _write_merged_f32(
     from edgefed.atomic import atomic_path
 
     info = read_base_info(base)
-    pairs, scale = _lora_pairs(Path(adapter), info)
+    pairs = _lora_pairs(Path(adapter), info)
     reader = open_gguf(base, "base model")
     with atomic_path(destination) as tmp:
         writer = gguf.GGUFWriter(tmp, info.architecture)
-        copy_metadata(reader, writer, skip=(gguf.Keys.General.FILE_TYPE,))
+        # the writer lays tensors out at its own alignment: a base's custom one must not be copied
+        copy_metadata(
+            reader, writer, skip=(gguf.Keys.General.FILE_TYPE, gguf.Keys.General.ALIGNMENT)
+        )
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         shapes = {}
         for tensor in reader.tensors:
@@ -136,7 +157,7 @@ def _write_merged_f32(
                 ) from exc
             weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(shapes[tensor.name])
             if tensor.name in pairs:
-                a, b = pairs[tensor.name]
+                a, b, scale = pairs[tensor.name]
                 weights = weights + scale * (b @ a)  # F32 tensors are read-only views
             writer.write_tensor_data(weights)
             if on_progress is not None:

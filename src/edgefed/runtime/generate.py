@@ -31,6 +31,7 @@ DEFAULT_TOP_P = 0.95
 # positions a prompt is decoded in per llama_decode call
 PROMPT_BATCH = 512
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "pick a random seed"
+_UNKNOWN = object()  # the adapter a context holds after an interrupted switch
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,6 @@ class GenerationContext:
         `on_text` gets the text as it is made, in whole UTF-8 characters.
 
         Raises DataError when prompt and max_tokens do not fit the context."""
-        ll = self._ll
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise DataError("the prompt is empty", "give a prompt of at least one token")
@@ -139,10 +139,29 @@ class GenerationContext:
                 "shorten the prompt, or give a larger --context",
             )
         budget = min(sampling.max_tokens, room)
+        try:
+            return self._generate(prompt, handle, label, sampling, budget, on_text)
+        except BaseException:
+            # an interrupt (Ctrl-C) can land after llama.cpp changed its cache or adapter and
+            # before the bookkeeping did: start the next generation from a clean context
+            self._forget(0)
+            self._active = _UNKNOWN
+            raise
+
+    def _generate(
+        self,
+        prompt: list[int],
+        handle: object | None,
+        label: str,
+        sampling: Sampling,
+        budget: int,
+        on_text: Callable[[str], None] | None,
+    ) -> Generation:
+        ll = self._ll
         if handle is not self._active:
+            self._forget(0)  # the cache was computed under another adapter
             apply_adapter(ll, self._ctx, handle, label)
             self._active = handle
-            self._forget(0)  # the cache was computed under another adapter
         seed = secrets.randbelow(MAX_SEED + 1) if sampling.seed is None else sampling.seed
         sampler = self._sampler(sampling, seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -210,9 +229,8 @@ class GenerationContext:
     def _forget(self, keep: int) -> int:
         """Drop the cached positions from `keep` on; return how many are kept (0 where the
         model's cache cannot drop a tail, as a sliding-window one may refuse to)."""
-        if 0 < keep < len(self._cached) and not self._ll.llama_memory_seq_rm(
-            self._memory, 0, keep, -1
-        ):
+        # always asked (cheap): it also drops anything llama.cpp holds beyond the bookkeeping
+        if keep > 0 and not self._ll.llama_memory_seq_rm(self._memory, 0, keep, -1):
             keep = 0
         if keep == 0:
             self._ll.llama_memory_clear(self._memory, True)
@@ -263,13 +281,13 @@ def chat_prompt(ll, model, vocab, messages: Sequence[dict[str, str]]) -> str:
             return ""
         return token_bytes(ll, vocab, token, special=True).decode("utf-8", errors="replace")
 
-    formatter = Jinja2ChatFormatter(
-        template.decode("utf-8"),
-        eos_token=special_text(int(ll.llama_vocab_eos(vocab))),
-        bos_token=special_text(int(ll.llama_vocab_bos(vocab))),
-        add_generation_prompt=True,
-    )
     try:
+        formatter = Jinja2ChatFormatter(
+            template.decode("utf-8"),
+            eos_token=special_text(int(ll.llama_vocab_eos(vocab))),
+            bos_token=special_text(int(ll.llama_vocab_bos(vocab))),
+            add_generation_prompt=True,
+        )
         return formatter(messages=list(messages)).prompt
     except Exception as exc:  # a template's own raise_exception or a Jinja error
         raise ModelFormatError(

@@ -12,6 +12,7 @@ refused here, before llama.cpp would run it silently over a base of the same sha
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,10 @@ def _converted(peft: Path, base: Path) -> Path:
     """The PEFT folder as a GGUF LoRA for `base`, converted once and cached."""
     from edgefed.quant.lora_gguf import convert_lora_to_gguf
 
-    weights = sha256_file(peft / PEFT_WEIGHTS_FILE)[:16]
+    # the config's alpha and patterns go into the GGUF's scales as well as the weights
+    weights = hashlib.sha256(
+        (peft / PEFT_CONFIG_FILE).read_bytes() + sha256_file(peft / PEFT_WEIGHTS_FILE).encode()
+    ).hexdigest()[:16]
     target = cache_dir("adapters") / f"{weights}-{read_base_info(base).fingerprint[:16]}.gguf"
     if not target.is_file():  # written atomically: a cached file is always whole
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,11 @@ def export_model(
     if format not in FORMATS:
         raise ConfigError(f"unknown export format '{format}'", f"choose {', '.join(FORMATS)}")
     out = Path(output)
+    inputs = [Path(p).resolve() for p in (model.base, model.adapter, model.peft) if p is not None]
+    if any(out.resolve() == p or out.resolve() in p.parents for p in inputs):
+        raise InputFileError(
+            f"{out} holds the model being exported", "choose an output outside its files"
+        )
     if out.exists() and not force:
         raise InputFileError(f"{out} exists", "choose another output, or pass --force")
     if model.adapter is None:

@@ -61,6 +61,7 @@ def compare(
     *,
     round_number: int | None = None,
     chat: bool = False,
+    context: int | None = None,
     on_model: Callable[[ChosenModel], None] | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> list[Compared]:
@@ -87,7 +88,9 @@ def compare(
     for model, name in zip(models, (BASE, LOCAL, AGGREGATED), strict=True):
         if on_model is not None:
             on_model(model)
-        generation = generate(loaded, model, prompt, sampling, chat=chat, on_text=on_text)
+        generation = generate(
+            loaded, model, prompt, sampling, chat=chat, context=context, on_text=on_text
+        )
         rows.append(Compared(model, generation, evaluation.models[name]["perplexity"]))
     return rows
 
