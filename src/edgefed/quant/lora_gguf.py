@@ -33,7 +33,7 @@ from edgefed.errors import (
     UnsupportedModelError,
 )
 from edgefed.quant.architectures import architecture
-from edgefed.quant.gguf_file import read_base_info, write_gguf
+from edgefed.quant.gguf_file import open_gguf, read_base_info, write_gguf
 from edgefed.quant.hf_convert import permute_for_rope
 
 OUT_TYPES = ("f32", "f16")
@@ -240,6 +240,34 @@ def convert_lora_to_gguf(
         for name, tensor in tensors:
             writer.add_tensor(name, tensor)
     return Path(destination)
+
+
+def open_lora_gguf(path: str | os.PathLike[str]):
+    """A GGUF LoRA adapter's reader and the sha256 of the base it records (None: made
+    elsewhere). Raises InputFileError / ModelFormatError for a missing, damaged or non-adapter
+    file (a GGUF model given where an adapter belongs)."""
+    import gguf
+
+    reader = open_gguf(path, "adapter")
+    kind = reader.fields.get(gguf.Keys.General.TYPE)
+    if kind is None or kind.contents() != gguf.GGUFType.ADAPTER:
+        raise ModelFormatError(
+            f"{path} is a GGUF model, not a LoRA adapter",
+            "give a GGUF LoRA adapter (`edgefed quant lora` converts a PEFT one)",
+        )
+    recorded = reader.fields.get(BASE_FINGERPRINT_KEY)
+    return reader, (str(recorded.contents()) if recorded is not None else None)
+
+
+def check_trained_on(adapter: str | os.PathLike[str], trained_on: str | None, base_info) -> None:
+    """Refuse, in one line, an adapter that records another base than `base_info`'s; one that
+    records none (made elsewhere) passes: llama.cpp still refuses shapes that do not fit."""
+    if trained_on is not None and trained_on != base_info.fingerprint:
+        raise AdapterMismatchError(
+            f"{adapter} was trained on base {trained_on[:12]}, not on {base_info.path.name} "
+            f"({base_info.fingerprint[:12]})",
+            "give the base it was trained on with --base",
+        )
 
 
 def _padded(rank: int, multiple: int) -> int:

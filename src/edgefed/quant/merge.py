@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefed.adapter import BASE_FINGERPRINT_KEY
 from edgefed.errors import AdapterMismatchError, InputFileError, ModelFormatError
 from edgefed.quant.gguf_file import copy_metadata, open_gguf, read_base_info
+from edgefed.quant.lora_gguf import check_trained_on, open_lora_gguf
 
 F32 = "f32"
 
@@ -70,19 +70,11 @@ def _lora_pairs(adapter: Path, base_info) -> dict[str, tuple[np.ndarray, np.ndar
     import gguf
     from gguf.quants import dequantize
 
-    reader = open_gguf(adapter, "adapter")
-    kind = reader.fields.get(gguf.Keys.General.TYPE)
-    if kind is None or kind.contents() != gguf.GGUFType.ADAPTER:
-        raise ModelFormatError(
-            f"{adapter} is not a LoRA adapter", "give a GGUF LoRA adapter (`edgefed quant lora`)"
-        )
-    architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    recorded = reader.fields.get(BASE_FINGERPRINT_KEY)
-    if architecture != base_info.architecture or (
-        recorded is not None and recorded.contents() != base_info.fingerprint
-    ):
+    reader, trained_on = open_lora_gguf(adapter)
+    check_trained_on(adapter, trained_on, base_info)
+    if reader.fields[gguf.Keys.General.ARCHITECTURE].contents() != base_info.architecture:
         raise AdapterMismatchError(
-            f"adapter {adapter.name} was made for another base than {base_info.path.name}",
+            f"adapter {adapter.name} is for another architecture than {base_info.path.name}",
             "merge it into the base it was trained on",
         )
     alpha_field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)

@@ -263,10 +263,11 @@ def token_bytes(ll, vocab, token: int, *, special: bool) -> bytes:
     return buffer.raw[:n]
 
 
-def chat_prompt(ll, model, vocab, messages: Sequence[dict[str, str]]) -> str:
-    """The conversation rendered by the base's own chat template (the GGUF's
-    `tokenizer.chat_template`, run by Jinja as transformers and llama-cpp-python run it), ending
-    where the assistant's next turn starts."""
+def chat_formatter(ll, model, vocab) -> Callable[[Sequence[dict[str, str]]], str]:
+    """The base's own chat template (the GGUF's `tokenizer.chat_template`, run by Jinja as
+    transformers and llama-cpp-python run it), compiled once: a function from a conversation to
+    its text, ending where the assistant's next turn starts. ModelFormatError, in one line,
+    when the base has no template or the template cannot render."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     template = ll.llama_model_chat_template(model, None)
@@ -281,6 +282,12 @@ def chat_prompt(ll, model, vocab, messages: Sequence[dict[str, str]]) -> str:
             return ""
         return token_bytes(ll, vocab, token, special=True).decode("utf-8", errors="replace")
 
+    def refused(exc: Exception) -> ModelFormatError:
+        return ModelFormatError(
+            f"the base's chat template refused the conversation ({exc})",
+            "generate without --chat",
+        )
+
     try:
         formatter = Jinja2ChatFormatter(
             template.decode("utf-8"),
@@ -288,9 +295,13 @@ def chat_prompt(ll, model, vocab, messages: Sequence[dict[str, str]]) -> str:
             bos_token=special_text(int(ll.llama_vocab_bos(vocab))),
             add_generation_prompt=True,
         )
-        return formatter(messages=list(messages)).prompt
-    except Exception as exc:  # a template's own raise_exception or a Jinja error
-        raise ModelFormatError(
-            f"the base's chat template refused the conversation ({exc})",
-            "generate without --chat",
-        ) from exc
+    except Exception as exc:  # a template Jinja cannot compile
+        raise refused(exc) from exc
+
+    def render(messages: Sequence[dict[str, str]]) -> str:
+        try:
+            return formatter(messages=list(messages)).prompt
+        except Exception as exc:  # a template's own raise_exception, a Jinja error
+            raise refused(exc) from exc
+
+    return render

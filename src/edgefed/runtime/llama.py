@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefed.errors import AdapterMismatchError, DataError, ModelFormatError, RuntimeBackendError
-from edgefed.quant.gguf_file import open_gguf, read_base_info
+from edgefed.quant.gguf_file import read_base_info
 from edgefed.runtime.backend import ensure_backend, take_recent_errors
 from edgefed.runtime.base_scores import BaseScoreCache
 from edgefed.runtime.context import ScoringContext
@@ -37,7 +37,7 @@ from edgefed.runtime.generate import (
     Generation,
     GenerationContext,
     Sampling,
-    chat_prompt,
+    chat_formatter,
     token_bytes,
 )
 from edgefed.scoring import PerplexityResult, ScoreProgress, windows
@@ -237,6 +237,7 @@ class LlamaRuntime:
         self.eos = int(ll.llama_vocab_eos(self._vocab))
         self._contexts: list[ScoringContext] = []
         self._generation: GenerationContext | None = None
+        self._chat_template: Callable[[Sequence[dict[str, str]]], str] | None = None
         self._adapters: dict[Path, Adapter] = {}
         self._handles: dict[Path, object] = {}  # llama_adapter_lora pointers, owned by the model
         self._closed = False
@@ -321,15 +322,9 @@ class LlamaRuntime:
         p = Path(path).resolve()
         if p in self._adapters:
             return self._adapters[p]
-        import gguf
+        from edgefed.quant.lora_gguf import open_lora_gguf
 
-        reader = open_gguf(p, "adapter")
-        general_type = reader.fields.get(gguf.Keys.General.TYPE)
-        if general_type is None or general_type.contents() != "adapter":
-            raise ModelFormatError(
-                f"{p} is a GGUF model, not a LoRA adapter",
-                "convert a PEFT adapter with `edgefed quant lora`",
-            )
+        open_lora_gguf(p)  # one line for a damaged file or a model, before llama.cpp reads it
         take_recent_errors()
         handle = self._ll.llama_adapter_lora_init(self._model, str(p).encode())
         if not handle:
@@ -644,31 +639,20 @@ class LlamaRuntime:
         `prompt`: text (tokenized with the base's BOS rule), token ids, or with `chat` the
         user's message, rendered by the base's chat template. Raises DataError when the prompt
         does not fit the context and ModelFormatError when `chat` finds no template."""
+        if chat and not isinstance(prompt, str):
+            raise DataError("a chat prompt is text", "pass the message as a string")
         if chat:
-            if not isinstance(prompt, str):
-                raise DataError("a chat prompt is text", "pass the message as a string")
-            return self.chat([{"role": "user", "content": prompt}], adapter, sampling,
-                             context=context, on_text=on_text)  # fmt: skip
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else prompt
+            tokens = self.chat_tokens([{"role": "user", "content": prompt}])
+        else:
+            tokens = self.tokenize(prompt) if isinstance(prompt, str) else prompt
         return self._generate(tokens, adapter, sampling, context, on_text)
-
-    def chat(
-        self,
-        messages: Sequence[dict[str, str]],
-        adapter: Adapter | None = None,
-        sampling: Sampling | None = None,
-        *,
-        context: int | None = None,
-        on_text: Callable[[str], None] | None = None,
-    ) -> Generation:
-        """The assistant's next turn after `messages` ({"role", "content"} dicts), by the
-        base's chat template."""
-        return self._generate(self.chat_tokens(messages), adapter, sampling, context, on_text)
 
     def chat_tokens(self, messages: Sequence[dict[str, str]]) -> np.ndarray:
         """`messages` rendered by the base's chat template, as token ids (special tokens
         parsed; a BOS the template writes itself is not added twice)."""
-        text = chat_prompt(self._ll, self._model, self._vocab, messages)
+        if self._chat_template is None:  # compiled once: a chat renders every turn, often twice
+            self._chat_template = chat_formatter(self._ll, self._model, self._vocab)
+        text = self._chat_template(messages)
         bos_text = self.detokenize([self.bos], special=True) if self.bos >= 0 else ""
         writes_bos = bool(bos_text) and text.startswith(bos_text)
         return self.tokenize(text, add_bos=self.add_bos and not writes_bos, special=True)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefed.adapter import (
-    BASE_FINGERPRINT_KEY,
     PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
     read_adapter_folder,
@@ -29,9 +28,10 @@ from edgefed.device.workspace import (
     find_workspace,
     known_workspaces,
 )
-from edgefed.errors import AdapterMismatchError, ConfigError, InputFileError
+from edgefed.errors import ConfigError, InputFileError
 from edgefed.home import cache_dir
-from edgefed.quant.gguf_file import open_gguf, read_base_info, resolve_base, sha256_file
+from edgefed.quant.gguf_file import read_base_info, resolve_base, sha256_file
+from edgefed.quant.lora_gguf import check_trained_on, convert_lora_to_gguf, open_lora_gguf
 
 AGGREGATED, LOCAL, BASE = "aggregated", "local", "base"
 CHOICES = (AGGREGATED, LOCAL, BASE)
@@ -149,37 +149,16 @@ def _adapter_file(path: Path, base: Path) -> ChosenModel:
         run_gguf = path / "adapter.gguf"
         peft = path / "adapter" if (path / "adapter" / PEFT_CONFIG_FILE).is_file() else path
         _, _, trained_on = read_adapter_folder(peft)
-        _check_base(path, trained_on, base)
+        check_trained_on(path, trained_on, read_base_info(base))
         gguf = run_gguf if run_gguf.is_file() else _converted(peft, base)
         return ChosenModel(label=path.name, base=base, adapter=gguf, peft=peft)
-    reader = open_gguf(path, "adapter")
-    kind = reader.fields.get("general.type")
-    if kind is None or kind.contents() != "adapter":
-        raise InputFileError(
-            f"{path} is not a LoRA adapter (a GGUF model?)",
-            "give a GGUF LoRA adapter, a PEFT adapter folder, or the base with --base",
-        )
-    recorded = reader.fields.get(BASE_FINGERPRINT_KEY)
-    _check_base(path, recorded.contents() if recorded is not None else None, base)
+    _, trained_on = open_lora_gguf(path)
+    check_trained_on(path, trained_on, read_base_info(base))
     return ChosenModel(label=path.name, base=base, adapter=path)
-
-
-def _check_base(adapter: Path, trained_on: str | None, base: Path) -> None:
-    if trained_on is None:
-        return  # made elsewhere: llama.cpp still refuses one whose shapes do not fit
-    fingerprint = read_base_info(base).fingerprint
-    if trained_on != fingerprint:
-        raise AdapterMismatchError(
-            f"{adapter} was trained on base {trained_on[:12]}, not on {base.name} "
-            f"({fingerprint[:12]})",
-            "give the base it was trained on with --base",
-        )
 
 
 def _converted(peft: Path, base: Path) -> Path:
     """The PEFT folder as a GGUF LoRA for `base`, converted once and cached."""
-    from edgefed.quant.lora_gguf import convert_lora_to_gguf
-
     # the config's alpha and patterns go into the GGUF's scales as well as the weights
     weights = hashlib.sha256(
         (peft / PEFT_CONFIG_FILE).read_bytes() + sha256_file(peft / PEFT_WEIGHTS_FILE).encode()
