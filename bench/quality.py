@@ -81,12 +81,11 @@ def run_cell(folder: Path, dataset: str, docs: int, epochs: float | None, args) 
 
 
 def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: int, args) -> dict:
-    """One seed of a cell: its kept results, or `edgefed simulate --first-seed seed --seeds 1`
-    for the variants it still lacks. The simulation rewrites its results.json as each variant's
-    federation ends, and that is copied into seeds/<seed>.json (in the repository) as it
-    appears, so a seed stopped with the session keeps its finished variants and the next
-    session runs only the others (round 0 is trained again there: the same seed, data and init,
-    so the same adapters on the same CPU)."""
+    """One seed of a cell: its kept results, or `edgefed simulate --first-seed seed --seeds 1
+    --resume` for the variants it still lacks. The simulation rewrites its results.json as each
+    variant's federation ends, and that is copied into seeds/<seed>.json (in the repository) as
+    it appears; the run folder (ignored, on this machine) keeps every finished step, so a seed
+    stopped with the session goes on in the next from the step it was in."""
     from edgefed.trust.settings import parse_variants
 
     part = folder / "seeds" / f"{seed}.json"
@@ -96,17 +95,19 @@ def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: 
     if not missing:
         return with_kept(kept, None, wanted)
     run = folder / "run" / f"seed-{seed}"
-    shutil.rmtree(run, ignore_errors=True)
     command = [
         sys.executable, "-m", "edgefed", "simulate", "--dataset", dataset,
         "--docs-per-client", str(docs), "--rounds", str(args.rounds),
         "--trust", ",".join(missing), "--seeds", "1", "--first-seed", str(seed),
         "--val-tokens", str(args.val_tokens), "--test-tokens", str(args.test_tokens),
-        "--out", str(run),
+        "--out", str(run), "--resume",
     ]  # fmt: skip
     if epochs is not None:
         command += ["--epochs", f"{epochs:g}"]
     print("$ edgefed " + " ".join(command[3:]), file=sys.stderr, flush=True)
+    # the seed's minutes over every session that ran it, finished variants or not
+    spent = run.with_name(f"seed-{seed}.minutes")
+    before = float(spent.read_text()) if spent.is_file() else (kept or {}).get("minutes", 0.0)
     started = time.perf_counter()
     simulation = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     seen = None
@@ -115,13 +116,14 @@ def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: 
             code = simulation.wait(timeout=30)
         except subprocess.TimeoutExpired:
             code = None
+        minutes = before + (time.perf_counter() - started) / 60
+        spent.parent.mkdir(parents=True, exist_ok=True)
+        spent.write_text(f"{minutes:.2f}\n")
         current = run / "results.json"
         if current.is_file() and current.stat().st_mtime_ns != seen:
             seen = current.stat().st_mtime_ns
             results = with_kept(json.loads(current.read_text()), kept, wanted)
-            results["minutes"] = (kept or {}).get("minutes", 0.0) + (
-                time.perf_counter() - started
-            ) / 60
+            results["minutes"] = minutes
             part.parent.mkdir(exist_ok=True)
             tmp = part.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=1) + "\n")

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_one_line_error, run, write_repetitive_corpus
+
+from edgefed.faults import CRASH_ENV
 
 SCHEMES = "local,fedavg,weights,prediction,perplexity,auto,fedsa,graph"
 SMALL = ("--rounds", 2, "--warmup-steps", 4, "--round-steps", 2, "--seq-len", 32,
@@ -274,3 +280,39 @@ def test_an_interrupted_simulation_keeps_the_federations_it_finished(
     assert list(kept["runs"]) == ["local"] and list(kept["runs"]["local"]) == ["0"]
     assert len(kept["runs"]["local"]["0"]) == 2
     assert list(kept["summary"]) == ["local"] and math.isfinite(kept["summary"]["local"]["mean"])
+
+
+def test_a_simulation_killed_mid_round_resumes_where_it_stopped_and_ends_as_one_run(
+    tmp_path, client_folders, tiny_llama_gguf
+):
+    """Killed (SIGKILL, as at the end of a session) while its first device mixes round 0,
+    `--resume` goes on without training again and ends with the results of an unbroken run;
+    other settings, or no --resume, are refused in one line and change nothing."""
+    args = ("simulate", "--clients", client_folders, "--trust", "local,fedavg",
+            "--base", tiny_llama_gguf, *SMALL, "--json")  # fmt: skip
+    whole = run(*args, "--out", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.stderr
+    out = tmp_path / "killed"
+    killed = subprocess.run(
+        [sys.executable, "-m", "edgefed", *map(str, args), "--out", str(out)],
+        capture_output=True,
+        env=os.environ | {CRASH_ENV: "aggregate-mix"},
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "results.json").exists()
+    trained = out / "federations" / "local" / "seed-0" / "devices" / "north" / "rounds" / "0"
+    adapter = next((trained / "train").glob("*.safetensors"))
+    stamp = adapter.stat().st_mtime_ns
+
+    refused = run(*args, "--out", out)
+    assert_one_line_error(refused, "not empty", "--resume")
+    other = run(*args[:-1], "--seq-len", 16, "--out", out, "--resume")
+    assert_one_line_error(other, "settings (train)")
+    assert not (out / "results.json").exists()
+
+    resumed = run(*args, "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert adapter.stat().st_mtime_ns == stamp  # round 0 was read back, not trained again
+    ours, theirs = json.loads(resumed.stdout), json.loads(whole.stdout)
+    assert ours["finished"] is True
+    assert ours["runs"] == theirs["runs"]

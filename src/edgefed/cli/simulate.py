@@ -31,6 +31,7 @@ from edgefed.device.federation import (
     DEFAULT_ROUND_EPOCHS,
     DEFAULT_WARMUP_EPOCHS,
 )
+from edgefed.errors import ConfigError
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 from edgefed.simulation.clients import DEFAULT_DOCS_PER_CLIENT
 from edgefed.simulation.run import (
@@ -190,6 +191,15 @@ def simulate(
             show_default=False,
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Go on with the stopped simulation in --out (the same data and options; "
+            "other --trust variants or seeds may be added): finished rounds are kept, the "
+            "interrupted one continues where it stopped.",
+        ),
+    ] = False,
     base: BaseOption = None,
     threads: ThreadsOption = None,
     runtime_quant: RuntimeQuantOption = DEFAULT_RUNTIME_QUANT,
@@ -234,6 +244,8 @@ def simulate(
             val_tokens=val_tokens or None,
         ),
     )
+    if resume and out is None:
+        raise ConfigError("--resume needs the run folder", "give it with --out")
     out = out or Path("simulations") / (
         f"{client_set.dataset.split(':')[0]}-{datetime.now():%Y%m%d-%H%M%S}"
     )
@@ -263,6 +275,7 @@ def simulate(
             store_url=store,
             token=store_token(token_file),
             max_tokens=max_tokens,
+            resume=resume,
             on_progress=lambda p: bar.update(
                 task, completed=p.done, total=p.total, description=p.message
             ),

@@ -16,7 +16,12 @@ Run folder:
     clients/<client>/*.txt, clients/reference.txt     the data each device holds
     federations/<variant>/seed-<s>/store/             the federation store (folder stores)
     federations/<variant>/seed-<s>/devices/<client>/  each device's workspace
+    simulation.json                                    what the federations are made from
     results.json                                       everything measured (see `summarize`)
+
+A stopped simulation (Ctrl-C, a crash, the end of a session) goes on where it stopped with
+`resume=True` and the same data and settings: its device workspaces record every finished
+step, and `run_round` skips those, so a finished round is read back, not run again.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from edgefed.adapter import LoraSpec
 from edgefed.atomic import atomic_write_text
 from edgefed.device.federation import DEFAULT_SCHEDULE, init_federation, join_federation
 from edgefed.device.round import RoundOptions, run_round
-from edgefed.device.workspace import Workspace
+from edgefed.device.workspace import DeviceConfig, Workspace
 from edgefed.errors import ConfigError, DataError, InputFileError
 from edgefed.loaded_base import LoadedBase
 from edgefed.simulation.clients import ClientSet
@@ -46,6 +51,8 @@ from edgefed.trust.settings import TrustSettings, parse_variants
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = 1
+IDENTITY_FILE = "simulation.json"
+IDENTITY_FORMAT = 1
 
 
 DEFAULT_VARIANTS = "local,fedavg,oracle,perplexity"
@@ -179,12 +186,16 @@ def simulate(
     store_url: str | None = None,
     token: str | None = None,
     max_tokens: int | None = None,
+    resume: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> dict:
     """Run every variant x seed federation over the clients, every device over the one
-    `loaded` base; write and return the results.
+    `loaded` base; write and return the results. `resume`: `out` may hold a stopped
+    simulation of the same data and settings (other variants or seeds may be asked for now);
+    its finished steps are kept and the rest run.
 
-    Raises InputFileError for a run folder in use, ConfigError for settings that cannot work
+    Raises InputFileError for a run folder in use (or, resuming, made from other data or
+    settings), ConfigError for settings that cannot work
     (a relay store with more than one federation to run), DataError for clients whose data
     cannot be split.
     """
@@ -192,8 +203,12 @@ def simulate(
 
     settings = settings or SimulationSettings()
     out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise InputFileError(f"{out_dir} is not empty", "choose a new --out folder")
+    in_use = out_dir.exists() and any(out_dir.iterdir())
+    if in_use and not resume:
+        raise InputFileError(
+            f"{out_dir} is not empty",
+            "choose a new --out folder, or add --resume to go on with the simulation there",
+        )
     federations = len(settings.variants) * settings.seeds
     if store_url is not None and federations != 1:
         raise ConfigError(
@@ -213,6 +228,11 @@ def simulate(
     if max_tokens:
         client_set = _cap_tokens(client_set, loaded.runtime, max_tokens)
         _check_splits(client_set)
+    identity = _identity(client_set, settings, loaded, options, max_tokens, store_url)
+    if in_use:
+        _check_identity(out_dir, identity)
+    else:
+        atomic_write_text(out_dir / IDENTITY_FILE, json.dumps(identity, indent=1) + "\n")
     train_tokens = {c.name: _train_tokens(c, loaded.runtime) for c in client_set.clients}
     data = client_set.write(out_dir / "clients")
     reference = out_dir / "clients" / "reference.txt"
@@ -226,24 +246,12 @@ def simulate(
                 open_store(store_url, token=token) if store_url else FolderStore(folder / "store")
             )
             with store:
-                init_federation(
-                    store,
-                    base=loaded.base_path,
-                    lora=replace(settings.lora, init_seed=seed),
-                    schedule=settings.schedule,
-                    trust=variant,
-                    reference=reference,
-                )
-                spaces = [
-                    join_federation(
-                        store,
-                        c.name,
-                        data=data[c.name],
-                        workspace=folder / "devices" / c.name,
-                        base=loaded.base_path,
+                spaces = _resumed_devices(folder, client_set)
+                if spaces is None:
+                    shutil.rmtree(folder, ignore_errors=True)  # set up part-way: nothing trained
+                    spaces = _new_federation(
+                        store, folder, client_set, data, loaded, settings, variant, seed, reference
                     )
-                    for c in client_set.clients
-                ]
                 trust = replace(
                     variant, clip_norm=options.trust.clip_norm, by_tokens=options.trust.by_tokens
                 )
@@ -297,6 +305,119 @@ def simulate(
     return results
 
 
+def _new_federation(
+    store,
+    folder: Path,
+    client_set: ClientSet,
+    data: dict[str, Path],
+    loaded: LoadedBase,
+    settings: SimulationSettings,
+    variant: TrustSettings,
+    seed: int,
+    reference: Path,
+) -> list[Workspace]:
+    """A variant x seed federation in its store, every client joined."""
+    init_federation(
+        store,
+        base=loaded.base_path,
+        lora=replace(settings.lora, init_seed=seed),
+        schedule=settings.schedule,
+        trust=variant,
+        reference=reference,
+    )
+    return [
+        join_federation(
+            store,
+            c.name,
+            data=data[c.name],
+            workspace=folder / "devices" / c.name,
+            base=loaded.base_path,
+        )
+        for c in client_set.clients
+    ]
+
+
+def _resumed_devices(folder: Path, client_set: ClientSet) -> list[Workspace] | None:
+    """The workspaces of a federation an earlier run of this simulation made, or None when it
+    has none or stopped before every device had joined (join writes device.json last)."""
+    spaces = [Workspace(folder / "devices" / c.name) for c in client_set.clients]
+    if all((space.root / DeviceConfig.FILE).is_file() for space in spaces):
+        return spaces
+    return None
+
+
+def _identity(
+    client_set: ClientSet,
+    settings: SimulationSettings,
+    loaded: LoadedBase,
+    options: RoundOptions,
+    max_tokens: int | None,
+    store_url: str | None,
+) -> dict:
+    """What every federation of a run folder is made from: the clients' documents, the base,
+    the training and scoring settings, the store. A resumed run must match it; the variants and
+    seeds are not part of it (each has its own federation folder)."""
+    settings_document = _settings_document(settings, loaded, options, max_tokens)
+    for per_run in ("variants", "seeds", "first_seed"):
+        del settings_document[per_run]
+    return {
+        "format": IDENTITY_FORMAT,
+        "dataset": client_set.dataset,
+        "clients": {c.name: [d.id for d in c.documents] for c in client_set.clients},
+        "reference": [d.id for d in client_set.reference],
+        "base": _base_document(loaded),
+        "settings": settings_document,
+        "store": store_url,
+    }
+
+
+def _check_identity(out_dir: Path, identity: dict) -> None:
+    """Refuse to resume a run folder made from other data or settings, naming what differs."""
+    path = out_dir / IDENTITY_FILE
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise InputFileError(
+            f"{out_dir} holds no simulation this version can resume ({IDENTITY_FILE} is "
+            "missing or damaged)",
+            "choose a new --out folder",
+        ) from None
+    identity = json.loads(json.dumps(identity))  # as it reads back: tuples become lists
+    differ = [name for name, value in identity.items() if recorded.get(name) != value]
+    if "settings" in differ:
+        was = recorded.get("settings") or {}
+        changed = [key for key, value in identity["settings"].items() if was.get(key) != value]
+        differ[differ.index("settings")] = f"settings ({', '.join(changed)})"
+    if differ:
+        raise InputFileError(
+            f"the simulation in {out_dir} was made with other {', '.join(differ)}",
+            f"give the options it was started with (its {IDENTITY_FILE}), or a new --out",
+        )
+
+
+def _base_document(loaded: LoadedBase) -> dict:
+    return {"name": loaded.info.name, "bytes": loaded.base_path.stat().st_size}
+
+
+def _settings_document(
+    settings: SimulationSettings, loaded: LoadedBase, options: RoundOptions, max_tokens: int | None
+) -> dict:
+    return {
+        "variants": [v.label for v in settings.variants],
+        "seeds": settings.seeds,
+        "first_seed": settings.first_seed,
+        "rounds": settings.rounds,
+        "schedule": settings.schedule.as_dict(),
+        "epochs": settings.epochs,
+        "lora": settings.lora.as_dict(),
+        "train": asdict(options.train),
+        "precision": loaded.precision,
+        "test_tokens": options.test_tokens,
+        "val_tokens": options.val_tokens,
+        "max_tokens": max_tokens,
+    }
+
+
 def _results_document(
     client_set: ClientSet,
     settings: SimulationSettings,
@@ -315,21 +436,8 @@ def _results_document(
         "format": RESULTS_FORMAT,
         "dataset": client_set.dataset,
         "finished": sum(map(len, finished.values())) == len(settings.variants) * settings.seeds,
-        "settings": {
-            "variants": [v.label for v in settings.variants],
-            "seeds": settings.seeds,
-            "first_seed": first_seed,
-            "rounds": settings.rounds,
-            "schedule": settings.schedule.as_dict(),
-            "epochs": settings.epochs,
-            "lora": settings.lora.as_dict(),
-            "train": asdict(options.train),
-            "precision": loaded.precision,
-            "test_tokens": options.test_tokens,
-            "val_tokens": options.val_tokens,
-            "max_tokens": max_tokens,
-        },
-        "base": {"name": loaded.info.name, "bytes": loaded.base_path.stat().st_size},
+        "settings": _settings_document(settings, loaded, options, max_tokens),
+        "base": _base_document(loaded),
         "clients": [
             {
                 "name": c.name,
