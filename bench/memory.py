@@ -75,7 +75,8 @@ def prepare(start: Path, docs: int, base: str | None, peer_args: Sequence[str] =
     for device in ("ann", "ben"):
         edgefed(
             ["join", str(start / "fed"), "--device", device, "--data",
-             str(start / "data" / device), "--workspace", str(start / device)],
+             str(start / "data" / device), "--workspace", str(start / device),
+             *(["--base", base] if base else [])],
             home,
         )  # fmt: skip
     edgefed(["round", "--workspace", str(start / "ben"), "--wait", "0", *peer_args], home)

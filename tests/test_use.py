@@ -120,6 +120,12 @@ def test_the_lora_pair_and_the_peft_export_name_files_that_exist(tiny_lora, tmp_
     assert named == ["base.gguf", "adapter.gguf", "base.gguf", "adapter.gguf", "Modelfile"]
     assert all((pair / name).is_file() for name in named)
     assert (pair / "base.gguf").read_bytes() == base.read_bytes()
+    merge_line = re.search(r"`edgefed (export [^`]+)`", (pair / "README.md").read_text())[1]
+    in_pair = [str(pair / a) if (pair / a).is_file() or a.endswith(".gguf") else a
+               for a in merge_line.split()]  # fmt: skip
+    assert run(*in_pair).exit_code == 0  # the LM Studio line, as run from the folder
+    assert (pair / "pair.gguf").is_file()
+    (pair / "pair.gguf").unlink()
     with LlamaRuntime(pair / "base.gguf", threads=1) as runtime:
         exported = runtime.perplexity(PROMPT * 4, runtime.load_adapter(pair / "adapter.gguf"))
         original = runtime.perplexity(PROMPT * 4, runtime.load_adapter(adapter))
@@ -199,7 +205,7 @@ def device_after_a_round(tmp_path_factory, tiny_llama_gguf) -> Path:
 
 
 def test_a_device_talks_to_compares_and_exports_its_personalised_model(
-    device_after_a_round, tmp_path
+    device_after_a_round, tmp_path, monkeypatch
 ):
     alice = device_after_a_round
     common = ("--workspace", alice, "--runtime-quant", "keep", "--temperature", 0, "-n", 8)
@@ -226,6 +232,10 @@ def test_a_device_talks_to_compares_and_exports_its_personalised_model(
     talk = run_chat(alice, "Hello there\nAnd the dog?\n")
     assert talk.exit_code == 0, talk.stderr
     assert len([line for line in talk.stdout.splitlines() if line.strip()]) >= 2
+    monkeypatch.setenv("EDGEFED_WORKSPACE", str(alice))  # the device's base, not the embedded
+    bare = run("generate", "--adapter", "base", "-n", 1, PROMPT, "--json")
+    assert bare.exit_code == 0 and json.loads(bare.stdout)["base"] == str(alice_base(alice))
+    monkeypatch.delenv("EDGEFED_WORKSPACE")
     missing = run("generate", "--workspace", alice, "--round", 3, PROMPT)
     assert_one_line_error(
         missing, "round 3 of alice has no aggregated adapter", "rounds with one: 0"

@@ -5,7 +5,7 @@ Three forms (`FORMATS`):
 - `merged`: one GGUF, the base with the adapter added into its weights (`quant.merge`): any
   llama.cpp build, Ollama, LM Studio and llama-server load it with no adapter. Its default type
   is q8_0, not the base's own: re-rounded onto the embedded base's Q4_1 grid the merged weights
-  kept 5% of the adapter's gain, while q8_0 scored as base + adapter (README, "Using the
+  kept 9% of the adapter's gain, while q8_0 scored as base + adapter (README, "Using the
   model"); the `lora` pair keeps the 4-bit base and all of the adapter.
 - `lora`: a folder with the base and the GGUF adapter side by side, an Ollama `Modelfile`
   (`FROM` + `ADAPTER`) and a README with the llama-cli / llama-server commands (`--lora`):
@@ -140,8 +140,9 @@ format). Run them together from this folder:
     llama-server -m {PAIR_BASE} --lora {PAIR_ADAPTER} --port 8080
     ollama create {name} -f {MODELFILE} && ollama run {name}
 
-LM Studio loads a single GGUF: export the merged model instead
-(`edgefed export --format merged -o {name}.gguf`) and import that file (`lms import {name}.gguf`).
+LM Studio loads a single GGUF: merge the two into one from this folder with
+`edgefed export --adapter {PAIR_ADAPTER} --base {PAIR_BASE} -o {name}.gguf` and import that
+file (`lms import {name}.gguf`).
 """
 
 
