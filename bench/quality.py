@@ -107,7 +107,10 @@ def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: 
     print("$ edgefed " + " ".join(command[3:]), file=sys.stderr, flush=True)
     # the seed's minutes over every session that ran it, finished variants or not
     spent = run.with_name(f"seed-{seed}.minutes")
-    before = float(spent.read_text()) if spent.is_file() else (kept or {}).get("minutes", 0.0)
+    try:
+        before = float(spent.read_text())
+    except (OSError, ValueError):  # none yet (or an older run's): count from the kept part
+        before = (kept or {}).get("minutes", 0.0)
     started = time.perf_counter()
     simulation = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     seen = None
@@ -118,7 +121,8 @@ def run_seed(folder: Path, dataset: str, docs: int, epochs: float | None, seed: 
             code = None
         minutes = before + (time.perf_counter() - started) / 60
         spent.parent.mkdir(parents=True, exist_ok=True)
-        spent.write_text(f"{minutes:.2f}\n")
+        spent.with_suffix(".tmp").write_text(f"{minutes:.2f}\n")
+        os.replace(spent.with_suffix(".tmp"), spent)
         current = run / "results.json"
         if current.is_file() and current.stat().st_mtime_ns != seen:
             seen = current.stat().st_mtime_ns

@@ -316,3 +316,10 @@ def test_a_simulation_killed_mid_round_resumes_where_it_stopped_and_ends_as_one_
     ours, theirs = json.loads(resumed.stdout), json.loads(whole.stdout)
     assert ours["finished"] is True
     assert ours["runs"] == theirs["runs"]
+
+    # a later session asks for another variant: round 0 is copied from the finished one
+    more = run(*args[:4], "fedavg,perplexity", *args[5:], "--out", out, "--resume")
+    assert more.exit_code == 0, more.stderr
+    assert list(json.loads(more.stdout)["runs"]) == ["fedavg", "perplexity"]
+    copied = Path(str(trained).replace("/local/", "/perplexity/")) / "train" / "metrics.json"
+    assert copied.read_bytes() == (trained / "train" / "metrics.json").read_bytes()

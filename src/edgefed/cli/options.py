@@ -82,8 +82,8 @@ AdapterChoiceOption = Annotated[
         "-a",
         help="Which model: 'aggregated' (the device's personalised mix; the default), "
         "'local' (its own adapter, before mixing), 'base' (the bare base), or a GGUF LoRA "
-        "file, PEFT adapter folder or `edgefed train` run folder (over the device's base, or "
-        "--base; the embedded one where this machine has no device).",
+        "file, PEFT adapter folder or `edgefed train` run folder (over --base, else the "
+        "default device's base, else the embedded one).",
         show_default=False,
     ),
 ]

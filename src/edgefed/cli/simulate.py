@@ -195,9 +195,10 @@ def simulate(
         bool,
         typer.Option(
             "--resume",
-            help="Go on with the stopped simulation in --out (the same data and options; "
-            "other --trust variants or seeds may be added): finished rounds are kept, the "
-            "interrupted one continues where it stopped.",
+            help="Go on with the stopped simulation in --out (the same data and options): "
+            "finished rounds are read back, the interrupted one continues where it stopped. "
+            "Other --trust variants or seeds may be asked for; results.json then holds those "
+            "asked for.",
         ),
     ] = False,
     base: BaseOption = None,

@@ -237,8 +237,10 @@ def simulate(
     data = client_set.write(out_dir / "clients")
     reference = out_dir / "clients" / "reference.txt"
     runs: dict[str, dict[str, list]] = {v.label: {} for v in settings.variants}
-    warmup: dict[tuple[int, str], Workspace] = {}
     seeds = range(settings.first_seed, settings.first_seed + settings.seeds)
+    # round 0 trained by an earlier session in another variant's federation: copied, not
+    # trained again (a session that resumes asks only for the variants still missing)
+    warmup = _finished_warmups(out_dir, seeds, client_set) if in_use else {}
     for seed in seeds:
         for variant in settings.variants:
             folder = _federation_dir(out_dir, variant, seed)
@@ -247,6 +249,12 @@ def simulate(
             )
             with store:
                 spaces = _resumed_devices(folder, client_set)
+                if spaces is None and store_url is not None and folder.exists():
+                    raise InputFileError(
+                        f"the simulation in {out_dir} stopped while its devices joined the "
+                        f"relay federation at {store_url}, which cannot be set up twice",
+                        "start again with a new --store and a new --out",
+                    )
                 if spaces is None:
                     shutil.rmtree(folder, ignore_errors=True)  # set up part-way: nothing trained
                     spaces = _new_federation(
@@ -337,6 +345,22 @@ def _new_federation(
     ]
 
 
+def _finished_warmups(
+    out_dir: Path, seeds: range, client_set: ClientSet
+) -> dict[tuple[int, str], Workspace]:
+    """Every (seed, client) whose round 0 some federation in the run folder finished training."""
+    found: dict[tuple[int, str], Workspace] = {}
+    for seed in seeds:
+        for client in client_set.clients:
+            pattern = f"federations/*/seed-{seed}/devices/{client.name}/{DeviceConfig.FILE}"
+            for config in sorted(out_dir.glob(pattern)):
+                space = Workspace(config.parent)
+                if "train" in space.read_round_record(0).steps:
+                    found[(seed, client.name)] = space
+                    break
+    return found
+
+
 def _resumed_devices(folder: Path, client_set: ClientSet) -> list[Workspace] | None:
     """The workspaces of a federation an earlier run of this simulation made, or None when it
     has none or stopped before every device had joined (join writes device.json last)."""
@@ -357,12 +381,18 @@ def _identity(
     """What every federation of a run folder is made from: the clients' documents, the base,
     the training and scoring settings, the store. A resumed run must match it; the variants and
     seeds are not part of it (each has its own federation folder)."""
-    settings_document = _settings_document(settings, loaded, options, max_tokens)
+    settings_document = _settings_document(settings, loaded, options, max_tokens or None)
     for per_run in ("variants", "seeds", "first_seed"):
         del settings_document[per_run]
-    return {
+    # what scores and trains them: a resume on other settings would not give the numbers of
+    # an unbroken run (float sums differ with the thread count: README Limits)
+    settings_document |= {
+        "runtime_quant": loaded.runtime_quant,
+        "device": loaded.device,
+        "threads": loaded.threads or os.cpu_count(),
+    }
+    return {  # the clients by their documents, not by the dataset's name or a typed path
         "format": IDENTITY_FORMAT,
-        "dataset": client_set.dataset,
         "clients": {c.name: [d.id for d in c.documents] for c in client_set.clients},
         "reference": [d.id for d in client_set.reference],
         "base": _base_document(loaded),
@@ -376,7 +406,9 @@ def _check_identity(out_dir: Path, identity: dict) -> None:
     path = out_dir / IDENTITY_FILE
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        if not isinstance(recorded, dict):
+            raise ValueError(path)
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InputFileError(
             f"{out_dir} holds no simulation this version can resume ({IDENTITY_FILE} is "
             "missing or damaged)",
@@ -385,8 +417,8 @@ def _check_identity(out_dir: Path, identity: dict) -> None:
     identity = json.loads(json.dumps(identity))  # as it reads back: tuples become lists
     differ = [name for name, value in identity.items() if recorded.get(name) != value]
     if "settings" in differ:
-        was = recorded.get("settings") or {}
-        changed = [key for key, value in identity["settings"].items() if was.get(key) != value]
+        was, now = recorded.get("settings") or {}, identity["settings"]
+        changed = [key for key in {**was, **now} if was.get(key) != now.get(key)]
         differ[differ.index("settings")] = f"settings ({', '.join(changed)})"
     if differ:
         raise InputFileError(

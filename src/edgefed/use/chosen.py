@@ -5,8 +5,8 @@ In a workspace the words name the device's adapters of a round: `aggregated` (th
 mix it carries on with, the default: `rounds/<r>/aggregated.gguf`), `local` (its own adapter of
 the round, before mixing) and `base`; the round is the latest that has the adapter unless one is
 given. Outside a workspace a GGUF LoRA file, a PEFT adapter folder or an `edgefed train` run
-folder works with any base (`--base`; by default the device's, where this machine has a
-device workspace, else the embedded one; `base` means that base bare). An adapter records
+folder works with any base (`--base`; by default the device's, where one workspace is the
+default, else the embedded one; `base` means that base bare). An adapter records
 the base it was trained on (edgefed writes its sha256 into both formats), so one of another base is
 refused here, before llama.cpp would run it silently over a base of the same shapes.
 """
@@ -88,23 +88,26 @@ def choose_model(
     ws = Workspace.open(workspace) if workspace is not None else None
     if ws is not None and base is not None:
         raise ConfigError("--base and --workspace both name a base", "give one of them")
-    if ws is None and base is None and _has_default_workspace():
-        ws = find_workspace(None)  # the device's own base, not the embedded one
+    if ws is None and base is None:
+        ws = _default_workspace()  # the device's own base, not the embedded one
     base_path = Path(ws.config.base) if ws is not None else resolve_base(base)
     if named:
         return ChosenModel(label=BASE, base=base_path)
     return _adapter_file(Path(choice), base_path)
 
 
-def _has_default_workspace() -> bool:
-    """Whether this machine has a device workspace a command without --workspace would use
-    (or several, which find_workspace refuses as ambiguous): the base of `--adapter base` or a
-    file is then that device's, as for its adapters; with none, the embedded base."""
-    return bool(os.environ.get(WORKSPACE_VARIABLE)) or bool(known_workspaces())
+def _default_workspace() -> Workspace | None:
+    """The workspace a command without --workspace means ($EDGEFED_WORKSPACE, or the only one
+    this machine knows), whose base `--adapter base` or a file then runs over; None where
+    there is none or several (a machine that simulated knows many): the embedded base."""
+    known = known_workspaces()
+    if os.environ.get(WORKSPACE_VARIABLE) or len(known) == 1:
+        return find_workspace(None)
+    return None
 
 
 def _workspace(root: str | os.PathLike[str] | None) -> Workspace:
-    if root is None and not _has_default_workspace():
+    if root is None and not os.environ.get(WORKSPACE_VARIABLE) and not known_workspaces():
         raise InputFileError(
             "no device workspace on this machine, so no device's adapter to use",
             "join a federation with `edgefed join`, pass --workspace DIR, or give "
