@@ -151,16 +151,28 @@ def with_kept(results: dict, kept: dict | None, wanted: list[str]) -> dict:
         same = ("rounds", "schedule", "epochs", "lora", "train", "precision", "test_tokens",
                 "val_tokens", "max_tokens", "first_seed")  # fmt: skip
         differ = [k for k in same if kept["settings"].get(k) != results["settings"].get(k)]
-        differ += [k for k in ("dataset", "base", "clients") if kept.get(k) != results.get(k)]
+        differ += [k for k in ("dataset", "base") if kept.get(k) != results.get(k)]
+        # a client's "epochs" is what it trained in the first variant a run made (stopping
+        # makes later rounds differ by variant): the kept part's stays, the rest must agree
+        if [_without_epochs(c) for c in kept["clients"]] != [
+            _without_epochs(c) for c in results["clients"]
+        ]:
+            differ.append("clients")
         if differ:
             sys.exit(f"the kept seed results differ in {', '.join(differ)}: remove the seed's "
                      "file to run it again")  # fmt: skip
+    if kept is not None:
+        results = results | {"clients": kept["clients"]}
     runs = (kept or {}).get("runs", {}) | results["runs"]
     results = results | {"runs": {v: runs[v] for v in wanted if v in runs}}
     results["settings"] = results["settings"] | {"variants": wanted}
     results["finished"] = all(v in runs for v in wanted)
     results["summary"] = summarize(results)
     return results
+
+
+def _without_epochs(client: dict) -> dict:
+    return {key: value for key, value in client.items() if key != "epochs"}
 
 
 def merge_seeds(parts: list[dict]) -> dict:
