@@ -1,4 +1,4 @@
-# The two set-up commands of the README: `make demo` and `make test`. Both install edgefed into
+# The two set-up commands of the README: `make demo` and `make test` (lint, docs, pytest). Both install edgefed into
 # .venv first (once; again when pyproject.toml changes). On a CPU machine the CPU build of
 # PyTorch is pinned by constraints-cpu.txt; a GPU user runs `make test CONSTRAINTS=` after
 # installing their own torch build into .venv.
@@ -16,14 +16,14 @@ LLAMA_CMAKE_ARGS ?= $(CMAKE_ARGS) $(if $(shell grep -s -m1 -o amx_int8 /proc/cpu
 # the llama-cpp-python requirement as pyproject.toml states it
 LLAMA_REQUIREMENT = $(shell $(PYTHON) -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('llama-cpp-python')))")
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint docs bench
 
 $(BIN)/edgefed-installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	CMAKE_ARGS='$(strip $(LLAMA_CMAKE_ARGS))' $(BIN)/python -m pip install --no-cache-dir \
 		'$(LLAMA_REQUIREMENT)'
-	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test,docs]'
 	touch $@
 
 demo: $(BIN)/edgefed-installed
@@ -33,7 +33,11 @@ lint: $(BIN)/edgefed-installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-test: lint
+# the documentation site into site/; --strict fails on a broken link, anchor or reference
+docs: $(BIN)/edgefed-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/edgefed-installed

@@ -72,7 +72,8 @@ def main() -> None:
         test_tokens=TEST_TOKENS,
     )
     clients = load_clients("bbc-mixed", docs_per_client=DOCS)
-    with LoadedBase(None, device="cpu") as loaded:  # as the figures in the README
+    # on the CPU, as the figures in docs/measurements/robustness.md
+    with LoadedBase(None, device="cpu") as loaded:
         data = clients.write(out / "clients")
         data["shuffler"] = shuffled_words(data[clients.clients[0].name], out / "clients-shuffled")
         store = FolderStore(out / "store")

@@ -18,9 +18,9 @@ from edgefed.quant.training_copy import build_training_model
 from edgefed.runtime import LlamaRuntime
 from edgefed.train.perplexity import torch_perplexity
 
-# Measured on the embedded base (see README): re-quantizing its Q4_1 weights to NF4 costs
-# +28% perplexity; every decoder layer contributes about equally, so no small set of float
-# layers fixes it. The bound below is that measurement with a small margin, not a target.
+# Measured on the embedded base (see docs/measurements/training.md): re-quantizing its Q4_1 weights
+# to NF4 costs +28% perplexity; every decoder layer contributes about equally, so no small set of
+# float layers fixes it. The bound below is that measurement with a small margin, not a target.
 NF4_OVER_GGUF_BOUND = 1.35
 
 

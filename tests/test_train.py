@@ -180,7 +180,8 @@ def test_resume_refuses_changed_settings_and_a_missing_checkpoint(
 
 def test_importing_edgefed_puts_large_tensors_on_huge_pages_unless_the_user_chose():
     """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: edgefed sets it on
-    import (it halved a training round's peak memory, README Memory), never over the user's."""
+    import (it halved a training round's peak memory, docs/measurements/memory.md), never over
+    the user's."""
     show = (
         "import os, edgefed, torch; torch.ones(9 << 20); print(os.environ['THP_MEM_ALLOC_ENABLE'])"
     )

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from edgefed.runtime.llama import Adapter, LlamaRuntime
 
 DEVICES = ("auto", "cpu", "cuda")
-# gguf: fp32's adapter quality at the GGUF file's weight memory (bench/train.py, README)
+# gguf: fp32's adapter quality at the GGUF file's weight memory (bench/train.py,
+# docs/measurements/training.md)
 DEFAULT_PRECISION = "gguf"
 DEFAULT_DEVICE = "auto"
 

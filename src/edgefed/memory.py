@@ -4,7 +4,7 @@ A training step on the CPU allocates and frees thousands of activation tensors o
 glibc's malloc serves them from its heap once its dynamic mmap threshold has risen (it does at
 the first large free), and the heap's high-water mark is then far above what the step holds
 alive. A whole round on the embedded base with gradient checkpointing peaked at 2,481 MiB
-where the live tensors stay under about 1.4 GiB (bench/memory.py, README Memory). Two
+where the live tensors stay under about 1.4 GiB (bench/memory.py, docs/measurements/memory.md). Two
 remedies, both measured there:
 
 * PyTorch's own switch THP_MEM_ALLOC_ENABLE: tensors of 2 MB and more are aligned to and

@@ -12,12 +12,12 @@ the Gaussian mechanism with sensitivity 2C over the device's *whole* data set, a
 mechanism has RDP α·(2C)²/(2(zC)²) = 2α/z² per release. Everything derived from the releases
 (peers' mixes, trust scores) is post-processing and keeps the bound.
 
-What it does not do, in plain words (README, "Privacy noise"): a useful adapter needs a small
-z, and then ε is far too large to mean anything formally; the noise is drawn with torch's
-generator seeded from the OS's entropy, not with a hardened sampler (floating-point attacks on
-naive Gaussian samplers are known); the device's own mix uses its exact adapter, which never
-leaves it. The noise is drawn once per round: the release is kept in the run folder and a
-resumed publish sends the same bytes, so a crash never releases a second draw.
+What it does not do, in plain words (docs/guides/privacy-and-poisoned-peers.md): a useful adapter
+needs a small z, and then ε is far too large to mean anything formally; the noise is drawn with
+torch's generator seeded from the OS's entropy, not with a hardened sampler (floating-point attacks
+on naive Gaussian samplers are known); the device's own mix uses its exact adapter, which never
+leaves it. The noise is drawn once per round: the release is kept in the run folder and a resumed
+publish sends the same bytes, so a crash never releases a second draw.
 """
 
 from __future__ import annotations

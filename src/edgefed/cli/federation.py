@@ -143,7 +143,7 @@ def init(
         float | None,
         typer.Option(
             help="Default softmax temperature for --trust. Default: the scheme's measured one "
-            f"({temperatures_help()}; see README).",
+            f"({temperatures_help()}; see docs/concepts/trust.md).",
             show_default=False,
         ),
     ] = None,
@@ -151,7 +151,7 @@ def init(
         float | None,
         typer.Option(
             help="Or a default temperature in standard errors of each peer's paired score "
-            "difference (perplexity, prediction; see README).",
+            "difference (perplexity, prediction; see docs/concepts/trust.md).",
             show_default=False,
         ),
     ] = None,
@@ -280,7 +280,7 @@ def sync(
         bool,
         typer.Option(
             help="Send int8 codes with per-row scales instead of float16: half the bytes, "
-            "lossy (see README)."
+            "lossy (see docs/concepts/protocol.md)."
         ),
     ] = False,
     dp_clip: DpClipOption = None,

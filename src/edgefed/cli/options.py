@@ -233,7 +233,10 @@ ClipNormOption = Annotated[
     ),
 ]
 
-_PRIVACY = "Privacy noise (see README: what it does and does not guarantee)"
+_PRIVACY = (
+    "Privacy noise (see docs/guides/privacy-and-poisoned-peers.md: what it does and does not "
+    "guarantee)"
+)
 DpClipOption = Annotated[
     float | None,
     typer.Option(
@@ -276,7 +279,8 @@ PrecisionOption = Annotated[
         help=f"Training copy of the base ({', '.join(TRAIN_PRECISIONS)}): gguf keeps the GGUF's "
         "own quantized blocks and trains on exactly the weights llama.cpp runs (about the "
         "file's size in memory); nf4 re-quantizes to QLoRA's NF4 (bitsandbytes); fp32 is "
-        "the dequantized reference (8x a 4-bit file's weight memory). See README.",
+        "the dequantized reference (8x a 4-bit file's weight memory). See "
+        "docs/concepts/training-copies.md.",
         rich_help_panel=_TRAINING,
     ),
 ]
@@ -294,7 +298,7 @@ Bf16Option = Annotated[
         "--bf16",
         help="Train with bfloat16 matmuls (torch autocast; weights, adapter and optimizer stay "
         "float32): measured 1.4x faster on an x86 CPU with AVX-512 BF16 and 20x slower on an "
-        "AVX2-only one (README, Training speed).",
+        "AVX2-only one (docs/measurements/training.md).",
         rich_help_panel=_TRAINING,
     ),
 ]
@@ -304,8 +308,8 @@ GradientCheckpointingOption = Annotated[
         "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute each layer's activations in the backward pass instead of keeping them: "
         "the same adapter; a round on the embedded base peaked at 1.5 GiB with it and 4.3-4.6 "
-        "without, training at 0.82x the speed (README, Memory). Turn it off where memory is "
-        "plentiful.",
+        "without, training at 0.82x the speed (docs/measurements/memory.md). Turn it off where "
+        "memory is plentiful.",
         rich_help_panel=_TRAINING,
     ),
 ]

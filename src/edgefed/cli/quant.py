@@ -42,7 +42,7 @@ def convert(
     """Write a Hugging Face model as a GGUF file for llama.cpp.
 
     Converts the families edgefed trains: Llama (SmolLM, Llama 3.x), Mistral, Qwen2, Qwen3,
-    Gemma 2, Gemma 3 and Phi-3 (README, "Model families"); llama.cpp's own
+    Gemma 2, Gemma 3 and Phi-3 (docs/guides/your-model.md); llama.cpp's own
     convert_hf_to_gguf.py converts more, and edgefed evaluates any GGUF llama.cpp loads.
     """
     from edgefed.quant.hf_convert import convert_hf_to_gguf

@@ -209,7 +209,7 @@ def simulate(
     """Simulate a federation of virtual devices and compare trust schemes on the same data.
 
     Every device is a real workspace on a real store and runs the code of `edgefed round`;
-    they share one loaded base. With no options this is the demo, a cell of the README's regime
+    they share one loaded base. With no options this is the demo, a cell of the regime
     map: 4 devices, two with 10 pieces of Python code, two with 10 BBC articles, each training 1
     epoch, mixed by local, FedAvg, the oracle and perplexity trust, in minutes on a laptop CPU.
     Ends with test perplexity per scheme and per client (each device's test split, never its
@@ -333,7 +333,8 @@ def _print_results(results: dict) -> None:
     if results["settings"]["seeds"] == 1:
         stdout.print(
             "(one seed: differences of about 1% or less are within the spread between seeds; "
-            "--seeds 3 measures it, and the README's regime map gives this setting over 3 seeds)"
+            "--seeds 3 measures it, and the regime map (docs/measurements/regime-map.md) gives "
+            "this setting over 3 seeds)"
         )
     per_client = Table("client", *summary, title="per client (mean over seeds)",
                        title_justify="left")  # fmt: skip

@@ -57,7 +57,7 @@ from edgefed.trust.settings import TrustSettings
 
 # how many rounds old a peer's adapter may be and still be mixed: 2 lets a device that misses
 # a round (a laptop off for a day) count for its peers' next two rounds; not yet measured
-# against other values (see README, Limits)
+# against other values (see docs/limits.md)
 DEFAULT_MAX_STALENESS = 2
 # how long a round waits by default for its peers' adapters of the round: long enough for
 # devices started together to meet (a round of the embedded base trains in minutes), short
@@ -65,7 +65,7 @@ DEFAULT_MAX_STALENESS = 2
 DEFAULT_WAIT_SECONDS = 300.0
 # how long a round trains, in epochs of each device's own train split, capped in steps: a
 # device with 10 documents and one with 500 both train a sensible amount, and training stops
-# at its best validation point within it (README, "Training: epochs, stopping at the best")
+# at its best validation point within it (docs/measurements/training.md)
 DEFAULT_WARMUP_EPOCHS = 2.0
 DEFAULT_ROUND_EPOCHS = 1.0
 DEFAULT_MAX_STEPS = 200

@@ -8,8 +8,8 @@ dequantized by gguf-py to float32. Every tensor is written as float32, tensor by
 base never sits in memory), then llama.cpp's own quantizer makes the type asked for. At f32 the
 merged file computes what base + adapter compute, to float rounding (tested to 1e-4); at a
 quantized type each merged matrix is rounded again: onto the base's own grid it falls back onto
-nearly its old values and most of the adapter is lost (measured in the README, "Using the
-model").
+nearly its old values and most of the adapter is lost (measured in
+docs/guides/using-the-model.md).
 """
 
 from __future__ import annotations

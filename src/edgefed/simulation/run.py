@@ -56,10 +56,11 @@ IDENTITY_FORMAT = 1
 
 
 DEFAULT_VARIANTS = "local,fedavg,oracle,perplexity"
-# the demo: scarce data (a cell of the regime map, README "Quality: the regime map") trained by
+# the demo: scarce data (a cell of the regime map, docs/measurements/regime-map.md) trained by
 # the federation's default schedule; minutes on a laptop CPU; the CLI's defaults are these
 # a simulation trains every device on one machine, where time is short and memory is not:
-# without gradient checkpointing (the same adapters; training 1.2x faster, README Memory)
+# without gradient checkpointing (the same adapters; training 1.2x faster,
+# docs/measurements/memory.md)
 DEMO_TRAIN = TrainConfig(
     seq_len=128, batch_size=2, learning_rate=2e-3, gradient_checkpointing=False
 )
@@ -71,12 +72,12 @@ DEFAULT_WARMUP_STEPS, DEFAULT_ROUND_STEPS = 8, 4
 # a simulation's devices train as a federation's do by default (warm-up and round epochs of
 # each device's own train split, capped in steps), and never wait: all publish before any pulls
 SIMULATION_SCHEDULE = replace(DEFAULT_SCHEDULE, wait_seconds=0.0)
-# the figures in the README were measured with CPU training: a simulation trains there unless
+# the figures in the docs were measured with CPU training: a simulation trains there unless
 # told otherwise, so its results compare with them
 DEFAULT_SIMULATION_DEVICE = "cpu"
 # one machine trains every virtual device, so a simulation favours speed over memory: the fp32
 # copy trains the demo's 2 x 128 blocks 1.16x faster than the gguf copy on a 2-core CPU and
-# gives the same adapters (README, "Training speed: what limits it")
+# gives the same adapters (docs/measurements/training.md, "Training speed: what limits it")
 DEFAULT_SIMULATION_PRECISION = "fp32"
 
 
@@ -385,7 +386,7 @@ def _identity(
     for per_run in ("variants", "seeds", "first_seed"):
         del settings_document[per_run]
     # what scores and trains them: a resume on other settings would not give the numbers of
-    # an unbroken run (float sums differ with the thread count: README Limits)
+    # an unbroken run (float sums differ with the thread count: docs/limits.md)
     settings_document |= {
         "runtime_quant": loaded.runtime_quant,
         "device": loaded.device,

@@ -48,7 +48,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 25
     # recompute activations in backward: the same adapter, about half a round's peak memory
-    # (a third with the huge pages edgefed asks for), 0.82-0.87x the speed (README Memory)
+    # (a third with the huge pages edgefed asks for), 0.82-0.87x the speed
+    # (docs/measurements/memory.md)
     gradient_checkpointing: bool = True
     # matmuls in bfloat16 under torch.autocast (AVX-512 BF16 on a CPU, tensor cores on a GPU);
     # the weights, LoRA factors, optimizer state and the loss's softmax stay float32
@@ -181,8 +182,9 @@ def cpu_has_bf16_matmul() -> bool:
     """Whether PyTorch has a fast bfloat16 matmul on this CPU: its oneDNN kernels, which need
     AVX-512 (and are faster than float32 with AVX-512 BF16 or AMX). Without them PyTorch falls
     back to scalar bfloat16 code, and --bf16 training measured 20x slower than float32 on an
-    AVX2-only EPYC (README, Training speed). Only x86 is judged (Arm has its own paths), and a
-    check that a later PyTorch no longer offers answers True: it must never stop training."""
+    AVX2-only EPYC (docs/measurements/training.md, Training speed). Only x86 is judged (Arm has
+    its own paths), and a check that a later PyTorch no longer offers answers True: it must
+    never stop training."""
     import torch
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
@@ -201,7 +203,7 @@ def warn_emulated_bf16() -> None:
     logger.warning(
         "--bf16 on an x86 CPU without AVX-512: PyTorch has no fast bfloat16 matmul here and "
         "training runs many times slower than float32 (20x measured on an AVX2-only CPU, "
-        "README); drop --bf16"
+        "docs/measurements/training.md); drop --bf16"
     )
 
 

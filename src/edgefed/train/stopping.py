@@ -8,7 +8,7 @@ a better point, when it stops training), and keeps the best point's LoRA tensors
 (step 0) included: a round that trains past its best from its first interval keeps
 what it started from. Without that, a device whose every later round overshoots by a little
 (within noise) would take each small step back, and over rounds its adapter drifts upwards
-(measured: local training on 10 documents, README "Many rounds").
+(measured: local training on 10 documents, docs/measurements/training.md).
 
 Which tokens, and why. The test split reports results and must choose nothing. The selection
 half of the trust-validation split is kept for the round's last decision, the choice among
@@ -39,7 +39,7 @@ from edgefed.trust.noise import PERPLEXITY_NOISE_FLOOR, paired_standard_error
 
 # evaluations of a run, spread evenly over its steps, when no interval is given: enough to
 # catch the best point of a run that overfits within it, few enough to cost little
-# (README, "Training: epochs, stopping at the best and the guard")
+# (docs/measurements/training.md, "Training: epochs, stopping at the best and the guard")
 DEFAULT_EVALUATIONS = 8
 # validation tokens scored at each point: the device's trust half, at most this many
 DEFAULT_STOP_TOKENS = 2048

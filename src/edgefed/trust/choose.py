@@ -1,11 +1,11 @@
 """auto trust: a device scores a few candidate mixes on its own held-out tokens, keeps the best.
 
-No fixed scheme or sharpness wins everywhere (README, the regime map): sharp rows win with much
-text and short training, the uniform mix once every device has overfitted, and the device's own
-adapter where its text is its best teacher. A device can measure which holds for it. The
-candidates are its own adapter (local), the uniform mix (FedAvg) and its perplexity trust row at
-the sharpnesses in `CANDIDATE_SE_TEMPERATURES`; each is mixed exactly as the round would mix it
-and scored by llama.cpp; the one with the lowest mean loss is the row.
+No fixed scheme or sharpness wins everywhere (docs/measurements/regime-map.md): sharp rows win with
+much text and short training, the uniform mix once every device has overfitted, and the device's own
+adapter where its text is its best teacher. A device can measure which holds for it. The candidates
+are its own adapter (local), the uniform mix (FedAvg) and its perplexity trust row at the
+sharpnesses in `CANDIDATE_SE_TEMPERATURES`; each is mixed exactly as the round would mix it and
+scored by llama.cpp; the one with the lowest mean loss is the row.
 
 Two disjoint token sets (`validation_halves`): the perplexity scores behind the trust rows come
 from the trust half of the device's trust-validation split, the choice from the selection half.
@@ -25,7 +25,7 @@ from edgefed.trust.normalize import trust_row
 
 # the trust rows a device tries, in standard errors of each peer's paired score difference:
 # 1 won with 60 documents and one epoch, 3 is the fixed default, 10 is near the uniform mix
-# without being it (README, the regime map)
+# without being it (docs/measurements/regime-map.md)
 CANDIDATE_SE_TEMPERATURES = (1.0, 3.0, 10.0)
 
 

@@ -21,7 +21,7 @@ from edgefed.errors import DataError
 BATCH_TOKENS = 32  # consecutive tokens averaged into one batch mean
 MIN_BATCHES = 4  # fewer batches than this: per-token differences, as if independent
 # about 0.004 nats of mean loss separate two equal encodings of one adapter on the Q8_0
-# runtime copy (README, "Noise floor of trust scores")
+# runtime copy (docs/measurements/runtime.md, "Noise floor of trust scores")
 PERPLEXITY_NOISE_FLOOR = 0.004
 # a floor for the mean total-variation distance, so that a peer identical to the device on
 # every position still has a positive error; below every distance measured between peers

@@ -337,17 +337,16 @@ def graph_trust(
 class TrustScheme:
     """Everything edgefed knows about one scheme, in one place.
 
-    The default sharpness is chosen by measurement (README): `default_se_temperature`, when set,
-    is the softmax temperature in standard errors of each peer's paired score difference and is
-    the scheme's default; otherwise `default_temperature` is, in the scores' own units.
-    Perplexity's 3 standard errors: in the regime map of bench/quality.py (scores about one
-    standard error apart) it beat FedAvg by more than 2 paired σ after 1 epoch on both
-    code/prose federations, where 10 was too soft to follow the evidence, and stayed within
-    noise of FedAvg after 3 epochs, where 1 fell 2-4% behind it; a fixed 0.01 nats
-    (bench/temperature.py's earlier choice) turns the noise into one-hot rows. Prediction's
-    0.1 (TV distance, its scores 20 standard errors apart: noise is not what limits it) and
-    weights' 1.0 (cosine) come from the earlier quality benchmark. Both None: the scheme sets
-    its weights directly.
+    The default sharpness is chosen by measurement (docs/measurements/regime-map.md):
+    `default_se_temperature`, when set, is the softmax temperature in standard errors of each peer's
+    paired score difference and is the scheme's default; otherwise `default_temperature` is, in the
+    scores' own units. Perplexity's 3 standard errors: in the regime map of bench/quality.py (scores
+    about one standard error apart) it beat FedAvg by more than 2 paired σ after 1 epoch on both
+    code/prose federations, where 10 was too soft to follow the evidence, and stayed within noise of
+    FedAvg after 3 epochs, where 1 fell 2-4% behind it; a fixed 0.01 nats (bench/temperature.py's
+    earlier choice) turns the noise into one-hot rows. Prediction's 0.1 (TV distance, its scores 20
+    standard errors apart: noise is not what limits it) and weights' 1.0 (cosine) come from the
+    earlier quality benchmark. Both None: the scheme sets its weights directly.
     """
 
     name: str

@@ -5,8 +5,8 @@ Three forms (`FORMATS`):
 - `merged`: one GGUF, the base with the adapter added into its weights (`quant.merge`): any
   llama.cpp build, Ollama, LM Studio and llama-server load it with no adapter. Its default type
   is q8_0, not the base's own: re-rounded onto the embedded base's Q4_1 grid the merged weights
-  kept 9% of the adapter's gain, while q8_0 scored as base + adapter (README, "Using the
-  model"); the `lora` pair keeps the 4-bit base and all of the adapter.
+  kept 9% of the adapter's gain, while q8_0 scored as base + adapter
+  (docs/guides/using-the-model.md); the `lora` pair keeps the 4-bit base and all of the adapter.
 - `lora`: a folder with the base and the GGUF adapter side by side, an Ollama `Modelfile`
   (`FROM` + `ADAPTER`) and a README with the llama-cli / llama-server commands (`--lora`):
   the base stays shared, the adapter is a few MB.
