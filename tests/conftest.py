@@ -491,9 +491,12 @@ def run(*args: object):
 
 
 def assert_one_line_error(result, *needles: str) -> None:
+    """Exit code 2 and one line that starts `error:`, last; before it at most the progress
+    lines a command writes when stderr is not a terminal (each phase that lasted: `... ...`)."""
     assert result.exit_code == 2, (result.stdout, result.stderr)
-    message = result.stderr.strip()
-    assert message.startswith("error:") and "\n" not in message, message
+    *progress, message = result.stderr.strip().splitlines() or [""]
+    assert message.startswith("error:"), result.stderr
+    assert all(line.endswith(" ...") for line in progress), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     for needle in needles:
         assert needle in message, message

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from pathlib import Path
 
 import gguf
 import pytest
 from conftest import assert_one_line_error, run
+
+from edgefed.cli import progress
+from edgefed.cli.output import configure_logging
+from edgefed.train import TrainProgress
 
 
 def test_base_show_json_has_the_fingerprint(tiny_gguf):
@@ -44,7 +50,7 @@ def test_evaluate_table_and_json_with_adapters(tiny_lora, tmp_path):
     scored = {row["tokens_scored"] for row in document["results"]}
     assert len(scored) == 1 and scored.pop() > 100
     assert all(row["perplexity"] > 1 for row in document["results"])
-    assert "skipped 1 file" in result.stderr
+    assert "skipped 1 file that is not UTF-8 text: blob.txt" in result.stderr
     # not a terminal: a line per scored model instead of a progress bar
     assert "evaluating: scored base (1/2" in result.stderr
     assert f"evaluating: scored {adapter.stem} (2/2" in result.stderr
@@ -182,3 +188,67 @@ def test_base_show_into_a_pipe_keeps_the_fingerprint_and_path_whole(tiny_llama_g
     assert shown.returncode == 0, shown.stderr
     assert f"sha256:{hashlib.sha256(base.read_bytes()).hexdigest()}" in shown.stdout
     assert str(base) in shown.stdout and "…" not in shown.stdout
+
+
+def test_library_warnings_read_like_every_other_warning_line(capsys):
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers = []  # pytest's own capture handler would make basicConfig a no-op
+    try:
+        configure_logging(False)
+        logging.getLogger("edgefed.device.pull").warning("rejected %s's adapter", "mallory")
+        root.handlers = []
+        configure_logging(True)
+        logging.getLogger("edgefed.device.pull").debug("pulled %d peers", 2)
+    finally:
+        root.handlers, root.level = saved, level
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: rejected mallory's adapter",
+        "debug: edgefed.device.pull: pulled 2 peers",
+    ]
+
+
+def test_evaluate_tells_apart_adapters_of_one_name_and_points_peft_files_at_quant_lora(
+    tiny_lora, tmp_path
+):
+    _, _, base, _, adapter = tiny_lora
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    copies = []
+    for run_name in ("run-a", "run-b"):
+        (tmp_path / run_name).mkdir()
+        copies.append(tmp_path / run_name / "adapter.gguf")
+        copies[-1].write_bytes(adapter.read_bytes())
+    result = run("evaluate", "--data", text, "--base", base, "--adapter", copies[0],
+                 "--adapter", copies[1], "--json", "--window", "64")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    labels = [row["model"] for row in json.loads(result.stdout)["results"]]
+    assert labels == ["base", str(copies[0]), str(copies[1])]
+
+    peft_file = tmp_path / "adapter_model.safetensors"
+    peft_file.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    refused = run("evaluate", "--data", text, "--base", base, "--adapter", peft_file)
+    assert_one_line_error(refused, "is not a GGUF file", "edgefed quant lora")
+
+
+def test_progress_off_a_terminal_is_plain_lines_and_a_phase_gets_one_once_it_lasts(
+    capsys, monkeypatch
+):
+    monkeypatch.setattr(progress, "STATUS_DELAY_SECONDS", 0.05)
+    lines = progress.LogLines()
+    lines.status("loading the base")  # over at once: a failing command stays one line
+    lines.status("waiting for bob, 4:59 left")
+    lines.status("waiting for bob, 4:58 left")  # the same shape: the newest figures, once
+    said, deadline = "", time.monotonic() + 30
+    while "waiting for bob" not in said:
+        assert time.monotonic() < deadline, said
+        said += capsys.readouterr().err
+    for step in (1, 2, 3):
+        lines.training(TrainProgress(step, 3, 2.5 - step / 10, 1e-3, 1024 * step, 250.0))
+    lines.close()
+    said += capsys.readouterr().err
+    assert "loading the base" not in said
+    assert said.count("waiting for bob") == 1 and "4:58 left ..." in said
+    assert "training: step 1/3, loss 2.400, 250 tok/s, about" in said
+    assert "step 2/3" not in said  # within a minute of the line before
+    assert "training: step 3/3, loss 2.200, 250 tok/s\n" in said

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -117,7 +118,7 @@ def test_a_missing_device_does_not_block_the_round(
     )
     done = edgefed("sync", "--round", 0, "--adapter", adapters["bob", 0],
                    "--workspace", tmp_path / "bob", "--min-peers", 2, "--wait", 2)  # fmt: skip
-    assert "1 peer adapter(s) verified: alice" in done.stdout
+    assert "1 peer adapter verified: alice" in done.stdout
     assert "went on without carol" in " ".join(done.stderr.split())
 
 
@@ -216,6 +217,13 @@ def test_reference_text_reaches_every_workspace_and_bad_input_gets_one_line(
         "not a device workspace": ["sync", "--round", "0", "--workspace", tmp_path],
         "unknown trust scheme 'dynamic'": ["init", tmp_path / "other", "--trust", "dynamic"],
     }
+    # another file under --base, where the federation runs on the embedded base every device
+    # already has: the fix is to leave --base out, not to find the federation's file
+    embedded = tmp_path / "on-the-embedded-base"
+    assert run("init", embedded).exit_code == 0
+    cases["runs on the embedded base: join without --base"] = [
+        "join", embedded, "--device", "fred", "--data", train_corpus, "--base", tiny_llama_gguf,
+    ]  # fmt: skip
     for needle, args in cases.items():
         assert_one_line_error(run(*args), needle)
 
@@ -339,3 +347,20 @@ def test_init_refuses_a_folder_of_other_files_but_not_what_sync_tools_keep(
     (synced / ".federation.json.0a1b2c3d.tmp").write_bytes(b"{")  # an init killed mid-write
     edgefed("init", synced, "--base", tiny_llama_gguf)
     assert (synced / "federation.json").is_file()
+
+
+def test_a_store_this_device_cannot_write_is_refused_before_training(
+    tmp_path, tiny_llama_gguf, train_corpus
+):
+    store, workspace, data = tmp_path / "fed", tmp_path / "alice", tmp_path / "data"
+    shutil.copytree(train_corpus, data)
+    (data / "scan.txt").write_bytes(b"\xff\xfe\x00 a scanned page, not text")
+    edgefed("init", store, "--base", tiny_llama_gguf, "--wait", 0)
+    joined = edgefed("join", store, "--device", "alice", "--data", data, "--workspace",
+                     workspace, "--base", tiny_llama_gguf)  # fmt: skip
+    assert "skipped 1 file that is not UTF-8 text: scan.txt" in joined.stderr
+    # a file where the rounds go: no write there succeeds, root's included (a chmod would not
+    # stop root, a read-only mount needs privileges)
+    (store / "rounds").write_text("")
+    assert_one_line_error(run("round", "--workspace", workspace), "cannot write to the store")
+    assert not (workspace / "rounds").exists()  # found before training, not after

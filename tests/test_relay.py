@@ -5,10 +5,13 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import subprocess
+import sys
 import threading
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import free_port
 
 from edgefed.errors import StoreError
 from edgefed.sync.layout import adapter_key, device_key
@@ -176,3 +179,29 @@ def test_a_busy_port_gets_one_line_and_leaves_no_root_behind(tmp_path):
     assert message.startswith("error:") and "\n" not in message, message
     assert f"port {port} on 127.0.0.1 is in use" in message and "--port" in message, message
     assert not root.exists()
+
+
+def test_a_relay_on_every_address_without_tls_says_what_crosses_the_network(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("test-token-0123456789abcdef\n")
+    command = [sys.executable, "-m", "edgefed", "relay", "serve", "--root", str(tmp_path / "r"),
+               "--token-file", str(token_file), "--port", str(free_port())]  # fmt: skip
+    said = {}
+    for host in ("127.0.0.1", "0.0.0.0"):
+        process = subprocess.Popen([*command, "--host", host], stderr=subprocess.PIPE, text=True)
+        lines = []
+        try:  # stderr up to the line that says it serves (readline: "" once the process ends)
+            while not lines or "relay serving" not in lines[-1]:
+                line = process.stderr.readline()
+                if not line:
+                    break
+                lines.append(line)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        said[host] = "".join(lines)
+    assert "relay serving" in said["0.0.0.0"]
+    assert (
+        "warning: plain HTTP on 0.0.0.0" in said["0.0.0.0"] and "--ssl-certfile" in said["0.0.0.0"]
+    )
+    assert "relay serving" in said["127.0.0.1"] and "warning" not in said["127.0.0.1"]

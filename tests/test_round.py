@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICES, edgefed
+from conftest import DEVICES, edgefed, run
 
 from edgefed.faults import CRASH_ENV
 from edgefed.sync.manifest import Schedule
@@ -249,6 +249,8 @@ def test_devices_on_their_own_schedules_each_mix_every_peer_by_round_1(
     for device in DEVICES:
         edgefed("join", store_url, "--device", device, "--data", train_corpus,
                 "--workspace", spaces[device], "--base", tiny_llama_gguf)  # fmt: skip
+    before = run("trust", "show", "--workspace", spaces["alice"])
+    assert before.exit_code == 0 and "alice has no trust rows yet" in before.stdout
     order = [("alice", 0), ("bob", 0), ("carol", 0), ("alice", 1), ("bob", 1), ("carol", 1)]
     rounds = {}
     for device, number in order:
@@ -266,3 +268,14 @@ def test_devices_on_their_own_schedules_each_mix_every_peer_by_round_1(
     assert rounds["alice", 1] == {"alice": 1, "bob": 0, "carol": 0}
     assert rounds["bob", 1] == {"alice": 1, "bob": 1, "carol": 0}
     assert rounds["carol", 1] == {"alice": 1, "bob": 1, "carol": 1}
+    # alone in round 0, alice's mix is her own adapter: scored once, reported for both
+    alone = json.loads((spaces["alice"] / "rounds" / "0" / "evaluation.json").read_text())
+    assert alone["models"]["aggregated"] == alone["models"]["local"]
+    # what a user sees of the late peers: which round each mixed adapter came from
+    shown = run("trust", "show", "--workspace", spaces["alice"])
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stdout.count("(r0)") == 2 and "was from round N" in shown.stdout
+    evaluated = run("evaluate", "--round", "1", "--workspace", spaces["alice"], "--json")
+    assert json.loads(evaluated.stdout)["trust"]["adapter_rounds"] == [1, 0, 0]
+    table = run("evaluate", "--round", "1", "--workspace", spaces["alice"]).stdout
+    assert "adapter of round" in table

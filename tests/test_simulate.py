@@ -138,8 +138,8 @@ def test_client_folders_that_cannot_make_a_federation_get_one_clear_line(tmp_pat
     write_repetitive_corpus(tiny / "small", 2)  # 3 documents split, 2 cannot
     cases = {
         "client nothing: ": ["--clients", empty],
-        "has 1 client sub-folder(s)": ["--clients", single],
-        "client small has 2 document(s)": ["--clients", tiny],
+        "has 1 client sub-folder;": ["--clients", single],
+        "client small has 2 documents;": ["--clients", tiny],
         "--dataset and --clients both name the data": ["--clients", single, "--dataset",
                                                       "bbc-mixed"],
         "unknown trust scheme 'dynamic'": ["--clients", client_folders, "--trust", "dynamic"],

@@ -265,6 +265,9 @@ def test_train_command_writes_one_json_document_and_refuses_bad_input_in_one_lin
     assert document["run"]["lora"]["init_seed"] == 11
     assert Path(document["outputs"]["gguf"]).is_file()
     assert "data: train" in result.stderr
+    # not a terminal (a log, nohup): plain lines, the first and the last step among them
+    assert "training: step 1/3, loss " in result.stderr
+    assert "training: step 3/3, loss " in result.stderr
 
     few = tmp_path / "few"
     few.mkdir()

@@ -15,6 +15,7 @@ from edgefed.documents import (
     Document,
     document_id,
     read_documents,
+    skipped_files,
 )
 from edgefed.errors import DataError, InputFileError
 from edgefed.train.blocks import PAD, evaluation_stream, pack_blocks, token_stream
@@ -57,7 +58,11 @@ def test_every_format_reads_documents_and_counts_what_it_leaves_out(tmp_path):
             "second row",
         ]
     )
-    assert (docs.files, docs.skipped, docs.duplicates) == (6, 2, 1)
+    assert (docs.files, docs.skipped, docs.duplicates) == (6, ("image.txt", "latin1.txt"), 1)
+    assert (
+        skipped_files(docs.skipped)
+        == "skipped 2 files that are not UTF-8 text: image.txt, latin1.txt"
+    )
     assert {d.source.rsplit("/", 1)[-1] for d in docs.documents} >= {"rows.jsonl:1", "table.csv:2"}
     assert all(d.id == document_id(d.text) for d in docs.documents)
 
@@ -107,7 +112,7 @@ def test_adding_files_keeps_every_old_document_in_its_split(tmp_path):
 def test_fewer_than_three_documents_are_refused_with_a_way_out(tmp_path):
     docs = read_documents(write_repetitive_corpus(tmp_path, 3)).documents
     for few in (docs[:1], docs[:2]):
-        with pytest.raises(DataError, match=r"split is empty: \d document\(s\).*at least 3") as e:
+        with pytest.raises(DataError, match=r"split is empty: \d documents? in all.*at least 3") as e:
             split(few, SplitRule())
         assert "add documents" in e.value.fix
     assert all(split(docs, SplitRule())[name] for name in SPLITS)

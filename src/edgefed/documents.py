@@ -58,7 +58,7 @@ class Documents:
 
     documents: tuple[Document, ...]
     files: int
-    skipped: int  # files that are not UTF-8 text
+    skipped: tuple[str, ...]  # the files that are not UTF-8 text, as found under the path
     duplicates: int  # documents whose exact text appeared before
 
     @property
@@ -68,6 +68,16 @@ class Documents:
     def joined(self) -> str:
         """All documents as one text, separated by blank lines."""
         return "\n\n".join(self.texts)
+
+
+def skipped_files(skipped: tuple[str, ...] | list[str], shown: int = 5) -> str:
+    """'skipped 2 files that are not UTF-8 text: a.bin, b.txt', naming the first few: the user
+    must be able to find them (a mis-encoded export, a binary dropped in the folder)."""
+    names = ", ".join(skipped[:shown]) + (
+        f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    )
+    files = "1 file that is" if len(skipped) == 1 else f"{len(skipped)} files that are"
+    return f"skipped {files} not UTF-8 text: {names}"
 
 
 def document_id(text: str) -> str:
@@ -190,11 +200,12 @@ def read_documents(
     )
     documents: list[Document] = []
     seen: set[str] = set()
-    skipped = duplicates = 0
+    skipped: list[str] = []
+    duplicates = 0
     for file in files:
         text = _read_text(file)
         if text is None:
-            skipped += 1
+            skipped.append(str(file if file == root else file.relative_to(root)))
             continue
         for document_text, source in _file_texts(file, text, text_field):
             if not document_text.strip():
@@ -212,9 +223,12 @@ def read_documents(
             else f"holds no non-empty {'/'.join(DOCUMENT_SUFFIXES)} files"
         )
         raise DataError(
-            f"{root} {what}" + (f" ({skipped} file(s) skipped as not text)" if skipped else ""),
+            f"{root} {what}" + (f" ({skipped_files(skipped)})" if skipped else ""),
             "point --data at UTF-8 text",
         )
     return Documents(
-        documents=tuple(documents), files=len(files), skipped=skipped, duplicates=duplicates
+        documents=tuple(documents),
+        files=len(files),
+        skipped=tuple(skipped),
+        duplicates=duplicates,
     )

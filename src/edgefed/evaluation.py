@@ -51,13 +51,16 @@ def evaluate_text(
 
     if not text.strip():
         raise DataError("the text to evaluate is empty", "point --data at non-empty text")
+    adapter_paths = [require_file(a, "adapter") for a in adapters]  # before any slow work
     base_path = runtime_copy(resolve_base(base), runtime_quant or DEFAULT_RUNTIME_QUANT)
-    adapter_paths = [require_file(a, "adapter") for a in adapters]
     rows: list[EvaluationRow] = []
     with LlamaRuntime(base_path, window=window, threads=threads) as runtime:
         loaded = [runtime.load_adapter(p) for p in adapter_paths]
         tokens = runtime.tokenize(text)
-        jobs = [ScoreJob(tokens, None, "base")] + [ScoreJob(tokens, a, a.name) for a in loaded]
+        jobs = [ScoreJob(tokens, None, "base")] + [
+            ScoreJob(tokens, adapter, label)
+            for adapter, label in zip(loaded, _labels(adapter_paths), strict=True)
+        ]
         paths = [base_path] + [a.path for a in loaded]
         results = runtime.perplexities(
             jobs, stride=stride, task="evaluating", on_progress=on_progress
@@ -76,3 +79,10 @@ def evaluate_text(
                 )
             )
     return rows
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Each adapter's row label: its file name without .gguf, or the path as given where two
+    share a name (`run-a/adapter.gguf` and `run-b/adapter.gguf` would read as one)."""
+    stems = [p.stem for p in paths]
+    return [str(p) if stems.count(stem) > 1 else stem for p, stem in zip(paths, stems, strict=True)]

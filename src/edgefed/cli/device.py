@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from edgefed.cli.options import JsonOption, TokenFileOption, WorkspaceOption, store_token
 from edgefed.cli.output import emit_json, stdout, user_errors
@@ -38,7 +37,7 @@ def list_workspaces(as_json: JsonOption = False) -> None:
                     "federation": config.federation,
                     "device": config.device,
                     "next_round": ws.next_round(),
-                    "left": config.left,
+                    "left": config.left is not None,  # a flag, as `status --json` has it
                     "store": config.store,
                     "data": config.data,
                 }
@@ -51,16 +50,15 @@ def list_workspaces(as_json: JsonOption = False) -> None:
     if not rows:
         stdout.print("no device workspace on this machine; join a federation with `edgefed join`")
         return
-    table = Table("workspace", "federation", "device", "next round", "store", "data")
+    # a block per workspace, not a table: six columns in 80 would cut every path to a stub
     for row in rows:
         if "problem" in row:
-            table.add_row(row["workspace"], f"[red]{row['problem']}[/]", "", "", "", "")
+            stdout.print(f"{row['workspace']}: {row['problem']}", markup=False, soft_wrap=True)
             continue
-        state = "left" if row["left"] else str(row["next_round"])
-        table.add_row(
-            row["workspace"], row["federation"], row["device"], state, row["store"], row["data"]
-        )
-    stdout.print(table)
+        state = "left" if row["left"] else f"next round {row['next_round']}"
+        stdout.print(f"{row['device']} in {row['federation']} ({state})", highlight=False)
+        for label in ("workspace", "store", "data"):
+            stdout.print(f"  {label:<9}  {row[label]}", markup=False, soft_wrap=True)
 
 
 @app.command("set")

@@ -17,7 +17,13 @@ from edgefed.cli.options import (
     WindowOption,
     WorkspaceOption,
 )
-from edgefed.cli.output import emit_json, render_evaluation, stderr, stdout, user_errors
+from edgefed.cli.output import (
+    emit_json,
+    render_evaluation,
+    stdout,
+    user_errors,
+    warn_skipped,
+)
 from edgefed.cli.progress import ProgressDisplay
 from edgefed.runtime.llama import DEFAULT_WINDOW
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
@@ -29,8 +35,9 @@ def evaluate(
         Path | None,
         typer.Option(
             "--data",
-            help="Text file or folder of .txt/.md files. "
-            "Default: a sample of the embedded BBC News text.",
+            help="Text file or folder (searched recursively) of .txt/.md files (a document each), "
+            ".jsonl (a document per line's `text` field) and .csv files (a document per row's "
+            "`text` column). Default: a sample of the embedded BBC News text.",
             show_default=False,
         ),
     ] = None,
@@ -83,8 +90,7 @@ def evaluate(
         text, source = demo_evaluation_text(), "embedded BBC News sample"
     else:
         documents = read_documents(data)
-        if documents.skipped:
-            stderr.print(f"warning: skipped {documents.skipped} file(s) that are not UTF-8 text")
+        warn_skipped(documents.skipped)
         text, source = documents.joined(), str(data)
     with ProgressDisplay() as display:
         display.status("loading the base in llama.cpp")

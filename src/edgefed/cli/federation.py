@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,7 +29,7 @@ from edgefed.cli.options import (
     dp_noise,
     store_token,
 )
-from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.cli.output import emit_json, stderr, stdout, user_errors, warn_skipped
 from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
 from edgefed.cli.round_report import describe_wait, went_on_without
 from edgefed.device.federation import (
@@ -38,6 +39,8 @@ from edgefed.device.federation import (
     DEFAULT_WAIT_SECONDS,
     DEFAULT_WARMUP_EPOCHS,
 )
+from edgefed.errors import ConfigError
+from edgefed.plural import counted
 from edgefed.trust.schemes import (
     DEFAULT_SCHEME,
     schemes_help,
@@ -164,7 +167,6 @@ def init(
     """Create a federation in an empty store: base fingerprint, LoRA config, schedule."""
     from edgefed.adapter import LoraSpec
     from edgefed.device.federation import init_federation
-    from edgefed.errors import ConfigError
     from edgefed.sync.backends import open_store
     from edgefed.sync.manifest import Schedule
     from edgefed.trust.settings import TrustSettings
@@ -250,12 +252,13 @@ def join(
     """Join a federation: check the data, make this device's workspace and key, register the
     public key. The data must hold at least 3 documents (train, trust-validation and test each
     get one); it never leaves the device."""
-    from edgefed.device.federation import join_federation
+    from edgefed.device.federation import check_data, join_federation
     from edgefed.sync.backends import open_store
 
     token = store_token(token_file)
     with open_store(store, token=token) as opened:
         joined = join_federation(opened, device, data=data, workspace=workspace, base=base)
+    warn_skipped(check_data(data).skipped)  # joined: the data is known to be usable
     if token and save_token:
         joined.save_token(token)
     if as_json:
@@ -328,7 +331,8 @@ def sync(
         stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
     stdout.print(
         f"round {round_number}: {'published' if published else 'nothing new published'}; "
-        f"{len(report.verified)} peer adapter(s) verified: {', '.join(report.verified) or 'none'}"
+        f"{counted(len(report.verified), 'peer adapter')} verified: "
+        f"{', '.join(report.verified) or 'none'}"
     )
     for rejection in report.rejected:
         stdout.print(f"  rejected {rejection['device']}: {rejection['reason']}")
@@ -354,10 +358,20 @@ def status(
         return
     current = report["current_round"]
     stdout.print(
-        f"federation {report['federation']} in {report['store']}; this device: "
-        f"{report['device']}, next round {report['next_round']}; "
-        + ("no round published yet" if current is None else f"latest round published {current}"),
+        f"federation {report['federation']} in {report['store']}; "
+        + ("no round published yet" if current is None else f"newest round published: {current}"),
         soft_wrap=True,
+        highlight=False,
+    )
+    me = report["device"]
+    stdout.print(
+        f"this device: {me}, "
+        + (
+            "left the federation (runs no more rounds)"
+            if report["devices"].get(me, {}).get("left") or ws.config.left is not None
+            else f"next round {report['next_round']}"
+        ),
+        highlight=False,
     )
     table = Table("device", "latest round", "state", title_justify="left")
     for name, info in report["devices"].items():
@@ -389,15 +403,35 @@ def status(
 def leave(
     workspace: WorkspaceOption = None,
     token_file: TokenFileOption = None,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes", "-y", help="Leave without asking (a script, or stdin not a terminal)."
+        ),
+    ] = False,
 ) -> None:
     """Leave the federation: publish this device's signed departure so its peers stop waiting
     for it. Its adapters already published stay usable by them; the workspace stays, but runs
-    no more rounds (join again under a new name to come back)."""
+    no more rounds (join again under a new name to come back). This cannot be undone, so it
+    asks first (--yes does not)."""
     from edgefed.device.federation import leave_federation
     from edgefed.device.workspace import find_workspace
     from edgefed.sync.backends import open_store
 
     ws = find_workspace(workspace)
+    if ws.config.left is None and not yes:
+        question = (
+            f"{ws.device} leaves federation {ws.federation.id} for good: the name can never run "
+            "another round. Leave?"
+        )
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                f"leaving is permanent and nobody is at a terminal to confirm it for {ws.device}",
+                "pass --yes to leave",
+            )
+        if not typer.confirm(question, default=False, err=True):
+            stderr.print("nothing changed")
+            raise typer.Exit(1)
     with open_store(ws.config.store, token=store_token(token_file, ws)) as opened:
         left = leave_federation(opened, ws)
     stdout.print(

@@ -40,6 +40,14 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def warn_skipped(skipped: tuple[str, ...]) -> None:
+    """One warning line naming the data files that were not read (not UTF-8 text), if any."""
+    from edgefed.documents import skipped_files
+
+    if skipped:
+        stderr.print(f"warning: {skipped_files(skipped)}", highlight=False, soft_wrap=True)
+
+
 def print_whole(renderable: Any) -> None:
     """Print to stdout; to a pipe or a file at the renderable's own width, not rich's 80
     columns, so that no value (a path, a fingerprint to compare) is cut or wrapped there."""
@@ -55,13 +63,22 @@ def emit_json(document: Any) -> None:
     sys.stdout.flush()
 
 
+class _LogLines(logging.Formatter):
+    """`warning: ...`, as every line a command prints itself; --verbose adds which module
+    logged it."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__("%(name)s: %(message)s" if verbose else "%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
 def configure_logging(verbose: bool) -> None:
     """Library logs to stderr: warnings by default, everything with --verbose."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogLines(verbose))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
     if not verbose:  # chatty third-party loggers and deprecation notes a user cannot act on
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -90,7 +107,15 @@ def render_evaluation(evaluation) -> None:
         table.add_row(label, f"{value:.3f}", f"{value / base - 1:+.1%}")
     stdout.print(table)
     trust = evaluation.trust
-    row = Table("device", "weight", title=f"trust row ({trust['scheme']})", title_justify="left")
-    for device, weight in zip(trust["devices"], trust["weights"], strict=True):
-        row.add_row(device + (" (self)" if device == evaluation.device else ""), f"{weight:.3f}")
+    row = Table(
+        "device", "weight", "adapter of round", title=f"trust row ({trust['scheme']})",
+        title_justify="left",
+    )  # fmt: skip
+    # an evaluation from before the rounds were recorded mixed only the round's own adapters
+    rounds = trust.get("adapter_rounds") or [evaluation.round] * len(trust["devices"])
+    for device, weight, adapter_round in zip(
+        trust["devices"], trust["weights"], rounds, strict=True
+    ):
+        name = device + (" (self)" if device == evaluation.device else "")
+        row.add_row(name, f"{weight:.3f}", str(adapter_round))
     stdout.print(row)

@@ -10,6 +10,7 @@ from rich.table import Table
 from edgefed.cli.options import JsonOption, WorkspaceOption
 from edgefed.cli.output import emit_json, print_whole, stdout, user_errors
 from edgefed.device.prune import DEFAULT_KEEP
+from edgefed.plural import counted
 
 
 @user_errors
@@ -52,7 +53,11 @@ def prune(
     print_whole(table)
     stdout.print(
         f"{verb} {human_bytes(report.bytes)}; {kept}"
-        + (f"; kept {len(report.needed)} older files the next rounds need" if report.needed else "")
+        + (
+            f"; kept {counted(len(report.needed), 'older file')} the next rounds need"
+            if report.needed
+            else ""
+        )
         + ("; dry run: nothing deleted" if report.dry_run else "")
     )
 
@@ -70,7 +75,7 @@ def _describe(paths: list[str]) -> str:
     federation of hundreds would fill the screen); --json lists every one."""
     peers = [p for p in paths if "/peers/" in p and p.endswith(".safetensors")]
     own = [p.split("/", 2)[-1] for p in paths if p not in peers]  # without "rounds/<r>/"
-    return ", ".join(own + ([f"{len(peers)} peer adapters"] if peers else []))
+    return ", ".join(own + ([counted(len(peers), "peer adapter")] if peers else []))
 
 
 def _rounds(numbers: list[int]) -> str:

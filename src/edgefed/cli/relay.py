@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -78,12 +79,31 @@ def serve(
     )
     scheme = "https" if ssl_certfile else "http"
     shown = f"[{host}]" if ":" in host else host
+    if scheme == "http" and not _loopback(host):
+        stderr.print(
+            f"warning: plain HTTP on {shown}: the bearer token and every adapter cross the network "
+            "readable by anyone on it; beyond a trusted network give --ssl-certfile and "
+            "--ssl-keyfile (or put a TLS proxy in front)",
+            markup=False,
+            highlight=False,
+        )
     stderr.print(
         f"relay serving {root} on {scheme}://{shown}:{port} (Ctrl-C stops it)",
         markup=False,
         highlight=False,
     )
     uvicorn.Server(config).run(sockets=[listener])
+
+
+def _loopback(host: str) -> bool:
+    """Whether only this machine can reach HOST (a name is taken as reachable, except
+    localhost: what it resolves to elsewhere is not ours to know)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -39,7 +39,14 @@ from edgefed.cli.options import (
     dp_noise,
     store_token,
 )
-from edgefed.cli.output import emit_json, render_evaluation, stderr, stdout, user_errors
+from edgefed.cli.output import (
+    emit_json,
+    render_evaluation,
+    stderr,
+    stdout,
+    user_errors,
+    warn_skipped,
+)
 from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
 from edgefed.cli.round_report import describe_wait, round_summary, went_on_without
 from edgefed.device.evaluate import DEFAULT_TEST_TOKENS
@@ -287,7 +294,7 @@ def _drive_rounds(
             stop_on_signals() as should_stop,
         ):
             display.status("checking the store, this device's registration and its data")
-            check_ready(store, ws)
+            warn_skipped(check_ready(store, ws).skipped)
             loaded.check_trainable()
             failures = 0
             loaded.on_status = display.status  # the first use builds the runtime's cache
@@ -298,7 +305,7 @@ def _drive_rounds(
                     stderr.print(
                         estimate.describe()
                         if estimate
-                        else f"round {number}: no estimate yet (this round measures the speeds)",
+                        else f"round {number}: no estimate (no round finished at these settings)",
                         highlight=False,
                     )
                 try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from edgefed.device.pull import WaitState
+from edgefed.plural import counted
 
 
 def _names(devices: list[str], limit: int = 4) -> str:
@@ -67,7 +68,7 @@ def round_summary(record) -> str:
     train = steps.get("train", {})
     trained = ""
     if train.get("steps") is not None:
-        trained = f"trained {train['steps']} step{'s' * (train['steps'] != 1)}"
+        trained = f"trained {counted(train['steps'], 'step')}"
         if train.get("epochs") is not None:
             trained += f" ({train['epochs']:g} epochs)"
         kept = train.get("kept", "trained")
@@ -80,7 +81,7 @@ def round_summary(record) -> str:
         for part in (
             f"round {record.round}: {scored}" if scored else f"round {record.round}",
             trained,
-            f"mixed {len(rounds)} peer(s): {mixed}" if rounds else "mixed no peer",
+            f"mixed {counted(len(rounds), 'peer')}: {mixed}" if rounds else "mixed no peer",
             f"{pull['rejected']} rejected" if pull.get("rejected") else "",
             f"took {_duration(seconds)}" if seconds else "",
         )

@@ -32,6 +32,7 @@ from edgefed.device.federation import (
     DEFAULT_WARMUP_EPOCHS,
 )
 from edgefed.errors import ConfigError
+from edgefed.plural import counted
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 from edgefed.simulation.clients import DEFAULT_DOCS_PER_CLIENT
 from edgefed.simulation.run import (
@@ -308,7 +309,7 @@ def _print_results(results: dict) -> None:
     mb = 1e6
     table = Table(
         title=f"test perplexity after round {results['settings']['rounds'] - 1} "
-        f"(mean ± std over {results['settings']['seeds']} seed(s))",
+        f"(mean ± std over {counted(results['settings']['seeds'], 'seed')})",
         title_justify="left",
     )
     for column in ("trust", "perplexity", "vs local", "vs fedavg", "beats local",

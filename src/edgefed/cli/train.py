@@ -26,10 +26,11 @@ from edgefed.cli.options import (
     StepsOption,
     ThreadsOption,
 )
-from edgefed.cli.output import emit_json, stderr, stdout, user_errors
+from edgefed.cli.output import emit_json, stderr, stdout, user_errors, warn_skipped
 from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
 from edgefed.documents import DEFAULT_TEXT_FIELD
 from edgefed.loaded_base import DEFAULT_DEVICE, DEFAULT_PRECISION
+from edgefed.plural import counted
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 from edgefed.train.loop import TrainConfig
 from edgefed.train.run import DEFAULT_VAL_TOKENS
@@ -234,12 +235,14 @@ def train(
             for name in summary.documents
         )
         stderr.print(f"data: {parts}", soft_wrap=True)
-        if summary.skipped_files:
-            stderr.print(
-                f"warning: skipped {summary.skipped_files} file(s) that are not UTF-8 text"
-            )
+        warn_skipped(summary.skipped_files)
         if summary.duplicates:
-            stderr.print(f"note: {summary.duplicates} duplicate document(s) kept once")
+            copies = (
+                "1 duplicate document"
+                if summary.duplicates == 1
+                else f"{summary.duplicates} duplicate documents"
+            )
+            stderr.print(f"note: {copies} kept once")
 
     try:
         with (
@@ -287,7 +290,9 @@ def train(
             | {"outputs": {"adapter": str(result.adapter_dir), "gguf": str(result.gguf_adapter)}}
         )
         return
-    table = Table(title=f"trained {metrics.steps} steps in {result.out_dir}", title_justify="left")
+    table = Table(
+        title=f"trained {counted(metrics.steps, 'step')} in {result.out_dir}", title_justify="left"
+    )
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("tokens seen", f"{metrics.tokens_seen:,}")

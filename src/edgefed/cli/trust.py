@@ -111,16 +111,35 @@ def show(workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None
     if as_json:
         emit_json([record.as_dict() for record in history])
         return
+    if not history:
+        stdout.print(f"{ws.device} has no trust rows yet: `edgefed round` makes one a round")
+        return
     devices = sorted({d for record in history for d in record.devices})
-    table = Table("round", "scheme", *(_name(d, ws.device) for d in devices), title="trust weights")
+    late = any(r.adapter_round(d) != r.round for r in history for d in r.devices)
+    table = Table(
+        "round",
+        "scheme",
+        *(_name(d, ws.device) for d in devices),
+        title="trust weights",
+        caption="(rN): that peer's adapter was from round N, mixed while it was late"
+        if late
+        else None,
+    )
     for record in history:
         weights = record.weights_by_device()
         table.add_row(
             str(record.round),
             record.scheme,
-            *(f"{weights[d]:.3f}" if d in weights else "-" for d in devices),
+            *(_weight(record, d, weights) for d in devices),
         )
     stdout.print(table)
+
+
+def _weight(record, device: str, weights: dict[str, float]) -> str:
+    if device not in weights:
+        return "-"
+    adapter_round = record.adapter_round(device)
+    return f"{weights[device]:.3f}" + (f" (r{adapter_round})" * (adapter_round != record.round))
 
 
 def _name(device: str, me: str) -> str:

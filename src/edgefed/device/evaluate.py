@@ -46,6 +46,10 @@ def evaluate_round(
             f"round {round_number} of {workspace.device} is not trained and aggregated yet",
             "run `edgefed round` to finish it",
         )
+    # a device that mixed no peer has its own adapter as its mix, weight 1: scored once
+    alone = trust.devices == [workspace.device]
+    if alone:
+        del models["aggregated"]
     runtime = loaded.runtime
     tokens = device_split_tokens(workspace, run.root, runtime, TEST, test_tokens)
     jobs = [ScoreJob(tokens, None, "base")] + [
@@ -53,6 +57,8 @@ def evaluate_round(
     ]
     scored = runtime.perplexities(jobs, task="test split", on_progress=on_progress)
     results = {job.label: result for job, result in zip(jobs, scored, strict=True)}
+    if alone:
+        results["aggregated"] = results["local"]
     record = EvaluationRecord(
         round=round_number,
         device=workspace.device,

@@ -27,7 +27,7 @@ from edgefed.errors import (
     ModelFormatError,
     StoreError,
 )
-from edgefed.quant.gguf_file import read_base_info, resolve_base
+from edgefed.quant.gguf_file import embedded_base_path, read_base_info, resolve_base
 from edgefed.sync.layout import (
     DEVICES_PREFIX,
     FEDERATION_KEY,
@@ -158,7 +158,7 @@ def join_federation(
     check_device_name(device)
     federation = read_federation(store)
     info = read_base_info(resolve_base(base))
-    federation.check_base(info, "pass that base with --base")
+    federation.check_base(info, _base_fix(federation, given=base is not None))
     root = Path(workspace).expanduser() if workspace else default_workspace(federation.id, device)
     if (root / DeviceConfig.FILE).exists():
         raise InputFileError(
@@ -197,6 +197,19 @@ def join_federation(
     ).write(root / DeviceConfig.FILE)
     remember_workspace(joined.root)
     return joined
+
+
+def _base_fix(federation, *, given: bool) -> str:
+    """What to do when this device's base is not the federation's: where that base is the
+    embedded one, every device already has it (a copy or requantization of it under --base
+    is another file), so the fix is to leave --base out, not to find a path."""
+    if given:
+        try:
+            if read_base_info(embedded_base_path()).fingerprint == federation.base_sha256:
+                return "this federation runs on the embedded base: join without --base"
+        except InputFileError:  # the embedded package is not installed
+            pass
+    return "pass the federation's base file with --base"
 
 
 def check_data(path: str | os.PathLike[str]) -> Documents:
@@ -239,11 +252,14 @@ def check_registration(store: Store, workspace: Workspace) -> None:
         )
 
 
-def check_ready(store: Store, workspace: Workspace) -> None:
+def check_ready(store: Store, workspace: Workspace) -> Documents:
     """Everything a round needs from outside the workspace, checked before any work: the
-    registration (`check_registration`), the device not departed, and its data readable and
-    splitting. Raises StoreError, InputFileError or DataError with one line each."""
+    registration (`check_registration`), a store this device can write to, the device not
+    departed, and its data readable and splitting. Returns the data's documents (the caller
+    names the files it could not read). Raises StoreError, InputFileError or DataError with
+    one line each."""
     check_registration(store, workspace)
+    store.check_writable()
     me = workspace.device
     if workspace.config.left is not None:
         raise InputFileError(
@@ -251,7 +267,7 @@ def check_ready(store: Store, workspace: Workspace) -> None:
             "join again under a new --device name to take part again",
         )
     try:
-        check_data(workspace.config.data)
+        return check_data(workspace.config.data)
     except (InputFileError, DataError) as exc:
         raise type(exc)(
             f"{me}'s data: {exc.problem}",
@@ -382,7 +398,8 @@ def federation_status(store: Store, workspace: Workspace) -> dict:
         "lora": federation.document["lora"],
         "schedule": federation.document["schedule"],
         "current_round": max(latest.values(), default=None),
-        "next_round": workspace.next_round(),
+        # None once it left: a departed device runs no more rounds
+        "next_round": None if workspace.config.left is not None else workspace.next_round(),
         "devices": {d: {"latest_round": latest.get(d), "left": d in departed} for d in devices},
         "damaged_publishes": {
             str(r): why for r, why in check_own_publishes(store, workspace, round_keys).items()

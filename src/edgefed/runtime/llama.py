@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefed.errors import AdapterMismatchError, DataError, ModelFormatError, RuntimeBackendError
+from edgefed.plural import counted
 from edgefed.quant.gguf_file import read_base_info
 from edgefed.runtime.backend import ensure_backend, take_recent_errors
 from edgefed.runtime.base_scores import BaseScoreCache
@@ -364,7 +365,8 @@ class LlamaRuntime:
         )
         if len(tokens) < 2:
             raise DataError(
-                f"the text has {len(tokens)} token(s); at least 2 are needed to score anything",
+                f"the text has {counted(len(tokens), 'token')}; at least 2 are needed to score "
+                "anything",
                 "give a longer text",
             )
         if tokens.min() < 0 or tokens.max() >= self.n_vocab:

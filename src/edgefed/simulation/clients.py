@@ -26,6 +26,7 @@ from edgefed.code_text import code_documents
 from edgefed.demo_text import BBC_TOPICS, bbc_topic
 from edgefed.documents import Document, read_documents
 from edgefed.errors import DataError, InputFileError
+from edgefed.plural import counted
 
 DATASETS = ("bbc-specific", "bbc-mixed", "code-prose", "code-prose-mixed")
 REFERENCE_PER_TOPIC = 4
@@ -185,7 +186,8 @@ def folder_clients(root: str | Path, docs_per_client: int | None = None) -> Clie
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(folders) < 2:
         raise DataError(
-            f"{root} has {len(folders)} client sub-folder(s); a federation needs at least 2",
+            f"{root} has {counted(len(folders), 'client sub-folder')}; a federation needs at "
+            "least 2",
             "make one sub-folder of text files per client",
         )
     clients, reference = [], []
@@ -198,9 +200,9 @@ def folder_clients(root: str | Path, docs_per_client: int | None = None) -> Clie
             ) from exc
         if len(documents) < MIN_CLIENT_DOCUMENTS:
             raise DataError(
-                f"client {folder.name} has {len(documents)} document(s); each needs at least "
-                f"{MIN_CLIENT_DOCUMENTS} (one held out for the reference text, the rest split "
-                "into train, trust-validation and test)",
+                f"client {folder.name} has {counted(len(documents), 'document')}; each needs at "
+                f"least {MIN_CLIENT_DOCUMENTS} (one held out for the reference text, the rest "
+                "split into train, trust-validation and test)",
                 f"add documents to {folder}, or remove that folder",
             )
         reference.append(documents[0])

@@ -20,7 +20,7 @@ from pathlib import Path
 from edgefed.atomic import is_temporary_name
 from edgefed.errors import StoreError
 from edgefed.faults import crash_point
-from edgefed.sync.layout import FEDERATION_KEY, REFERENCE_KEY, is_store_key
+from edgefed.sync.layout import FEDERATION_KEY, REFERENCE_KEY, ROUNDS_PREFIX, is_store_key
 from edgefed.sync.signing import DeviceKey
 from edgefed.sync.store import KEY_EXISTS_FIX, KEY_MISSING_FIX, KeyExists, KeyMissing, Store
 
@@ -69,6 +69,22 @@ class FolderStore(Store):
                 f"{self.root} is not empty (holds {entries}, e.g. {foreign[0]})",
                 "init into an empty or new folder",
             )
+
+    def check_writable(self) -> None:
+        """A temporary file made and removed where rounds are published: the folder's
+        permissions, a read-only mount and a full disk all show here."""
+        rounds = self.root / ROUNDS_PREFIX
+        try:
+            rounds.mkdir(parents=True, exist_ok=True)
+            fd, probe = _new_temporary(rounds / "write-check")
+            os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write to the store {self.root} ({exc.strerror or exc})",
+                "make the folder writable for this user, or point the workspace at a writable "
+                "copy with `edgefed device set --store PATH`",
+            ) from exc
 
     def _path(self, key: str) -> Path:
         if not is_store_key(key):

@@ -76,6 +76,12 @@ class Store(ABC):
         `edgefed.sync.wire`), a folder has no one to show it to.
         """
 
+    def check_writable(self) -> None:  # noqa: B027 - optional hook, deliberately not abstract
+        """StoreError when this device cannot write here, checked before a round trains so
+        that a read-only store is not found after an hour of training. Backends that can tell
+        without creating a key do; the relay checks its token on every request (a token that
+        reads may also write), and an S3 bucket's policy shows only when a key is written."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately not abstract
         """Release connections; a no-op for stores that hold none."""
 

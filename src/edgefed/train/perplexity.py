@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgefed.errors import DataError
+from edgefed.plural import counted
 from edgefed.scoring import PerplexityResult, windows
 
 
@@ -22,7 +23,7 @@ def torch_token_logprobs(model, tokens: Sequence[int] | np.ndarray, *, window: i
     ids = np.asarray(tokens, dtype=np.int64)
     if len(ids) < 2:
         raise DataError(
-            f"the text has {len(ids)} token(s); at least 2 are needed", "give more text"
+            f"the text has {counted(len(ids), 'token')}; at least 2 are needed", "give more text"
         )
     device = next(model.parameters()).device
     out: list[np.ndarray] = []

@@ -32,6 +32,7 @@ from pathlib import Path
 from edgefed.atomic import atomic_write_text
 from edgefed.documents import Document
 from edgefed.errors import ConfigError, DataError, ModelFormatError
+from edgefed.plural import counted
 
 TRAIN, TRUST_VAL, TEST = "train", "trust-val", "test"
 SPLITS = (TRAIN, TRUST_VAL, TEST)
@@ -119,7 +120,7 @@ def split_documents(
     recorded = recorded or {}
     if len(documents) < MIN_DOCUMENTS:
         raise DataError(
-            f"a split is empty: {len(documents)} document(s) in all, and at least "
+            f"a split is empty: {counted(len(documents), 'document')} in all, and at least "
             f"{MIN_DOCUMENTS} are needed (one each for {', '.join(SPLITS)})",
             _MORE_DOCUMENTS,
         )
@@ -134,7 +135,7 @@ def split_documents(
             raise DataError(
                 f"the {target} split is empty: the documents recorded in it are gone from the "
                 "data, and no document that is not recorded yet can take their place "
-                f"({len(documents)} document(s) in all)",
+                f"({counted(len(documents), 'document')} in all)",
                 "put those documents back or add new ones, or start over in a new output "
                 "folder or workspace",
             )

@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from edgefed.errors import DataError
+from edgefed.plural import counted
 
 BATCH_TOKENS = 32  # consecutive tokens averaged into one batch mean
 MIN_BATCHES = 4  # fewer batches than this: per-token differences, as if independent
@@ -34,7 +35,7 @@ def paired_standard_error(own: np.ndarray, peer: np.ndarray, floor: float) -> fl
         raise ValueError("paired values need the same positions")
     if len(own) < 2:
         raise DataError(
-            f"a trust score over {len(own)} token(s) has no standard error",
+            f"a trust score over {counted(len(own), 'token')} has no standard error",
             "score trust on more tokens (--val-tokens 16 or more)",
         )
     differences = np.asarray(peer, dtype=np.float64) - np.asarray(own, dtype=np.float64)
