@@ -61,10 +61,14 @@ class LoadedBase:
     """A base model and what is made of it: see the module docstring.
 
     `precision` is the training copy's (gguf, nf4 or fp32), `device` torch's (auto, cpu, cuda),
-    `runtime_quant` the llama.cpp copy's ('keep': the file as it is), `threads` the CPU
-    threads of both (None: all cores). Raises InputFileError or ModelFormatError for a missing
-    or malformed base and ConfigError for an unknown precision or quant, at once: nothing heavy
-    is loaded until a step asks for it.
+    `runtime_quant` the llama.cpp copy's ('keep': the file as it is), `threads` the CPU threads of
+    both (None: all cores). By default training frees llama.cpp's copy of the base and scoring
+    frees the training copy after training, each made again at its next use (seconds): on a 1B
+    base each is a gigabyte or more, and a device's round uses them one after the other.
+    `keep_loaded` keeps both (a simulation, which trains and scores many devices in one
+    process, sets it). Raises InputFileError or ModelFormatError for a missing
+    or malformed base and ConfigError for an unknown precision or quant, at once: nothing heavy is
+    loaded until a step asks for it.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class LoadedBase:
         device: str = DEFAULT_DEVICE,
         runtime_quant: str | None = None,
         threads: int | None = None,
+        keep_loaded: bool = False,
     ) -> None:
         if precision not in TRAIN_PRECISIONS:
             raise ConfigError(
@@ -88,6 +93,7 @@ class LoadedBase:
         self.precision = precision
         self.runtime_quant = check_runtime_quant(runtime_quant or DEFAULT_RUNTIME_QUANT)
         self.threads = threads
+        self.keep_loaded = keep_loaded
         self._device_request = device
         self._device: str | None = None
         self._runtime: LlamaRuntime | None = None
@@ -122,6 +128,31 @@ class LoadedBase:
                 remember_scores=True,
             )
         return self._runtime
+
+    def free_runtime_for_training(self) -> None:
+        """Before training: free llama.cpp's copy of the base (with `keep_loaded`, only its
+        lanes' caches and buffers), so that it does not sit in memory under the activations.
+        Adapters loaded into it before are gone with it: load them again after."""
+        if self._runtime is None:
+            return
+        if self.keep_loaded:
+            self._runtime.release_lanes()
+        else:
+            self._runtime.close()
+            self._runtime = None
+
+    def free_training_copy(self) -> None:
+        """After training: free the PyTorch training copy (unless `keep_loaded`) and give the
+        heap's free pages back, so that scoring, mixing and evaluating do not run beside it."""
+        if self.keep_loaded or self._model is None:
+            return
+        import gc
+
+        from edgefed.memory import release_freed_memory
+
+        self._model, self._shape, self._initial = None, None, {}
+        gc.collect()
+        release_freed_memory()
 
     def check_trainable(self) -> None:
         """Refuse, in one line, a base the chosen training copy cannot hold (the gguf copy and a

@@ -203,6 +203,9 @@ def simulate(
     from edgefed.sync.backends import open_store
 
     settings = settings or SimulationSettings()
+    # N devices x R rounds train in this one process: loading llama.cpp's copy again after
+    # each training would cost more than the memory it frees
+    loaded.keep_loaded = True
     out_dir = Path(out)
     in_use = out_dir.exists() and any(out_dir.iterdir())
     if in_use and not resume:
@@ -396,7 +399,7 @@ def _identity(
         "format": IDENTITY_FORMAT,
         "clients": {c.name: [d.id for d in c.documents] for c in client_set.clients},
         "reference": [d.id for d in client_set.reference],
-        "base": _base_document(loaded),
+        "base": {"sha256": loaded.info.fingerprint},  # the file, whatever it is called
         "settings": settings_document,
         "store": store_url,
     }

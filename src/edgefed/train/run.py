@@ -65,7 +65,7 @@ class SplitSummary:
 
     documents: dict[str, int]
     tokens: dict[str, int]
-    skipped_files: int
+    skipped_files: tuple[str, ...]  # not UTF-8 text, so not read
     duplicates: int
 
 
@@ -245,6 +245,7 @@ def train_adapter(
         status("scoring the base on the trust-validation split")
         base_val = runtime.perplexity(val_tokens).perplexity
 
+    loaded.free_runtime_for_training()  # from here to the adapter's score only PyTorch works
     status(f"loading the {loaded.precision} training copy of the base")
     model, initial_state = loaded.training_model(spec)
     if config.gradient_checkpointing:
@@ -286,7 +287,6 @@ def train_adapter(
         stopper.start(model, _without_b(start_tensors) if start_tensors is not None else None)
 
     status("training")
-    runtime.release_lanes()  # made again to score the adapter; not kept under the activations
     state = train_steps(
         model,
         optimizer,
@@ -320,8 +320,10 @@ def train_adapter(
     elif optimizer_state is not None:  # the moments of a discarded trajectory would steer the
         save_optimizer_state(run.optimizer, load_optimizer_state(optimizer_state))  # next run
 
+    del model, optimizer, trainable, stopper  # nothing of the training copy outlives it
+    loaded.free_training_copy()
     status("scoring the adapter on the trust-validation split")
-    val = runtime.perplexity(val_tokens, loaded.load_file(gguf_adapter))
+    val = loaded.runtime.perplexity(val_tokens, loaded.load_file(gguf_adapter))
 
     metrics = TrainMetrics(
         base={"path": str(loaded.base_path), "sha256": loaded.fingerprint},
