@@ -112,7 +112,8 @@ def test_adding_files_keeps_every_old_document_in_its_split(tmp_path):
 def test_fewer_than_three_documents_are_refused_with_a_way_out(tmp_path):
     docs = read_documents(write_repetitive_corpus(tmp_path, 3)).documents
     for few in (docs[:1], docs[:2]):
-        with pytest.raises(DataError, match=r"split is empty: \d documents? in all.*at least 3") as e:
+        refused = r"split is empty: \d documents? in all.*at least 3"
+        with pytest.raises(DataError, match=refused) as e:
             split(few, SplitRule())
         assert "add documents" in e.value.fix
     assert all(split(docs, SplitRule())[name] for name in SPLITS)
