@@ -16,7 +16,7 @@ LLAMA_CMAKE_ARGS ?= $(CMAKE_ARGS) $(if $(shell grep -s -m1 -o amx_int8 /proc/cpu
 # the llama-cpp-python requirement as pyproject.toml states it
 LLAMA_REQUIREMENT = $(shell $(PYTHON) -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('llama-cpp-python')))")
 
-.PHONY: demo test lint docs bench
+.PHONY: demo test test-fast lint docs bench
 
 $(BIN)/edgefed-installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ docs: $(BIN)/edgefed-installed
 
 test: lint docs
 	$(BIN)/python -m pytest
+
+# a newcomer's first green run: the pure and quick tests, without the modules marked slow
+test-fast: $(BIN)/edgefed-installed
+	$(BIN)/python -m pytest -m 'not slow'
 
 bench: $(BIN)/edgefed-installed
 	$(BIN)/python bench/runtime.py

@@ -37,6 +37,9 @@ from edgefed.runtime.quantize import requantize
 from edgefed.train.loss import IGNORE, causal_lm_loss
 from edgefed.train.perplexity import torch_perplexity
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 WINDOW = 128
 
 

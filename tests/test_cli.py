@@ -16,6 +16,9 @@ from edgefed.cli import progress
 from edgefed.cli.output import configure_logging
 from edgefed.train import TrainProgress
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 
 def test_base_show_json_has_the_fingerprint(tiny_gguf):
     kind, _, base = tiny_gguf

@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 
 from edgefed.errors import AdapterMismatchError, StoreError
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 
 def start(*args: object) -> subprocess.Popen:
     return subprocess.Popen(

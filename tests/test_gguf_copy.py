@@ -23,6 +23,9 @@ from edgefed.runtime import LlamaRuntime
 from edgefed.runtime.quantize import requantize
 from edgefed.train.perplexity import torch_perplexity
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 WIDE = {"hidden_size": 256, "intermediate_size": 512}
 # llama.cpp file type -> the block type it gives the layers' matrices
 FILE_TYPES = {

@@ -30,6 +30,9 @@ from edgefed.device import RoundOptions, Workspace
 from edgefed.device.round import estimate_round
 from edgefed.train import TrainConfig
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 
 def _config(workspace: Path) -> dict:
     return json.loads((workspace / "device.json").read_text())

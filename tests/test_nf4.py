@@ -18,6 +18,9 @@ from edgefed.quant.training_copy import build_training_model
 from edgefed.runtime import LlamaRuntime
 from edgefed.train.perplexity import torch_perplexity
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 # Measured on the embedded base (see docs/measurements/training.md): re-quantizing its Q4_1 weights
 # to NF4 costs +28% perplexity; every decoder layer contributes about equally, so no small set of
 # float layers fixes it. The bound below is that measurement with a small margin, not a target.
@@ -104,6 +107,7 @@ import os
 import edgefed
 from edgefed.quant.training_copy import build_training_model
 from edgefed.adapter import LoraSpec, attach_lora
+
 attach_lora(build_training_model({str(tiny_llama_gguf)!r}, "nf4"), LoraSpec(rank=2))
 print(os.environ["HF_HUB_OFFLINE"], looked_up)
 """

@@ -16,6 +16,9 @@ from conftest import DEVICES, edgefed, run
 from edgefed.faults import CRASH_ENV
 from edgefed.sync.manifest import Schedule
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 ROUND = ("--seq-len", 32, "--batch-size", 2, "--checkpoint-every", 2, "--runtime-quant", "keep",
          "--test-tokens", 512)  # fmt: skip
 

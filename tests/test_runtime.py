@@ -10,6 +10,9 @@ from edgefed.errors import DataError, ModelFormatError
 from edgefed.runtime import LlamaRuntime
 from edgefed.scoring import windows
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     ("n", "window", "stride"),

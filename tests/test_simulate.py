@@ -16,6 +16,9 @@ from conftest import assert_one_line_error, run, write_repetitive_corpus
 
 from edgefed.faults import CRASH_ENV
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 SCHEMES = "local,fedavg,weights,prediction,perplexity,auto,fedsa,graph"
 SMALL = ("--rounds", 2, "--warmup-steps", 4, "--round-steps", 2, "--seq-len", 32,
          "--batch-size", 2, "--lr", 2e-3, "--test-tokens", 256,

@@ -25,6 +25,9 @@ from edgefed.train.run import train_adapter
 from edgefed.train.split import TRAIN, SplitRule
 from edgefed.train.stopping import PATIENCE, Stopper
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 TRAIN_WORDS = REPETITIVE_WORDS
 OTHER_WORDS = [
     "seven",

@@ -23,6 +23,9 @@ from edgefed.train.loop import TrainConfig, TrainingInterrupted, learning_rate_f
 from edgefed.train.run import train_adapter
 from edgefed.train.split import SplitRule
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 FAST = {"seq_len": 64, "batch_size": 4, "learning_rate": 1e-2}
 KEEP = "keep"  # evaluate the tiny f16 base as it is: no cached requantized copy needed
 

@@ -15,6 +15,9 @@ from edgefed.errors import DataError
 from edgefed.runtime import LlamaRuntime, requantize
 from edgefed.runtime.generate import Sampling
 
+# the whole suite only: `make test-fast` leaves this module out (docs/developer/index.md)
+pytestmark = pytest.mark.slow
+
 PROMPT = "The cat sat on the mat and the dog"
 
 
