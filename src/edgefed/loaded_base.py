@@ -62,13 +62,12 @@ class LoadedBase:
 
     `precision` is the training copy's (gguf, nf4 or fp32), `device` torch's (auto, cpu, cuda),
     `runtime_quant` the llama.cpp copy's ('keep': the file as it is), `threads` the CPU threads of
-    both (None: all cores). By default training frees llama.cpp's copy of the base and scoring
-    frees the training copy after training, each made again at its next use (seconds): on a 1B
-    base each is a gigabyte or more, and a device's round uses them one after the other.
-    `keep_loaded` keeps both (a simulation, which trains and scores many devices in one
-    process, sets it). Raises InputFileError or ModelFormatError for a missing
-    or malformed base and ConfigError for an unknown precision or quant, at once: nothing heavy is
-    loaded until a step asks for it.
+    both (None: all cores). By default training frees llama.cpp's copy of the base and scoring frees
+    the training copy after training, each made again at its next use (seconds): on a 1B base each
+    is a gigabyte or more, and a device's round uses them one after the other. `keep_loaded` keeps
+    both (a simulation, which trains and scores many devices in one process, sets it). Raises
+    InputFileError or ModelFormatError for a missing or malformed base and ConfigError for an
+    unknown precision or quant, at once: nothing heavy is loaded until a step asks for it.
     """
 
     def __init__(

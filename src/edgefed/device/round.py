@@ -260,9 +260,9 @@ def estimate_round(
     metrics = workspace.train_run(last).read_metrics()
     speed = metrics.train_tokens_per_second
     config = options.train
-    measured = metrics.run["config"]
+    measured, defaults = metrics.run["config"], TrainConfig()  # a default is left unrecorded
     same_arithmetic = all(
-        measured.get(name, getattr(TrainConfig(), name)) == getattr(config, name)
+        measured.get(name, getattr(defaults, name)) == getattr(config, name)
         for name in _SPEED_SETTINGS
     )
     if speed <= 0 or not same_arithmetic:
