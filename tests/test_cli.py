@@ -255,3 +255,25 @@ def test_progress_off_a_terminal_is_plain_lines_and_a_phase_gets_one_once_it_las
     assert "training: step 1/3, loss 2.400, 250 tok/s, about" in said
     assert "step 2/3" not in said  # within a minute of the line before
     assert "training: step 3/3, loss 2.200, 250 tok/s\n" in said
+
+
+def test_run_offers_every_option_of_round_with_the_same_meaning():
+    """`run` and `round` declare their options separately (Typer needs one parameter per
+    option): the same names, defaults and help, only --rounds for --round."""
+    import typer.main
+
+    from edgefed.cli.app import app
+
+    commands = typer.main.get_command(app).commands
+
+    def options(name: str) -> dict:
+        return {
+            p.name: (tuple(p.opts), p.default, getattr(p, "help", None))
+            for p in commands[name].params
+        }
+
+    by_round, by_run = options("round"), options("run")
+    assert by_round.pop("round_number")[0] == ("--round", "-r")
+    assert by_run.pop("rounds")[0] == ("--rounds", "-n")
+    assert len(by_round) == 31
+    assert by_run == by_round

@@ -142,6 +142,7 @@ def test_a_poisoned_peer_gets_no_weight_and_does_no_harm(tmp_path, tiny_llama_gg
     from edgefed.device.evaluate import evaluate_round
     from edgefed.device.federation import init_federation, join_federation
     from edgefed.device.publish import publish_adapter
+    from edgefed.device.records import ROUND_STEPS
     from edgefed.device.round import RoundOptions, run_round
     from edgefed.loaded_base import LoadedBase
     from edgefed.sync.folder import FolderStore
@@ -169,6 +170,7 @@ def test_a_poisoned_peer_gets_no_weight_and_does_no_harm(tmp_path, tiny_llama_gg
 
     with LoadedBase(tiny_llama_gguf, runtime_quant="keep") as loaded:
         report = run_round(store, spaces["alice"], loaded, options=options)
+    assert report.ran == list(ROUND_STEPS) and report.skipped == []  # every step, in order
     evaluation = report.evaluation
     weights = dict(zip(evaluation.trust["devices"], evaluation.trust["weights"], strict=True))
     assert set(weights) == {"alice", "bob", "mallory"} and weights["mallory"] < 1e-6

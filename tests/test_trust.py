@@ -132,6 +132,39 @@ def test_a_device_alone_gets_weight_one_without_any_scoring(shapes):
         compute_trust("perplexity", with_peer)  # a peer does need the runtime
 
 
+def test_a_scheme_registered_in_its_own_code_is_offered_computed_and_never_renamed(shapes):
+    """A new scheme is a function and one `register_scheme` call: --trust's help lists it,
+    compute_trust runs it, and its name cannot be bound twice."""
+    from edgefed.trust import Needs, TrustRow, TrustScheme, register_scheme
+    from edgefed.trust.schemes import schemes_help
+
+    def half_own(inputs: TrustInputs, norm: Normalization) -> TrustRow:
+        devices = sorted(inputs.adapters)
+        share = 0.5 / max(1, len(devices) - 1)
+        weights = [0.5 if d == inputs.own else share for d in devices]
+        return TrustRow("half-own", devices, [None] * len(devices), weights)
+
+    scheme = TrustScheme(name="half-own", function=half_own, help="half yourself, half the rest")
+    register_scheme(scheme)
+    try:
+        assert "half-own (half yourself, half the rest)" in schemes_help()
+        assert scheme.needs == Needs.NOTHING and not scheme.needs_runtime
+        inputs = TrustInputs(
+            own="d1", adapters={f"d{i}": random_adapter(shapes, i) for i in range(3)}
+        )
+        row = compute_trust("half-own", inputs)
+        assert dict(zip(row.devices, row.weights, strict=True)) == {
+            "d0": 0.25,
+            "d1": 0.5,
+            "d2": 0.25,
+        }
+        with pytest.raises(ConfigError, match="registered twice"):
+            register_scheme(TrustScheme(name="fedavg", function=half_own, help="an impostor"))
+        assert SCHEMES["fedavg"].function is not half_own
+    finally:
+        SCHEMES.pop("half-own")
+
+
 def test_weight_similarity_compares_low_rank_products(shapes):
     own = random_adapter(shapes, 0)
     scaled = {n: t * (3.0 if "lora_B" in n else 0.5) for n, t in own.items()}

@@ -22,7 +22,8 @@ def show(
     path: Annotated[
         Path | None,
         typer.Argument(
-            help="GGUF file. Default: the embedded SmolLM2-135M-Instruct.", show_default=False
+            help="GGUF file. Default: $EDGEFED_BASE, else the embedded SmolLM2-135M-Instruct.",
+            show_default=False,
         ),
     ] = None,
     as_json: JsonOption = False,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from edgefed.cli.builders import BaseOptions
 from edgefed.cli.options import (
     BaseOption,
     JsonOption,
@@ -80,7 +81,12 @@ def evaluate(
                 "--round evaluates a device's own round; --data/--adapter evaluate any text",
                 "give one or the other",
             )
-        _evaluate_round(round_number, workspace, runtime_quant, threads, as_json)
+        _evaluate_round(
+            round_number,
+            workspace,
+            BaseOptions(runtime_quant=runtime_quant, threads=threads),
+            as_json,
+        )
         return
     from edgefed.demo_text import demo_evaluation_text
     from edgefed.documents import read_documents
@@ -123,14 +129,12 @@ def evaluate(
 def _evaluate_round(
     round_number: int | None,
     workspace: Path | None,
-    runtime_quant: str,
-    threads: int | None,
+    base: BaseOptions,
     as_json: bool,
 ) -> None:
     """A round's recorded evaluation, computed (and recorded) first if the round lacks one."""
     from edgefed.device.evaluate import evaluate_round
     from edgefed.device.workspace import find_workspace
-    from edgefed.loaded_base import LoadedBase
 
     ws = find_workspace(workspace)
     if round_number is None:
@@ -138,7 +142,7 @@ def _evaluate_round(
     evaluation = ws.read_evaluation(round_number)
     if evaluation is None:
         with (
-            LoadedBase(ws.config.base, runtime_quant=runtime_quant, threads=threads) as loaded,
+            base.load(ws.config.base) as loaded,
             ProgressDisplay() as display,
         ):
             display.status(f"evaluating round {round_number} on the test split")

@@ -166,10 +166,10 @@ def init(
 ) -> None:
     """Create a federation in an empty store: base fingerprint, LoRA config, schedule."""
     from edgefed.adapter import LoraSpec
+    from edgefed.cli.builders import trust_settings
     from edgefed.device.federation import init_federation
     from edgefed.sync.backends import open_store
     from edgefed.sync.manifest import Schedule
-    from edgefed.trust.settings import TrustSettings
 
     lora = LoraSpec(
         rank=rank,
@@ -183,7 +183,7 @@ def init(
             f"{trust} trust needs every device's known data mixture, which only a simulation has",
             "choose another --trust for a federation",
         )
-    defaults = TrustSettings(scheme=trust, temperature=temperature, se_temperature=se_temperature)
+    defaults = trust_settings(trust=trust, temperature=temperature, se_temperature=se_temperature)
     in_steps = round_steps is not None or warmup_steps is not None
     if in_steps and (epochs, warmup_epochs, max_steps) != (None, None, None):
         raise ConfigError(

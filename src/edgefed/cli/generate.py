@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from edgefed.cli.builders import BaseOptions
 from edgefed.cli.options import (
     AdapterChoiceOption,
     BaseOption,
@@ -150,25 +151,23 @@ def generate(
     the three models of a round side by side with the perplexity each scored on the device's
     test split.
     """
-    from edgefed.loaded_base import LoadedBase
     from edgefed.use import choose_model
 
     text = _read_prompt(prompt, prompt_file)
     sampling = _sampling(max_tokens, temperature, top_p, seed)
+    loading = BaseOptions(runtime_quant=runtime_quant, threads=threads)
     if compare:
         if adapter is not None or base is not None:
             raise ConfigError(
                 "--compare shows a device's base, local and aggregated models",
                 "leave out --adapter and --base (choose the round with --round)",
             )
-        _compare(
-            text, sampling, round_number, workspace, runtime_quant, threads, chat, context, as_json
-        )
+        _compare(text, sampling, round_number, workspace, loading, chat, context, as_json)
         return
     model = choose_model(adapter, round_number=round_number, workspace=workspace, base=base)
     from edgefed.use import generate as generate_text
 
-    with LoadedBase(model.base, runtime_quant=runtime_quant, threads=threads) as loaded:
+    with loading.load(model.base) as loaded:
         loaded.on_status = lambda message: stderr.print(message)
         stream = None if as_json else _write
         result = generate_text(loaded, model, text, sampling, chat=chat, context=context,
@@ -190,15 +189,12 @@ def _stopped(stop: str) -> str:
     ]
 
 
-def _compare(
-    text, sampling, round_number, workspace, runtime_quant, threads, chat, context, as_json
-):
+def _compare(text, sampling, round_number, workspace, loading: BaseOptions, chat, context, as_json):
     from edgefed.device.workspace import find_workspace
-    from edgefed.loaded_base import LoadedBase
     from edgefed.use import compare
 
     ws = find_workspace(workspace)
-    with LoadedBase(ws.config.base, runtime_quant=runtime_quant, threads=threads) as loaded:
+    with loading.load(ws.config.base) as loaded:
         loaded.on_status = lambda message: stderr.print(message)
         with stderr.status("generating") as status:
             rows = compare(
@@ -246,12 +242,11 @@ def chat(
     stops a reply; Ctrl-D (or Ctrl-C at the prompt) ends the chat; `/reset` forgets the
     history. Lines read from a pipe are sent one by one.
     """
-    from edgefed.loaded_base import LoadedBase
     from edgefed.use import ChatSession, choose_model
 
     model = choose_model(adapter, round_number=round_number, workspace=workspace, base=base)
     interactive = sys.stdin.isatty()
-    with LoadedBase(model.base, runtime_quant=runtime_quant, threads=threads) as loaded:
+    with BaseOptions(runtime_quant=runtime_quant, threads=threads).load(model.base) as loaded:
         loaded.on_status = lambda message: stderr.print(message)
         session = ChatSession(
             loaded, model, _sampling(max_tokens, temperature, top_p, seed), system=system,

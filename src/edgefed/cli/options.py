@@ -71,7 +71,8 @@ BaseOption = Annotated[
     Path | None,
     typer.Option(
         "--base",
-        help="GGUF base model. Default: the embedded SmolLM2-135M-Instruct (Q4_1).",
+        help="GGUF base model. Default: $EDGEFED_BASE, else the embedded SmolLM2-135M-Instruct "
+        "(Q4_1).",
         show_default=False,
     ),
 ]
@@ -83,7 +84,7 @@ AdapterChoiceOption = Annotated[
         help="Which model: 'aggregated' (the device's personalised mix; the default), "
         "'local' (its own adapter, before mixing), 'base' (the bare base), or a GGUF LoRA "
         "file, PEFT adapter folder or `edgefed train` run folder (over --base, else the "
-        "default device's base, else the embedded one).",
+        "default device's base, else $EDGEFED_BASE or the embedded one).",
         show_default=False,
     ),
 ]
@@ -259,6 +260,14 @@ DpNoiseOption = Annotated[
 ]
 
 
+RoundTestTokensOption = Annotated[
+    int,
+    typer.Option(
+        "--test-tokens", help="Test-split tokens scored by the evaluation (0: all).", min=0
+    ),
+]
+
+
 def dp_noise(clip: float | None, noise: float):
     """The privacy options as one value (None without --dp-clip); refuses --dp-noise alone."""
     from edgefed.errors import ConfigError
@@ -271,7 +280,30 @@ def dp_noise(clip: float | None, noise: float):
     return DpNoise(clip=clip, noise=noise)
 
 
+CompressOption = Annotated[
+    bool,
+    typer.Option(
+        help="Publish int8 codes instead of float16 (half the bytes, lossy).",
+        rich_help_panel=_SYNC,
+    ),
+]
+
 _TRAINING = "Training"
+RoundSeedOption = Annotated[
+    int,
+    typer.Option(
+        "--seed", help="Seed of data order (plus the round number).", rich_help_panel=_TRAINING
+    ),
+]
+CheckpointEveryOption = Annotated[
+    int,
+    typer.Option(
+        "--checkpoint-every",
+        help="Write a training checkpoint every N steps.",
+        min=1,
+        rich_help_panel=_TRAINING,
+    ),
+]
 PrecisionOption = Annotated[
     str,
     typer.Option(

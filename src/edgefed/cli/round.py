@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from edgefed.cli.builders import BaseOptions, train_config, trust_settings
 from edgefed.cli.options import (
     BatchSizeOption,
     Bf16Option,
     ByTokensOption,
+    CheckpointEveryOption,
     ClipNormOption,
+    CompressOption,
     DeviceOption,
     DpClipOption,
     DpNoiseOption,
@@ -24,6 +28,8 @@ from edgefed.cli.options import (
     MergeOption,
     MinPeersOption,
     PrecisionOption,
+    RoundSeedOption,
+    RoundTestTokensOption,
     RuntimeQuantOption,
     SeqLenOption,
     SeTemperatureOption,
@@ -50,13 +56,11 @@ from edgefed.cli.output import (
 from edgefed.cli.progress import EXIT_INTERRUPTED, ProgressDisplay, stop_on_signals
 from edgefed.cli.round_report import describe_wait, round_summary, went_on_without
 from edgefed.device.evaluate import DEFAULT_TEST_TOKENS
+from edgefed.device.round import RoundOptions
 from edgefed.loaded_base import DEFAULT_DEVICE, DEFAULT_PRECISION
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 from edgefed.train.loop import TrainConfig
 from edgefed.trust.settings import DEFAULT_MERGE
-
-_TRAINING = "Training"
-_SYNC = "Sync"
 
 if TYPE_CHECKING:
     from edgefed.device.pull import WaitState
@@ -91,32 +95,15 @@ def round_command(
     lr: LearningRateOption = TrainConfig.learning_rate,
     bf16: Bf16Option = False,
     gradient_checkpointing: GradientCheckpointingOption = TrainConfig.gradient_checkpointing,
-    seed: Annotated[
-        int,
-        typer.Option(help="Seed of data order (plus the round number).", rich_help_panel=_TRAINING),
-    ] = TrainConfig.seed,
-    checkpoint_every: Annotated[
-        int,
-        typer.Option(
-            help="Write a training checkpoint every N steps.", min=1, rich_help_panel=_TRAINING
-        ),
-    ] = TrainConfig.checkpoint_every,
+    seed: RoundSeedOption = TrainConfig.seed,
+    checkpoint_every: CheckpointEveryOption = TrainConfig.checkpoint_every,
     device: DeviceOption = DEFAULT_DEVICE,
-    compress: Annotated[
-        bool,
-        typer.Option(
-            help="Publish int8 codes instead of float16 (half the bytes, lossy).",
-            rich_help_panel=_SYNC,
-        ),
-    ] = False,
+    compress: CompressOption = False,
     min_peers: MinPeersOption = None,
     wait: WaitOption = None,
     dp_clip: DpClipOption = None,
     dp_noise_multiplier: DpNoiseOption = 0.0,
-    test_tokens: Annotated[
-        int,
-        typer.Option(help="Test-split tokens scored by the evaluation (0: all).", min=0),
-    ] = DEFAULT_TEST_TOKENS,
+    test_tokens: RoundTestTokensOption = DEFAULT_TEST_TOKENS,
     workspace: WorkspaceOption = None,
     token_file: TokenFileOption = None,
     threads: ThreadsOption = None,
@@ -135,11 +122,88 @@ def round_command(
     finishes, so after a crash or Ctrl-C the same command resumes where it stopped and never
     trains a finished round again.
     """
-    settings = dict(locals())
-    _drive_rounds(first=settings.pop("round_number"), count=1, **settings)
+    _drive_rounds(
+        _Rounds(first=round_number, count=1, loop=False),
+        RoundOptions(
+            trust=trust_settings(
+                trust=trust,
+                temperature=temperature,
+                se_temperature=se_temperature,
+                top_k=top_k,
+                threshold=threshold,
+                merge=merge,
+                by_tokens=by_tokens,
+                clip_norm=clip_norm,
+            ),
+            train=train_config(
+                seq_len=seq_len,
+                batch_size=batch_size,
+                lr=lr,
+                bf16=bf16,
+                gradient_checkpointing=gradient_checkpointing,
+                steps=steps,
+                epochs=epochs,
+                keep_last=keep_last,
+                seed=seed,
+                checkpoint_every=checkpoint_every,
+            ),
+            dp=dp_noise(dp_clip, dp_noise_multiplier),
+            compress=compress,
+            min_peers=min_peers,
+            wait_seconds=wait,
+            test_tokens=test_tokens or None,
+        ),
+        BaseOptions(precision, device, runtime_quant, threads),
+        workspace=workspace,
+        token_file=token_file,
+        as_json=as_json,
+    )
 
 
-def run_command(rounds: int | None = None, **settings) -> None:
+@user_errors
+def run_command(
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--rounds",
+            "-n",
+            help="Rounds to run, then stop. Default: until stopped.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    trust: TrustOption = None,
+    temperature: TemperatureOption = None,
+    se_temperature: SeTemperatureOption = None,
+    top_k: TopKOption = None,
+    threshold: ThresholdOption = None,
+    merge: MergeOption = DEFAULT_MERGE,
+    by_tokens: ByTokensOption = False,
+    clip_norm: ClipNormOption = None,
+    precision: PrecisionOption = DEFAULT_PRECISION,
+    epochs: EpochsOption = None,
+    steps: StepsOption = None,
+    keep_last: KeepLastOption = False,
+    seq_len: SeqLenOption = TrainConfig.seq_len,
+    batch_size: BatchSizeOption = TrainConfig.batch_size,
+    lr: LearningRateOption = TrainConfig.learning_rate,
+    bf16: Bf16Option = False,
+    gradient_checkpointing: GradientCheckpointingOption = TrainConfig.gradient_checkpointing,
+    seed: RoundSeedOption = TrainConfig.seed,
+    checkpoint_every: CheckpointEveryOption = TrainConfig.checkpoint_every,
+    device: DeviceOption = DEFAULT_DEVICE,
+    compress: CompressOption = False,
+    min_peers: MinPeersOption = None,
+    wait: WaitOption = None,
+    dp_clip: DpClipOption = None,
+    dp_noise_multiplier: DpNoiseOption = 0.0,
+    test_tokens: RoundTestTokensOption = DEFAULT_TEST_TOKENS,
+    workspace: WorkspaceOption = None,
+    token_file: TokenFileOption = None,
+    threads: ThreadsOption = None,
+    runtime_quant: RuntimeQuantOption = DEFAULT_RUNTIME_QUANT,
+    as_json: JsonOption = False,
+) -> None:
     """Keep this device going: round after round (`--rounds N`, or until Ctrl-C or SIGTERM),
     each exactly as `edgefed round` runs it, with one summary line per round (test
     perplexity, peers mixed, time).
@@ -148,122 +212,77 @@ def run_command(rounds: int | None = None, **settings) -> None:
     a crash or a stop the same command resumes the unfinished round. Stop it with Ctrl-C: it
     finishes the step it is in (training saves a checkpoint) and exits.
     """
-    _drive_rounds(first=None, count=rounds, loop=True, **settings)
-
-
-_RoundsOption = Annotated[
-    int | None,
-    typer.Option(
-        "--rounds",
-        "-n",
-        help="Rounds to run, then stop. Default: until stopped.",
-        min=1,
-        show_default=False,
-    ),
-]
-
-# `run` takes every option of `round` (one list of options, one meaning), with --rounds for
-# --round
-_round_parameters = inspect.signature(round_command, eval_str=True).parameters
-run_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [
-        inspect.Parameter(
-            "rounds", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_RoundsOption
+    _drive_rounds(
+        _Rounds(first=None, count=rounds, loop=True),
+        RoundOptions(
+            trust=trust_settings(
+                trust=trust,
+                temperature=temperature,
+                se_temperature=se_temperature,
+                top_k=top_k,
+                threshold=threshold,
+                merge=merge,
+                by_tokens=by_tokens,
+                clip_norm=clip_norm,
+            ),
+            train=train_config(
+                seq_len=seq_len,
+                batch_size=batch_size,
+                lr=lr,
+                bf16=bf16,
+                gradient_checkpointing=gradient_checkpointing,
+                steps=steps,
+                epochs=epochs,
+                keep_last=keep_last,
+                seed=seed,
+                checkpoint_every=checkpoint_every,
+            ),
+            dp=dp_noise(dp_clip, dp_noise_multiplier),
+            compress=compress,
+            min_peers=min_peers,
+            wait_seconds=wait,
+            test_tokens=test_tokens or None,
         ),
-        *(
-            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-            for name, p in _round_parameters.items()
-            if name != "round_number"
-        ),
-    ]
-)
-run_command.__annotations__ = {
-    name: p.annotation for name, p in run_command.__signature__.parameters.items()
-}
-run_command = user_errors(run_command)
+        BaseOptions(precision, device, runtime_quant, threads),
+        workspace=workspace,
+        token_file=token_file,
+        as_json=as_json,
+    )
+
+
+@dataclass(frozen=True)
+class _Rounds:
+    """Which rounds a command runs: `round` one (`first`, or the next unfinished), `run`
+    `count` (None: until stopped) and rides out store outages between them (`loop`)."""
+
+    first: int | None
+    count: int | None
+    loop: bool
+
 
 RETRY_SECONDS = (10, 30, 60, 120, 300)  # `run` between tries of a store that does not answer
 
 
 def _drive_rounds(
+    rounds: _Rounds,
+    options: RoundOptions,
+    base: BaseOptions,
     *,
-    first: int | None,
-    count: int | None,
-    loop: bool = False,
-    trust,
-    temperature,
-    se_temperature,
-    top_k,
-    threshold,
-    merge,
-    by_tokens,
-    clip_norm,
-    precision,
-    epochs,
-    steps,
-    keep_last,
-    seq_len,
-    batch_size,
-    lr,
-    bf16,
-    gradient_checkpointing,
-    seed,
-    checkpoint_every,
-    device,
-    compress,
-    min_peers,
-    wait,
-    dp_clip,
-    dp_noise_multiplier,
-    test_tokens,
-    workspace,
-    token_file,
-    threads,
-    runtime_quant,
-    as_json,
+    workspace: Path | None,
+    token_file: Path | None,
+    as_json: bool,
 ) -> None:
-    """`round` (one round, `first` or the next) and `run` (`count` rounds, None: until
-    stopped; `loop` rides out store outages between rounds)."""
+    """The rounds of `round` and `run` over this device's workspace (`workspace`, else the
+    only one), its store and its base, with progress on stderr and the reports on stdout."""
     from edgefed.device.aggregate import device_trust_settings
     from edgefed.device.federation import check_ready
     from edgefed.device.pull import WaitInterrupted
-    from edgefed.device.round import RoundOptions, estimate_round, run_round
+    from edgefed.device.round import estimate_round, run_round
     from edgefed.device.workspace import find_workspace
-    from edgefed.loaded_base import LoadedBase
     from edgefed.sync.backends import open_store
     from edgefed.sync.store import StoreUnreachable
     from edgefed.train.loop import TrainingInterrupted
-    from edgefed.trust.settings import TrustSettings
 
-    options = RoundOptions(
-        trust=TrustSettings(
-            scheme=trust,
-            temperature=temperature,
-            se_temperature=se_temperature,
-            top_k=top_k,
-            threshold=threshold,
-            merge=merge,
-            clip_norm=clip_norm,
-            by_tokens=by_tokens,
-        ),
-        train=TrainConfig(
-            seq_len=seq_len,
-            batch_size=batch_size,
-            learning_rate=lr,
-            bf16=bf16,
-            gradient_checkpointing=gradient_checkpointing,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-            steps=steps,
-            epochs=epochs,
-            stop_at_best=not keep_last,
-        ),
-        dp=dp_noise(dp_clip, dp_noise_multiplier),
-        compress=compress,
-        min_peers=min_peers,
-        wait_seconds=wait,
-        test_tokens=test_tokens or None,
-    )
     ws = find_workspace(workspace)
     device_trust_settings(ws, options.trust)  # settings that cannot mix fail before training
     if options.dp is not None:
@@ -275,7 +294,7 @@ def _drive_rounds(
 
     def on_step(number: int, step: str, done: bool) -> None:
         if done:
-            if not loop:
+            if not rounds.loop:
                 stderr.print(f"round {number}: {step} finished earlier, skipped")
         else:
             display.status(f"round {number}: {step}")
@@ -283,13 +302,7 @@ def _drive_rounds(
     reports = []
     try:
         with (
-            LoadedBase(
-                ws.config.base,
-                precision=precision,
-                device=device,
-                runtime_quant=runtime_quant,
-                threads=threads,
-            ) as loaded,
+            base.load(ws.config.base) as loaded,
             open_store(ws.config.store, token=store_token(token_file, ws)) as store,
             stop_on_signals() as should_stop,
         ):
@@ -298,8 +311,8 @@ def _drive_rounds(
             loaded.check_trainable()
             failures = 0
             loaded.on_status = display.status  # the first use builds the runtime's cache
-            while count is None or len(reports) < count:
-                number = ws.next_round() if first is None else first
+            while rounds.count is None or len(reports) < rounds.count:
+                number = ws.next_round() if rounds.first is None else rounds.first
                 if not as_json and "train" not in ws.read_round_record(number).steps:
                     estimate = estimate_round(ws, number, options)
                     stderr.print(
@@ -313,7 +326,7 @@ def _drive_rounds(
                         store,
                         ws,
                         loaded,
-                        first,
+                        rounds.first,
                         options=options,
                         on_step=on_step,
                         on_status=display.status,
@@ -322,7 +335,7 @@ def _drive_rounds(
                         should_stop=should_stop,
                     )
                 except StoreUnreachable as exc:
-                    if not loop:
+                    if not rounds.loop:
                         raise
                     pause = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
                     failures += 1
@@ -337,19 +350,19 @@ def _drive_rounds(
                 failures = 0
                 reports.append(report)
                 display.close()
-                _report_round(report, details=not loop and not as_json, quiet=as_json)
+                _report_round(report, details=not rounds.loop and not as_json, quiet=as_json)
                 if should_stop():
                     break
     except (TrainingInterrupted, WaitInterrupted) as stop:
         display.close()
-        again = "edgefed run" if loop else "edgefed round"
+        again = "edgefed run" if rounds.loop else "edgefed round"
         stderr.print(f"{stop}; run `{again}` again to resume.")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         display.close()
     if as_json:
         documents = [r.as_dict() for r in reports]
-        emit_json(documents if loop else documents[0])
+        emit_json(documents if rounds.loop else documents[0])
 
 
 def _sleep_unless_stopped(seconds: float, should_stop) -> None:

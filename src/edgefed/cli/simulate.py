@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgefed.cli.builders import BaseOptions, train_config
 from edgefed.cli.options import (
     BaseOption,
     BatchSizeOption,
@@ -217,12 +218,10 @@ def simulate(
     trust-validation split), results.json and PNG plots in the run folder.
     """
     from edgefed.device.round import RoundOptions
-    from edgefed.loaded_base import LoadedBase
     from edgefed.simulation.clients import load_clients
     from edgefed.simulation.report import write_plots
     from edgefed.simulation.run import SimulationSettings
     from edgefed.simulation.run import simulate as run_simulation
-    from edgefed.train.loop import TrainConfig
     from edgefed.trust.settings import parse_variants
 
     client_set = load_clients(dataset, clients, docs_per_client=docs_per_client)
@@ -235,10 +234,10 @@ def simulate(
         round_steps=round_steps,
         epochs=epochs,
         round_options=RoundOptions(
-            train=TrainConfig(
+            train=train_config(
                 seq_len=seq_len,
                 batch_size=batch_size,
-                learning_rate=lr,
+                lr=lr,
                 bf16=bf16,
                 gradient_checkpointing=gradient_checkpointing,
             ),
@@ -254,9 +253,7 @@ def simulate(
     if not as_json:
         _print_clients(client_set)
     with (
-        LoadedBase(
-            base, precision=precision, device=device, runtime_quant=runtime_quant, threads=threads
-        ) as loaded,
+        BaseOptions(precision, device, runtime_quant, threads).load(base) as loaded,
         Progress(
             TextColumn("[bold]simulating"),
             BarColumn(),

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from edgefed.cli.builders import BaseOptions, train_config
 from edgefed.cli.options import (
     LORA_DEFAULTS,
     BaseOption,
@@ -194,25 +195,24 @@ def train(
     """
     from edgefed.adapter import LoraSpec
     from edgefed.errors import ConfigError
-    from edgefed.loaded_base import LoadedBase
     from edgefed.train.loop import TrainingInterrupted
     from edgefed.train.run import train_adapter
 
-    config = TrainConfig(
+    config = train_config(
         seq_len=seq_len,
         batch_size=batch_size,
         grad_accum=grad_accum,
-        learning_rate=lr,
+        lr=lr,
         warmup=warmup,
         weight_decay=weight_decay,
         max_grad_norm=max_grad_norm,
         steps=steps,
         epochs=epochs,
+        keep_last=keep_last,
         seed=seed,
         checkpoint_every=checkpoint_every,
         gradient_checkpointing=gradient_checkpointing,
         bf16=bf16,
-        stop_at_best=not keep_last,
     )
     rule = SplitRule(seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
     given = {"rank": rank, "alpha": alpha, "dropout": dropout, "init_seed": init_seed}
@@ -246,13 +246,7 @@ def train(
 
     try:
         with (
-            LoadedBase(
-                base,
-                precision=precision,
-                device=device,
-                runtime_quant=runtime_quant,
-                threads=threads,
-            ) as loaded,
+            BaseOptions(precision, device, runtime_quant, threads).load(base) as loaded,
             stop_on_signals() as should_stop,
         ):
             result = train_adapter(

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from edgefed.cli.builders import BaseOptions, trust_settings
 from edgefed.cli.options import (
     ByTokensOption,
     ClipNormOption,
@@ -58,23 +59,21 @@ def aggregate(
     """Compute this device's trust row over the round's verified peers and write the mix."""
     from edgefed.device.aggregate import aggregate_round, device_trust_settings
     from edgefed.device.workspace import find_workspace
-    from edgefed.loaded_base import LoadedBase
-    from edgefed.trust.settings import TrustSettings
 
-    settings = TrustSettings(
-        scheme=trust,
+    settings = trust_settings(
+        trust=trust,
         temperature=temperature,
         se_temperature=se_temperature,
         top_k=top_k,
         threshold=threshold,
         merge=merge,
-        clip_norm=clip_norm,
         by_tokens=by_tokens,
+        clip_norm=clip_norm,
     )
     ws = find_workspace(workspace)
     device_trust_settings(ws, settings)  # before the base is loaded
     with (
-        LoadedBase(ws.config.base, runtime_quant=runtime_quant, threads=threads) as loaded,
+        BaseOptions(runtime_quant=runtime_quant, threads=threads).load(ws.config.base) as loaded,
         ProgressDisplay() as display,
     ):
         display.status("computing the trust row")

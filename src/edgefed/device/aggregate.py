@@ -142,7 +142,7 @@ def aggregate_round(
             workspace, scheme, adapters, own_path, settings, val_tokens, loaded, on_progress
         )
     else:
-        options = {"by_tokens": settings.by_tokens} if scheme.uses_train_tokens else {}
+        options = {"by_tokens": settings.by_tokens} if scheme.takes_by_tokens else {}
         inputs = TrustInputs(
             own=me, adapters=adapters, train_tokens=train_tokens, mixtures=mixtures
         )

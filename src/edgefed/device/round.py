@@ -119,6 +119,17 @@ class _Round:
         self.on_wait = on_wait
         self.run = workspace.train_run(round_number)
 
+    def table(self) -> dict[str, Callable[[], dict]]:
+        """The steps in the protocol's order (`ROUND_STEPS`), each with the method that runs it
+        and returns what round.json records of it."""
+        return {
+            "train": self.train,
+            "publish": self.publish,
+            "pull": self.pull,
+            "aggregate": self.aggregate,
+            "evaluate": self.evaluate,
+        }
+
     def finished_record(self, step: str) -> dict | None:
         """The record of a step whose outputs are complete although round.json may not say so;
         None when it must run (publish and pull are idempotent and always rerun)."""
@@ -316,7 +327,7 @@ def run_round(
     device_trust_settings(workspace, options.trust, mixtures_known=options.mixtures is not None)
     if round_number is None:
         round_number = workspace.next_round()
-    steps = _Round(
+    the_round = _Round(
         store,
         workspace,
         round_number,
@@ -329,20 +340,20 @@ def run_round(
     )
     record = workspace.read_round_record(round_number)
     ran, skipped = [], []
-    for step in ROUND_STEPS:
+    for step, run_step in the_round.table().items():
         if step in record.steps:
             if on_step is not None:
                 on_step(round_number, step, True)
             skipped.append(step)
         else:
-            details = steps.finished_record(step)
+            details = the_round.finished_record(step)
             if on_step is not None:
                 on_step(round_number, step, details is not None)
             if details is not None:
                 skipped.append(step)
             else:
                 started = time.monotonic()
-                details = getattr(steps, step)()
+                details = run_step()
                 details["seconds"] = round(time.monotonic() - started, 2)
                 ran.append(step)
             crash_point(f"round-{step}")

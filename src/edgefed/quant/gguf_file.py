@@ -61,9 +61,17 @@ def embedded_base_path() -> Path:
     return path
 
 
+BASE_ENV = "EDGEFED_BASE"
+
+
 def resolve_base(path: str | os.PathLike[str] | None) -> Path:
-    """The base model a command should use: the given path, or the embedded default."""
-    return embedded_base_path() if path is None else Path(path)
+    """The base model a command should use: the given path, else $EDGEFED_BASE (a team that
+    brings its own model sets it once instead of passing --base to every command), else the
+    embedded default."""
+    if path is not None:
+        return Path(path)
+    from_environment = os.environ.get(BASE_ENV)
+    return Path(from_environment) if from_environment else embedded_base_path()
 
 
 def require_file(path: str | os.PathLike[str], what: str) -> Path:

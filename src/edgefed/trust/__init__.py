@@ -2,23 +2,27 @@
 
 Pure functions over name-keyed LoRA tensors; the llama.cpp-measured schemes (perplexity,
 prediction) feed their scores into the same `trust_row`. `TrustSettings` is how every layer
-says which scheme and normalisation to use; `SCHEMES` holds one `TrustScheme` record each.
+says which scheme and normalisation to use; `SCHEMES` holds one `TrustScheme` record each,
+added by `register_scheme`.
 """
 
 from edgefed.trust.merge import MERGES
 from edgefed.trust.schemes import (
     SCHEMES,
+    Needs,
     Normalization,
     TrustInputs,
     TrustRow,
     TrustScheme,
     compute_trust,
+    register_scheme,
 )
 from edgefed.trust.settings import TrustSettings, parse_variants
 
 __all__ = [
     "MERGES",
     "SCHEMES",
+    "Needs",
     "Normalization",
     "TrustInputs",
     "TrustRow",
@@ -26,4 +30,5 @@ __all__ = [
     "TrustSettings",
     "compute_trust",
     "parse_variants",
+    "register_scheme",
 ]

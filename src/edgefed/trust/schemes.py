@@ -18,15 +18,16 @@ Scores are "higher is more trusted" and go through `trust_row` (top-k, threshold
 temperature); fedavg, local and oracle set their weights directly. The runtime schemes also record
 each peer's standard error relative to the device's own score (`trust.noise`), and with
 `se_temperature` their softmax is in units of it: sharp only where the evidence is. Each name is
-bound to its own `TrustScheme` record in `SCHEMES` (its function, its measured default sharpness,
-what it needs, its help line: the CLI's help is generated from these records) and the row records
-the scheme that produced it: the paper's public code matched names by substring and silently ran
-one scheme under another's name. A device with no peers gets weight 1 without any scoring: nothing
-the runtime could say would change its row (its score is None).
+bound to its own `TrustScheme` record in `SCHEMES` by `register_scheme` (its function, its measured
+default sharpness, what it needs, its help line: the CLI's help is generated from these records) and
+the row records the scheme that produced it: the paper's public code matched names by substring and
+silently ran one scheme under another's name. A device with no peers gets weight 1 without any
+scoring: nothing the runtime could say would change its row (its score is None).
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -333,7 +334,20 @@ def graph_trust(
     return TrustRow("graph", devices, cosines.tolist(), weights.tolist())
 
 
-@dataclass(frozen=True)
+class Needs(enum.Flag):
+    """What a scheme reads besides the adapters: aggregation loads the runtime and cuts the
+    texts only for schemes that declare them, and refuses one whose input a device lacks."""
+
+    NOTHING = 0
+    RUNTIME = enum.auto()  # scores with llama.cpp: the base and every adapter get loaded
+    VALIDATION_TEXT = enum.auto()  # this device's own trust-validation split
+    SELECTION_TEXT = enum.auto()  # that split cut in a trust half and a selection half (auto)
+    REFERENCE = enum.auto()  # the federation's shared reference text
+    TRAIN_TOKENS = enum.auto()  # each device's training tokens (as its manifest states them)
+    MIXTURES = enum.auto()  # the devices' known data mixtures: a simulation's reference only
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrustScheme:
     """Everything edgefed knows about one scheme, in one place.
 
@@ -351,18 +365,32 @@ class TrustScheme:
 
     name: str
     function: Callable[..., TrustRow]
-    default_temperature: float | None
-    default_se_temperature: float | None
-    measures_noise: bool  # records standard errors: a temperature in them (se=Z) is possible
-    needs_runtime: bool  # scores with llama.cpp: the base and every adapter get loaded
-    needs_validation_text: bool  # this device's own trust-validation split
-    needs_reference: bool  # the federation's shared reference text
-    uses_train_tokens: bool  # can weight by each device's training tokens (--by-tokens)
-    needs_mixtures: bool  # the devices' known data mixtures: a simulation's reference only
-    help: str
-    # validation text cut in a trust half and a selection half (`validation_halves`), and a
-    # way to mix and load candidate rows: auto trust
-    needs_selection_text: bool = False
+    help: str  # one line for --help and the docs' table
+    needs: Needs = Needs.NOTHING
+    measures_noise: bool = False  # records standard errors: a temperature in them (se=Z) works
+    takes_by_tokens: bool = False  # its function takes `by_tokens` (--by-tokens)
+    default_temperature: float | None = None
+    default_se_temperature: float | None = None
+
+    @property
+    def needs_runtime(self) -> bool:
+        return Needs.RUNTIME in self.needs
+
+    @property
+    def needs_validation_text(self) -> bool:
+        return Needs.VALIDATION_TEXT in self.needs
+
+    @property
+    def needs_selection_text(self) -> bool:
+        return Needs.SELECTION_TEXT in self.needs
+
+    @property
+    def needs_reference(self) -> bool:
+        return Needs.REFERENCE in self.needs
+
+    @property
+    def needs_mixtures(self) -> bool:
+        return Needs.MIXTURES in self.needs
 
     def describe(self) -> str:
         return f"{self.name} ({self.help})"
@@ -375,30 +403,91 @@ class TrustScheme:
         return None if self.default_temperature is None else f"t={self.default_temperature:g}"
 
 
-SCHEMES: dict[str, TrustScheme] = {
-    s.name: s
-    for s in (
-        TrustScheme("perplexity", perplexity_trust, None, 3.0, True, True, True, False, False,
-                    False, "your adapters' loss on your trust-validation text"),
-        TrustScheme("prediction", prediction_trust, 0.1, None, True, True, False, True, False,
-                    False, "agreement on the federation's reference text"),
-        TrustScheme("weights", weight_trust, 1.0, None, False, False, False, False, False, False,
-                    "ΔW cosine"),
-        TrustScheme("fedavg", fedavg_trust, None, None, False, False, False, False, True, False,
-                    "uniform, or by training tokens"),
-        TrustScheme("local", local_trust, None, None, False, False, False, False, False, False,
-                    "yourself alone"),
-        TrustScheme("oracle", oracle_trust, None, None, False, False, False, False, False, True,
-                    "the known data mixtures; simulations only"),
-        TrustScheme("auto", auto_trust, None, None, False, True, True, False, False, False,
-                    "the best of local, FedAvg and perplexity rows on held-out tokens",
-                    needs_selection_text=True),
-        TrustScheme("fedsa", fedsa_trust, None, None, False, False, False, False, True, False,
-                    "FedSA-LoRA: A averaged, B kept local"),
-        TrustScheme("graph", graph_trust, None, None, False, False, False, False, False, False,
-                    "pFedGraph: ΔW cosine against data shares, sparse"),
+SCHEMES: dict[str, TrustScheme] = {}
+
+
+def register_scheme(scheme: TrustScheme) -> TrustScheme:
+    """Make `scheme` known by its name to --trust, the help texts and aggregation. A name is
+    bound once: registering it again is refused, so no scheme can run under another's name."""
+    if scheme.name in SCHEMES:
+        raise ConfigError(
+            f"trust scheme '{scheme.name}' is registered twice", "give the new scheme its own name"
+        )
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+register_scheme(
+    TrustScheme(
+        name="perplexity",
+        function=perplexity_trust,
+        help="your adapters' loss on your trust-validation text",
+        needs=Needs.RUNTIME | Needs.VALIDATION_TEXT,
+        measures_noise=True,
+        default_se_temperature=3.0,
     )
-}  # fmt: skip
+)
+register_scheme(
+    TrustScheme(
+        name="prediction",
+        function=prediction_trust,
+        help="agreement on the federation's reference text",
+        needs=Needs.RUNTIME | Needs.REFERENCE,
+        measures_noise=True,
+        default_temperature=0.1,
+    )
+)
+register_scheme(
+    TrustScheme(
+        name="weights",
+        function=weight_trust,
+        help="ΔW cosine",
+        default_temperature=1.0,
+    )
+)
+register_scheme(
+    TrustScheme(
+        name="fedavg",
+        function=fedavg_trust,
+        help="uniform, or by training tokens",
+        needs=Needs.TRAIN_TOKENS,
+        takes_by_tokens=True,
+    )
+)
+register_scheme(TrustScheme(name="local", function=local_trust, help="yourself alone"))
+register_scheme(
+    TrustScheme(
+        name="oracle",
+        function=oracle_trust,
+        help="the known data mixtures; simulations only",
+        needs=Needs.MIXTURES,
+    )
+)
+register_scheme(
+    TrustScheme(
+        name="auto",
+        function=auto_trust,
+        help="the best of local, FedAvg and perplexity rows on held-out tokens",
+        needs=Needs.RUNTIME | Needs.VALIDATION_TEXT | Needs.SELECTION_TEXT,
+    )
+)
+register_scheme(
+    TrustScheme(
+        name="fedsa",
+        function=fedsa_trust,
+        help="FedSA-LoRA: A averaged, B kept local",
+        needs=Needs.TRAIN_TOKENS,
+        takes_by_tokens=True,
+    )
+)
+register_scheme(
+    TrustScheme(
+        name="graph",
+        function=graph_trust,
+        help="pFedGraph: ΔW cosine against data shares, sparse",
+        needs=Needs.TRAIN_TOKENS,
+    )
+)
 
 
 def trust_scheme(name: str) -> TrustScheme:
