@@ -12,15 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from os import PathLike
-from typing import TYPE_CHECKING
 
-from edgefed.loaded_base import DEFAULT_DEVICE, DEFAULT_PRECISION
+from edgefed.loaded_base import DEFAULT_DEVICE, DEFAULT_PRECISION, LoadedBase
 from edgefed.runtime.quantize import DEFAULT_RUNTIME_QUANT
 from edgefed.train.loop import TrainConfig
 from edgefed.trust.settings import DEFAULT_MERGE, TrustSettings
-
-if TYPE_CHECKING:
-    from edgefed.loaded_base import LoadedBase
 
 _TRAIN_DEFAULTS = TrainConfig()
 
@@ -102,8 +98,6 @@ class BaseOptions:
     def load(self, base: str | PathLike[str] | None) -> LoadedBase:
         """A LoadedBase of `base` (None: $EDGEFED_BASE, else the embedded one) with these
         options; nothing heavy is read until a step uses it."""
-        from edgefed.loaded_base import LoadedBase
-
         return LoadedBase(
             base,
             precision=self.precision,
